@@ -1,0 +1,167 @@
+"""outbox-analytics: Segment's Python API, with every event on disk before the call returns.
+
+Use it like segment-analytics-python::
+
+    import outbox_analytics as analytics
+    analytics.write_key = "..."
+    analytics.track("user-1", "Signed Up", {"plan": "pro"})
+
+Module settings are read once, when the default client is first needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from .client import Client
+from .errors import OutboxAnalyticsError, OutboxError, OutboxFull
+from .outbox import OutboxStats, default_outbox_path
+from .version import VERSION
+
+__version__ = VERSION
+
+__all__ = [
+    "Client",
+    "OutboxAnalyticsError",
+    "OutboxError",
+    "OutboxFull",
+    "OutboxStats",
+    "VERSION",
+    "alias",
+    "batch",
+    "default_client",
+    "default_outbox_path",
+    "flush",
+    "group",
+    "identify",
+    "join",
+    "page",
+    "screen",
+    "shutdown",
+    "stats",
+    "track",
+]
+
+logging.getLogger("outbox_analytics").addHandler(logging.NullHandler())
+
+# Settings, as in segment-analytics-python.
+write_key = Client.DefaultConfig.write_key
+host = Client.DefaultConfig.host
+on_error = Client.DefaultConfig.on_error
+debug = Client.DefaultConfig.debug
+log_handler = Client.DefaultConfig.log_handler
+send = Client.DefaultConfig.send
+sync_mode = Client.DefaultConfig.sync_mode
+max_queue_size = Client.DefaultConfig.max_queue_size
+gzip = Client.DefaultConfig.gzip
+timeout = Client.DefaultConfig.timeout
+max_retries = Client.DefaultConfig.max_retries
+oauth_client_id = Client.DefaultConfig.oauth_client_id
+oauth_client_key = Client.DefaultConfig.oauth_client_key
+oauth_key_id = Client.DefaultConfig.oauth_key_id
+oauth_auth_server = Client.DefaultConfig.oauth_auth_server
+oauth_scope = Client.DefaultConfig.oauth_scope
+# Ours.
+outbox_path = Client.DefaultConfig.outbox_path
+fsync = Client.DefaultConfig.fsync
+upload = Client.DefaultConfig.upload
+
+default_client: Client | None = None
+_default_client_lock = threading.Lock()
+
+
+def track(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
+    """Record a track event with the default client."""
+    return _client().track(*args, **kwargs)
+
+
+def identify(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
+    """Record an identify event with the default client."""
+    return _client().identify(*args, **kwargs)
+
+
+def group(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
+    """Record a group event with the default client."""
+    return _client().group(*args, **kwargs)
+
+
+def alias(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
+    """Record an alias event with the default client."""
+    return _client().alias(*args, **kwargs)
+
+
+def page(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
+    """Record a page event with the default client."""
+    return _client().page(*args, **kwargs)
+
+
+def screen(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
+    """Record a screen event with the default client."""
+    return _client().screen(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def batch() -> Iterator[None]:
+    """Commit the events of the block in one transaction (see `Client.batch`)."""
+    with _client().batch():
+        yield
+
+
+def stats() -> OutboxStats | None:
+    """Counts of the default client's outbox file."""
+    return _client().stats()
+
+
+def flush(timeout: float | None = None) -> None:
+    """Send what the default client has pending."""
+    _client().flush(timeout)
+
+
+def join(timeout: float | None = None) -> None:
+    """Stop the default client's background work; pending events stay on disk."""
+    _client().join(timeout)
+
+
+def shutdown(timeout: float | None = None) -> None:
+    """Flush, stop and close the default client."""
+    _client().shutdown(timeout)
+
+
+def _client() -> Client:
+    """Build the default client from the module settings on first use."""
+    global default_client
+    client = default_client
+    if client is None:
+        with _default_client_lock:
+            if default_client is None:
+                default_client = _build_default_client()
+            client = default_client
+    return client
+
+
+def _build_default_client() -> Client:
+    return Client(
+        write_key,
+        host=host,
+        debug=debug,
+        max_queue_size=max_queue_size,
+        send=send,
+        on_error=on_error,
+        gzip=gzip,
+        max_retries=max_retries,
+        sync_mode=sync_mode,
+        timeout=timeout,
+        log_handler=log_handler,
+        oauth_client_id=oauth_client_id,
+        oauth_client_key=oauth_client_key,
+        oauth_key_id=oauth_key_id,
+        oauth_auth_server=oauth_auth_server,
+        oauth_scope=oauth_scope,
+        outbox_path=outbox_path,
+        fsync=fsync,
+        upload=upload,
+    )

@@ -1,0 +1,465 @@
+"""The Client: Segment's API, with every event committed to the outbox before return."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import numbers
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import OutboxError, OutboxFull
+from .outbox import (
+    DEFAULT_MAX_PENDING,
+    Outbox,
+    OutboxStats,
+    default_outbox_path,
+    encode_message,
+)
+from .utils import (
+    RateLimitedLog,
+    clean,
+    guess_timezone,
+    new_message_id,
+    require,
+    stringify_id,
+)
+from .version import VERSION
+
+__all__ = ["Client", "DEFAULT_HOST", "MAX_MESSAGE_BYTES"]
+
+DEFAULT_HOST = "https://api.segment.io"
+MAX_MESSAGE_BYTES = 32 << 10  # Segment's limit on one message as JSON
+# JSON (ASCII-escaped, as sent) is at most 6 bytes per stored msgpack byte:
+# the worst cases are control characters ("\u0001" for 1 byte) and list
+# items of None ("null, " for 1 byte). A smaller payload cannot be over the
+# limit, so the costly JSON measure is only taken for large messages.
+_SURELY_UNDER_LIMIT = MAX_MESSAGE_BYTES // 6 - 16
+ID_TYPES = (str, numbers.Number)  # str first: isinstance() stops at the first match
+LIBRARY = {"name": "outbox-analytics", "version": VERSION}
+
+log = logging.getLogger("outbox_analytics")
+_debug_handler: logging.Handler | None = None
+
+
+class Client:
+    """A Segment-compatible analytics client backed by a durable SQLite outbox.
+
+    Every option of segment-analytics-python 2.4.0's Client is accepted with
+    the same default. Ours: `outbox_path` (default: `default_outbox_path()`),
+    `fsync` (survive power loss, not only a crash) and `upload` (False: store
+    only, and let another process, a later run or the CLI send).
+    """
+
+    class DefaultConfig:
+        write_key: str | None = None
+        host: str | None = None
+        on_error: Callable[[Exception, list[dict[str, Any]]], Any] | None = None
+        debug = False
+        log_handler: logging.Handler | None = None
+        send = True
+        sync_mode = False
+        max_queue_size = DEFAULT_MAX_PENDING
+        gzip = False
+        timeout: float = 15
+        max_retries = 10
+        max_total_backoff_duration: float = 43200
+        max_rate_limit_duration: float = 1800
+        proxies: dict[str, str] | None = None
+        thread = 1
+        upload_interval = 0.5
+        upload_size = 100
+        oauth_client_id: str | None = None
+        oauth_client_key: str | None = None
+        oauth_key_id: str | None = None
+        oauth_auth_server = "https://oauth2.segment.io"
+        oauth_scope = "tracking_api:write"
+        outbox_path: str | None = None
+        fsync = False
+        upload = True
+
+    log = log
+
+    def __init__(
+        self,
+        write_key: str | None = DefaultConfig.write_key,
+        host: str | None = DefaultConfig.host,
+        debug: bool = DefaultConfig.debug,
+        max_queue_size: int = DefaultConfig.max_queue_size,
+        send: bool = DefaultConfig.send,
+        on_error: Callable[[Exception, list[dict[str, Any]]], Any] | None = DefaultConfig.on_error,
+        gzip: bool = DefaultConfig.gzip,
+        max_retries: int = DefaultConfig.max_retries,
+        sync_mode: bool = DefaultConfig.sync_mode,
+        timeout: float = DefaultConfig.timeout,
+        proxies: dict[str, str] | None = DefaultConfig.proxies,
+        thread: int = DefaultConfig.thread,
+        upload_size: int = DefaultConfig.upload_size,
+        upload_interval: float = DefaultConfig.upload_interval,
+        log_handler: logging.Handler | None = DefaultConfig.log_handler,
+        oauth_client_id: str | None = DefaultConfig.oauth_client_id,
+        oauth_client_key: str | None = DefaultConfig.oauth_client_key,
+        oauth_key_id: str | None = DefaultConfig.oauth_key_id,
+        oauth_auth_server: str = DefaultConfig.oauth_auth_server,
+        oauth_scope: str = DefaultConfig.oauth_scope,
+        max_total_backoff_duration: float = DefaultConfig.max_total_backoff_duration,
+        max_rate_limit_duration: float = DefaultConfig.max_rate_limit_duration,
+        outbox_path: str | None = DefaultConfig.outbox_path,
+        fsync: bool = DefaultConfig.fsync,
+        upload: bool = DefaultConfig.upload,
+    ) -> None:
+        require("write_key", write_key, str)
+        _require_number("max_queue_size", max_queue_size, minimum=1, integral=True)
+        _require_number("max_retries", max_retries, minimum=0, integral=True)
+        _require_number("upload_size", upload_size, minimum=1, integral=True)
+        _require_number("thread", thread, minimum=1, integral=True)
+        _require_number("timeout", timeout, minimum=0)
+        _require_number("upload_interval", upload_interval, minimum=0)
+        _require_number("max_total_backoff_duration", max_total_backoff_duration, minimum=0)
+        _require_number("max_rate_limit_duration", max_rate_limit_duration, minimum=0)
+        if on_error is not None and not callable(on_error):
+            raise TypeError(f"on_error must be callable, got {on_error!r}")
+
+        self.write_key: str = write_key  # type: ignore[assignment]  # checked above
+        self.host = (host or DEFAULT_HOST).rstrip("/")
+        self.on_error = on_error
+        self.debug = debug
+        self.send = send
+        self.upload = upload
+        self.sync_mode = sync_mode
+        self.gzip = gzip
+        self.timeout = timeout
+        self.proxies = proxies
+        self.max_retries = max_retries
+        self.max_queue_size = max_queue_size
+        self.max_total_backoff_duration = max_total_backoff_duration
+        self.max_rate_limit_duration = max_rate_limit_duration
+        self.thread = thread  # accepted for compatibility: ordering means one uploader
+        self.upload_size = upload_size
+        self.upload_interval = upload_interval
+        self.oauth_client_id = oauth_client_id
+        self.oauth_client_key = oauth_client_key
+        self.oauth_key_id = oauth_key_id
+        self.oauth_auth_server = oauth_auth_server
+        self.oauth_scope = oauth_scope
+        self.fsync = fsync
+        self._full_warning = RateLimitedLog()
+        self._write_error_log = RateLimitedLog()
+        self._unrecorded_drops = 0  # drops we could not count in the file itself
+        self._drops_lock = threading.Lock()
+        _configure_logging(debug, log_handler)
+
+        # send=False keeps Segment's meaning: validate and build, store nothing.
+        self.outbox: Outbox | None = None
+        self.outbox_path: str | None = None
+        if send:
+            self.outbox_path = outbox_path or default_outbox_path(self.write_key, self.host)
+            self.outbox = Outbox(self.outbox_path, fsync=fsync, max_pending=max_queue_size)
+            # Rows a dead uploader left in flight are pending again; a live
+            # uploader's rows (the lease is held) are left alone.
+            if self.outbox.acquire_lease():
+                self.outbox.release_lease()
+
+    # -- the six calls ----------------------------------------------------------
+
+    def identify(
+        self,
+        user_id: Any = None,
+        traits: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Any = None,
+        integrations: dict[str, Any] | None = None,
+        message_id: Any = None,
+    ) -> tuple[bool, dict[str, Any]]:
+        traits = traits or {}
+        require("user_id or anonymous_id", user_id or anonymous_id, ID_TYPES)
+        require("traits", traits, dict)
+        msg = {
+            "integrations": integrations or {},
+            "anonymousId": anonymous_id,
+            "timestamp": timestamp,
+            "context": context or {},
+            "type": "identify",
+            "userId": user_id,
+            "traits": traits,
+            "messageId": message_id,
+        }
+        return self._enqueue(msg)
+
+    def track(
+        self,
+        user_id: Any = None,
+        event: str | None = None,
+        properties: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Any = None,
+        integrations: dict[str, Any] | None = None,
+        message_id: Any = None,
+    ) -> tuple[bool, dict[str, Any]]:
+        properties = properties or {}
+        require("user_id or anonymous_id", user_id or anonymous_id, ID_TYPES)
+        require("properties", properties, dict)
+        require("event", event, str)
+        msg = {
+            "integrations": integrations or {},
+            "anonymousId": anonymous_id,
+            "properties": properties,
+            "timestamp": timestamp,
+            "context": context or {},
+            "userId": user_id,
+            "type": "track",
+            "event": event,
+            "messageId": message_id,
+        }
+        return self._enqueue(msg)
+
+    def alias(
+        self,
+        previous_id: Any = None,
+        user_id: Any = None,
+        context: dict[str, Any] | None = None,
+        timestamp: datetime | None = None,
+        integrations: dict[str, Any] | None = None,
+        message_id: Any = None,
+    ) -> tuple[bool, dict[str, Any]]:
+        require("previous_id", previous_id, ID_TYPES)
+        require("user_id", user_id, ID_TYPES)
+        msg = {
+            "integrations": integrations or {},
+            "previousId": stringify_id(previous_id),
+            "timestamp": timestamp,
+            "context": context or {},
+            "userId": user_id,
+            "type": "alias",
+            "messageId": message_id,
+        }
+        return self._enqueue(msg)
+
+    def group(
+        self,
+        user_id: Any = None,
+        group_id: Any = None,
+        traits: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Any = None,
+        integrations: dict[str, Any] | None = None,
+        message_id: Any = None,
+    ) -> tuple[bool, dict[str, Any]]:
+        traits = traits or {}
+        require("user_id or anonymous_id", user_id or anonymous_id, ID_TYPES)
+        require("group_id", group_id, ID_TYPES)
+        require("traits", traits, dict)
+        msg = {
+            "integrations": integrations or {},
+            "anonymousId": anonymous_id,
+            "timestamp": timestamp,
+            "groupId": stringify_id(group_id),
+            "context": context or {},
+            "userId": user_id,
+            "traits": traits,
+            "type": "group",
+            "messageId": message_id,
+        }
+        return self._enqueue(msg)
+
+    def page(
+        self,
+        user_id: Any = None,
+        category: str | None = None,
+        name: str | None = None,
+        properties: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Any = None,
+        integrations: dict[str, Any] | None = None,
+        message_id: Any = None,
+    ) -> tuple[bool, dict[str, Any]]:
+        return self._page_or_screen(
+            "page", user_id, category, name, properties, context, timestamp,
+            anonymous_id, integrations, message_id,
+        )  # fmt: skip
+
+    def screen(
+        self,
+        user_id: Any = None,
+        category: str | None = None,
+        name: str | None = None,
+        properties: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Any = None,
+        integrations: dict[str, Any] | None = None,
+        message_id: Any = None,
+    ) -> tuple[bool, dict[str, Any]]:
+        return self._page_or_screen(
+            "screen", user_id, category, name, properties, context, timestamp,
+            anonymous_id, integrations, message_id,
+        )  # fmt: skip
+
+    def _page_or_screen(
+        self,
+        kind: str,
+        user_id: Any,
+        category: str | None,
+        name: str | None,
+        properties: dict[str, Any] | None,
+        context: dict[str, Any] | None,
+        timestamp: datetime | None,
+        anonymous_id: Any,
+        integrations: dict[str, Any] | None,
+        message_id: Any,
+    ) -> tuple[bool, dict[str, Any]]:
+        properties = properties or {}
+        require("user_id or anonymous_id", user_id or anonymous_id, ID_TYPES)
+        require("properties", properties, dict)
+        if name:
+            require("name", name, str)
+        if category:
+            require("category", category, str)
+        msg = {
+            "integrations": integrations or {},
+            "anonymousId": anonymous_id,
+            "properties": properties,
+            "timestamp": timestamp,
+            "category": category,
+            "context": context or {},
+            "userId": user_id,
+            "type": kind,
+            "name": name,
+            "messageId": message_id,
+        }
+        return self._enqueue(msg)
+
+    # -- storing ----------------------------------------------------------------
+
+    def _enqueue(self, msg: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """Validate, complete and clean `msg`, then commit it to the outbox."""
+        msg, data = self._build(msg)
+        if self.outbox is None:  # send=False
+            return True, msg
+        try:
+            self.outbox.append(data)
+        except OutboxFull:
+            self._warn_full()
+            return False, msg
+        except OutboxError as exc:
+            self._record_write_error(exc)
+            return False, msg
+        log.debug("stored %s message %s", msg["type"], msg["messageId"])
+        return True, msg
+
+    def _build(self, msg: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """Complete, clean and encode a message; raise at the call site if it is bad."""
+        timestamp = msg["timestamp"]
+        if timestamp is None:
+            timestamp = datetime.now(tz=timezone.utc)
+        else:
+            require("timestamp", timestamp, datetime)
+            timestamp = guess_timezone(timestamp)
+        require("integrations", msg["integrations"], dict)
+        require("context", msg["context"], dict)
+
+        msg["timestamp"] = timestamp.isoformat(timespec="milliseconds")
+        message_id = msg["messageId"]
+        msg["messageId"] = new_message_id() if message_id is None else stringify_id(message_id)
+        msg["userId"] = stringify_id(msg.get("userId"))
+        msg["anonymousId"] = stringify_id(msg.get("anonymousId"))
+        msg = clean(msg)  # a deep copy: the caller's dicts are never modified
+        msg["context"]["library"] = dict(LIBRARY)
+        data = encode_message(msg)
+        if len(data) > _SURELY_UNDER_LIMIT:
+            # Segment's measure: ASCII-escaped JSON, so len() is the byte count.
+            size = len(json.dumps(msg))
+            if size > MAX_MESSAGE_BYTES:
+                raise RuntimeError(
+                    f"Message exceeds {MAX_MESSAGE_BYTES // 1024}kb limit. ({size} bytes,"
+                    f" messageId {msg['messageId']})"
+                )
+        return msg, data
+
+    def _warn_full(self) -> None:
+        suppressed = self._full_warning.ready()
+        if suppressed is not None:
+            log.warning(
+                "outbox is full (%d pending events, max_queue_size); event dropped"
+                " (%d more dropped since the last warning): %s",
+                self.max_queue_size, suppressed, self.outbox_path,
+            )  # fmt: skip
+
+    def _record_write_error(self, exc: OutboxError) -> None:
+        with self._drops_lock:
+            self._unrecorded_drops += 1
+        suppressed = self._write_error_log.ready()
+        if suppressed is not None:
+            log.error("event not stored: %s (%d more since the last error)", exc, suppressed)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Commit every event of the block (on this thread) in one transaction.
+
+        Much faster for jobs that emit many events. All or nothing: if the
+        block raises, or the process dies inside it, none of its events are
+        stored. Calls inside the block return (True, msg) once the message is
+        valid; it becomes durable when the block ends.
+        """
+        if self.outbox is None:
+            yield
+            return
+        with self.outbox.batch():
+            yield
+
+    # -- lifecycle and inspection -------------------------------------------------
+
+    def stats(self) -> OutboxStats | None:
+        """Counts of the outbox file (None when send=False, as nothing is stored).
+
+        `dropped` includes events this process failed to write to the file.
+        """
+        if self.outbox is None:
+            return None
+        stats = self.outbox.stats()
+        if self._unrecorded_drops:
+            stats = dataclasses.replace(stats, dropped=stats.dropped + self._unrecorded_drops)
+        return stats
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send what is pending. Every event is already durable when its call returns.
+
+        Uploading arrives with the uploader; until then there is nothing to wait for.
+        """
+
+    def join(self, timeout: float | None = None) -> None:
+        """Stop background work; whatever is pending stays in the outbox for the next run."""
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Flush, then stop and close the outbox file."""
+        self.flush(timeout)
+        self.join(timeout)
+        if self.outbox is not None:
+            self.outbox.close()
+
+
+def _require_number(name: str, value: Any, *, minimum: float, integral: bool = False) -> None:
+    kind = int if integral else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        wanted = "an integer" if integral else "a number"
+        raise ValueError(f"{name} must be {wanted} >= {minimum}, got {value!r}")
+
+
+def _configure_logging(debug: bool, log_handler: logging.Handler | None) -> None:
+    """Segment's debug/log_handler behaviour, without stacking handlers per client."""
+    global _debug_handler
+    if log_handler is not None and log_handler not in log.handlers:
+        log.addHandler(log_handler)
+    if debug:
+        log.setLevel(logging.DEBUG)
+        if log_handler is None and _debug_handler is None:
+            _debug_handler = logging.StreamHandler()
+            log.addHandler(_debug_handler)
