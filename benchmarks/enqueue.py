@@ -116,9 +116,8 @@ def main() -> None:
     receiver.wait()
 
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(
-        f"\nmedian events/s over {args.rounds} rounds of {n} events (python {sys.version.split()[0]})"
-    )
+    python = sys.version.split()[0]
+    print(f"\nmedian events/s over {args.rounds} rounds of {n} events (python {python})")
     for name, value in median.items():
         print(f"  {name:45} {value:12,.0f}")
     default = median["outbox-analytics track() default"]

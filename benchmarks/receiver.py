@@ -7,6 +7,7 @@ Binds 127.0.0.1 only. Prints the port on its first line of stdout.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import sys
@@ -35,10 +36,8 @@ class _Handler(BaseHTTPRequestHandler):
 def main() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     print(server.server_address[1], flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     print(f"received {_Handler.received}", file=sys.stderr)
 
 

@@ -7,9 +7,10 @@ import dataclasses
 import json
 import logging
 import numbers
+import os
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from .errors import OutboxError, OutboxFull
@@ -27,6 +28,7 @@ from .utils import (
     new_message_id,
     require,
     stringify_id,
+    utc_now_iso,
 )
 from .version import VERSION
 
@@ -34,11 +36,12 @@ __all__ = ["Client", "DEFAULT_HOST", "MAX_MESSAGE_BYTES"]
 
 DEFAULT_HOST = "https://api.segment.io"
 MAX_MESSAGE_BYTES = 32 << 10  # Segment's limit on one message as JSON
-# JSON (ASCII-escaped, as sent) is at most 6 bytes per stored msgpack byte:
-# the worst cases are control characters ("\u0001" for 1 byte) and list
-# items of None ("null, " for 1 byte). A smaller payload cannot be over the
-# limit, so the costly JSON measure is only taken for large messages.
-_SURELY_UNDER_LIMIT = MAX_MESSAGE_BYTES // 6 - 16
+# JSON (ASCII-escaped, as sent) is at most 7 bytes per stored msgpack byte:
+# the worst case is a list of False ("false, " for 1 byte); control characters
+# ("\u0001") and None ("null, ") give 6. A payload under an eighth of the
+# limit cannot be over it, so the costly JSON measure is only taken for large
+# messages.
+_SURELY_UNDER_LIMIT = MAX_MESSAGE_BYTES // 8
 ID_TYPES = (str, numbers.Number)  # str first: isinstance() stops at the first match
 LIBRARY = {"name": "outbox-analytics", "version": VERSION}
 
@@ -108,7 +111,7 @@ class Client:
         oauth_scope: str = DefaultConfig.oauth_scope,
         max_total_backoff_duration: float = DefaultConfig.max_total_backoff_duration,
         max_rate_limit_duration: float = DefaultConfig.max_rate_limit_duration,
-        outbox_path: str | None = DefaultConfig.outbox_path,
+        outbox_path: str | os.PathLike[str] | None = DefaultConfig.outbox_path,
         fsync: bool = DefaultConfig.fsync,
         upload: bool = DefaultConfig.upload,
     ) -> None:
@@ -123,6 +126,12 @@ class Client:
         _require_number("max_rate_limit_duration", max_rate_limit_duration, minimum=0)
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {on_error!r}")
+        if host is not None:
+            require("host", host, str)
+        if proxies is not None:
+            require("proxies", proxies, dict)
+        if outbox_path is not None:
+            require("outbox_path", outbox_path, (str, os.PathLike))
 
         self.write_key: str = write_key  # type: ignore[assignment]  # checked above
         self.host = (host or DEFAULT_HOST).rstrip("/")
@@ -157,8 +166,9 @@ class Client:
         self.outbox: Outbox | None = None
         self.outbox_path: str | None = None
         if send:
-            self.outbox_path = outbox_path or default_outbox_path(self.write_key, self.host)
-            self.outbox = Outbox(self.outbox_path, fsync=fsync, max_pending=max_queue_size)
+            path = outbox_path or default_outbox_path(self.write_key, self.host)
+            self.outbox = Outbox(path, fsync=fsync, max_pending=max_queue_size)
+            self.outbox_path = self.outbox.path  # absolute
             # Rows a dead uploader left in flight are pending again; a live
             # uploader's rows (the lease is held) are left alone.
             if self.outbox.acquire_lease():
@@ -359,14 +369,13 @@ class Client:
         """Complete, clean and encode a message; raise at the call site if it is bad."""
         timestamp = msg["timestamp"]
         if timestamp is None:
-            timestamp = datetime.now(tz=timezone.utc)
+            msg["timestamp"] = utc_now_iso()
         else:
             require("timestamp", timestamp, datetime)
-            timestamp = guess_timezone(timestamp)
+            msg["timestamp"] = guess_timezone(timestamp).isoformat(timespec="milliseconds")
         require("integrations", msg["integrations"], dict)
         require("context", msg["context"], dict)
 
-        msg["timestamp"] = timestamp.isoformat(timespec="milliseconds")
         message_id = msg["messageId"]
         msg["messageId"] = new_message_id() if message_id is None else stringify_id(message_id)
         msg["userId"] = stringify_id(msg.get("userId"))

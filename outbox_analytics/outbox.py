@@ -186,7 +186,6 @@ class Outbox:
         self._migrate()
         self._pending_estimate = self._count_pending()
         self._counted_at = time.monotonic()
-        self._appends_since_clock = 0
         _live_outboxes.add(self)
 
     # -- connection -----------------------------------------------------------
@@ -258,7 +257,7 @@ class Outbox:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-        _live_outboxes.discard(self)
+        # Still usable: a later append reopens the file rather than lose an event.
 
     def __enter__(self) -> Outbox:
         return self
@@ -335,14 +334,11 @@ class Outbox:
         refreshed at most every `_RECOUNT_INTERVAL` seconds: other processes
         append and acknowledge too, and counting on every call is too slow.
         """
-        self._appends_since_clock += 1
         over = self._pending_estimate + count > self.max_pending
-        # Reading the clock costs too; while far from full, look at it rarely.
-        if not over and self._appends_since_clock < 256:
+        since = time.monotonic() - self._counted_at
+        if not over and since <= _RECOUNT_INTERVAL:
             return
-        self._appends_since_clock = 0
         with self._lock:
-            since = time.monotonic() - self._counted_at
             if since > _RECOUNT_INTERVAL or (over and since > _RECOUNT_WHEN_FULL):
                 self._pending_estimate = self._count_pending()
                 self._counted_at = time.monotonic()

@@ -24,6 +24,7 @@ __all__ = [
     "clean",
     "guess_timezone",
     "new_message_id",
+    "utc_now_iso",
     "require",
     "stringify_id",
     "RateLimitedLog",
@@ -58,6 +59,26 @@ def new_message_id() -> str:
     h = os.urandom(16).hex()
     variant = "89ab"[int(h[16], 16) & 3]  # the two high bits of byte 8 are "10"
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
+
+
+_second_text: tuple[int, str] = (0, "")
+
+
+def utc_now_iso() -> str:
+    """The current time as Segment writes it: ISO 8601, milliseconds, "+00:00".
+
+    Same text as `datetime.now(timezone.utc).isoformat(timespec="milliseconds")`
+    at a third of the cost: the date and time of the current second are
+    formatted once per second. The cache is one tuple, swapped atomically.
+    """
+    global _second_text
+    now = time.time()
+    second = int(now)
+    cached_second, text = _second_text
+    if second != cached_second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second_text = (second, text)
+    return f"{text}.{int((now - second) * 1000):03d}+00:00"
 
 
 def guess_timezone(dt: datetime) -> datetime:
@@ -162,12 +183,12 @@ def _clean_sequence(items: Iterable[Any], depth: int) -> list[Any]:
 
 def _clean_other(value: Any, depth: int) -> Any:
     """Everything but the exact built-in JSON types: subclasses and conversions."""
+    if isinstance(value, Enum):  # before str and int: a (str, Enum) sends its value
+        return _clean(value.value, depth)
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, str):
         return _clean(str(value), depth)
-    if isinstance(value, Enum):  # before int: an IntEnum sends its value
-        return _clean(value.value, depth)
     if isinstance(value, int):
         return _clean(int(value), depth)
     if isinstance(value, float):
@@ -177,7 +198,7 @@ def _clean_other(value: Any, depth: int) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         return _clean_sequence(value, depth)
     if isinstance(value, Decimal):
-        return _clean(float(value), depth)
+        return _clean(_to_float(value), depth)
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     if isinstance(value, UUID):
@@ -188,10 +209,17 @@ def _clean_other(value: Any, depth: int) -> Any:
         except UnicodeDecodeError as exc:
             raise _Unrepresentable(ValueError, "bytes are not valid UTF-8") from exc
     if isinstance(value, numbers.Real):  # Fraction and other real numbers
-        return _clean(float(value), depth)
+        return _clean(_to_float(value), depth)
     raise _Unrepresentable(
         TypeError, f"value of type {type(value).__name__} cannot be sent as JSON"
     )
+
+
+def _to_float(number: Any) -> float:
+    try:
+        return float(number)
+    except (OverflowError, ValueError) as exc:  # 10**400 as a Fraction, sNaN
+        raise _Unrepresentable(ValueError, f"{number!r} has no JSON number form") from exc
 
 
 def _key_name(key: Any, mapping: Mapping[Any, Any]) -> str:
