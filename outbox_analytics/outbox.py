@@ -89,16 +89,21 @@ _SCHEMA_SQL = [
 ]
 _INSERT = f"INSERT INTO {_TABLE} (data, timestamp, status) VALUES (?, ?, {_NEW})"
 _COUNT_PENDING = f"SELECT count(*) FROM {_TABLE} WHERE status < 2"
+# max - min + 1 of the pending ids: at least the pending count, in O(log n).
+_PENDING_SPAN = (
+    f"SELECT (SELECT max(_id) FROM {_TABLE} WHERE status < 2)"
+    f" - (SELECT min(_id) FROM {_TABLE} WHERE status < 2) + 1"
+)
 _ROW_COLUMNS = (
     "_id, data, timestamp, status, attempts, last_status, last_error,"
     " next_attempt_at, first_attempt_at"
 )
 _NEW_FILE_PAGE_SIZE = 2048
 _ID_CHUNK = 500  # stays far below SQLite's limit on bound parameters
-# How stale the pending count may get before an append counts again: other
-# processes append too, and counting a large table on every call is too slow.
+# How stale the pending estimate may get: other processes append and
+# acknowledge too, and counting a large table on every call is too slow.
 _RECOUNT_INTERVAL = 1.0
-_RECOUNT_WHEN_FULL = 0.1
+_RECOUNT_WHEN_FULL = 0.1  # a full outbox looks again sooner, to refuse no longer than needed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +190,7 @@ class Outbox:
         self._conn: sqlite3.Connection | None = self._connect()
         self._migrate()
         self._pending_estimate = self._count_pending()
-        self._counted_at = time.monotonic()
+        self._counted_at = self._exactly_counted_at = time.monotonic()
         _live_outboxes.add(self)
 
     # -- connection -----------------------------------------------------------
@@ -330,22 +335,34 @@ class Outbox:
     def _reserve(self, count: int) -> None:
         """Raise OutboxFull unless `count` more pending rows fit under the cap.
 
-        The pending count is an estimate (our appends since the last count),
-        refreshed at most every `_RECOUNT_INTERVAL` seconds: other processes
-        append and acknowledge too, and counting on every call is too slow.
+        The pending count is an estimate (the last count plus our appends
+        since), refreshed every `_RECOUNT_INTERVAL` seconds because other
+        processes append and acknowledge too. Refreshing reads the span of
+        pending ids, an upper bound that costs two index lookups; only when
+        that bound does not fit are the rows counted, at most once a second
+        (counting a million rows takes tens of milliseconds).
         """
+        now = time.monotonic()
         over = self._pending_estimate + count > self.max_pending
-        since = time.monotonic() - self._counted_at
-        if not over and since <= _RECOUNT_INTERVAL:
+        since = now - self._counted_at
+        if since <= (_RECOUNT_WHEN_FULL if over else _RECOUNT_INTERVAL):
+            if over:
+                self._refuse()
             return
         with self._lock:
-            if since > _RECOUNT_INTERVAL or (over and since > _RECOUNT_WHEN_FULL):
+            self._counted_at = now
+            span = int(self._connection().execute(_PENDING_SPAN).fetchone()[0] or 0)
+            if span + count <= self.max_pending:
+                self._pending_estimate = span
+            elif now - self._exactly_counted_at >= _RECOUNT_INTERVAL:
                 self._pending_estimate = self._count_pending()
-                self._counted_at = time.monotonic()
-                over = self._pending_estimate + count > self.max_pending
-            if over:
-                self._add_dropped(1)
-                raise OutboxFull(f"the outbox holds {self.max_pending} pending events: {self.path}")
+                self._exactly_counted_at = now
+            if self._pending_estimate + count > self.max_pending:
+                self._refuse()
+
+    def _refuse(self) -> None:
+        self._add_dropped(1)
+        raise OutboxFull(f"the outbox holds {self.max_pending} pending events: {self.path}")
 
     def _count_pending(self) -> int:
         with self._lock:

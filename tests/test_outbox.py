@@ -13,7 +13,7 @@ import persistqueue
 import persistqueue.serializers.msgpack
 import pytest
 
-from outbox_analytics import Client, OutboxError
+from outbox_analytics import Client, OutboxError, OutboxFull
 from outbox_analytics.outbox import Outbox, default_outbox_path, encode_message
 
 
@@ -323,3 +323,18 @@ def test_batch_is_per_thread(store_only: Client) -> None:
         assert numbers(store_only.outbox.rows()) == [99]
     thread.join()
     assert numbers(store_only.outbox.rows()) == [99, 1]
+
+
+def test_dead_rows_between_pending_ones_do_not_count_against_the_cap(outbox_file: Path) -> None:
+    with Outbox(outbox_file, max_pending=6) as outbox:
+        fill(outbox, 6)
+        rows = outbox.claim(6)
+        # Pending ids 1 and 6 with four dead rows between them: the id span (6)
+        # says "full", the real count (2) says four more fit.
+        outbox.dead_letter([row.id for row in rows[1:5]], status=400, error="bad")
+        outbox.release([rows[0].id, rows[5].id])
+        time.sleep(1.1)  # let the estimate expire
+        fill(outbox, 4, start=6)
+        with pytest.raises(OutboxFull):
+            fill(outbox, 1, start=10)
+        assert outbox.stats().pending == 6
