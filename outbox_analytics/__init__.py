@@ -18,14 +18,26 @@ from collections.abc import Iterator
 from typing import Any
 
 from .client import Client
-from .errors import OutboxAnalyticsError, OutboxError, OutboxFull
+from .errors import (
+    APIError,
+    DeliveryError,
+    OutboxAnalyticsError,
+    OutboxError,
+    OutboxFull,
+    RetryableError,
+)
 from .outbox import OutboxStats, default_outbox_path
+from .uploader import FlushResult
 from .version import VERSION
 
 __version__ = VERSION
 
 __all__ = [
+    "APIError",
     "Client",
+    "DeliveryError",
+    "FlushResult",
+    "RetryableError",
     "OutboxAnalyticsError",
     "OutboxError",
     "OutboxFull",
@@ -116,9 +128,9 @@ def stats() -> OutboxStats | None:
     return _client().stats()
 
 
-def flush(timeout: float | None = None) -> None:
-    """Send what the default client has pending."""
-    _client().flush(timeout)
+def flush(timeout: float | None = None) -> FlushResult:
+    """Send what the default client has pending (see `Client.flush`)."""
+    return _client().flush(timeout)
 
 
 def join(timeout: float | None = None) -> None:
@@ -126,9 +138,9 @@ def join(timeout: float | None = None) -> None:
     _client().join(timeout)
 
 
-def shutdown(timeout: float | None = None) -> None:
+def shutdown(timeout: float | None = None) -> FlushResult:
     """Flush, stop and close the default client."""
-    _client().shutdown(timeout)
+    return _client().shutdown(timeout)
 
 
 def _client() -> Client:

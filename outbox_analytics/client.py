@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -9,9 +10,13 @@ import logging
 import numbers
 import os
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
+
+import tenacity
 
 from .errors import OutboxError, OutboxFull
 from .outbox import (
@@ -21,6 +26,8 @@ from .outbox import (
     default_outbox_path,
     encode_message,
 )
+from .request import Requester
+from .uploader import DEFAULT_RETRY_WAIT, FlushResult, Uploader
 from .utils import (
     RateLimitedLog,
     clean,
@@ -32,7 +39,7 @@ from .utils import (
 )
 from .version import VERSION
 
-__all__ = ["Client", "DEFAULT_HOST", "MAX_MESSAGE_BYTES"]
+__all__ = ["Client", "DEFAULT_HOST", "EXIT_BUDGET", "MAX_MESSAGE_BYTES"]
 
 DEFAULT_HOST = "https://api.segment.io"
 MAX_MESSAGE_BYTES = 32 << 10  # Segment's limit on one message as JSON
@@ -42,6 +49,9 @@ MAX_MESSAGE_BYTES = 32 << 10  # Segment's limit on one message as JSON
 # limit cannot be over it, so the costly JSON measure is only taken for large
 # messages.
 _SURELY_UNDER_LIMIT = MAX_MESSAGE_BYTES // 8
+# At interpreter exit, a client spends at most this long sending what is
+# pending; whatever is left stays in the outbox for the next run.
+EXIT_BUDGET = 1.0
 ID_TYPES = (str, numbers.Number)  # str first: isinstance() stops at the first match
 LIBRARY = {"name": "outbox-analytics", "version": VERSION}
 
@@ -54,8 +64,9 @@ class Client:
 
     Every option of segment-analytics-python 2.4.0's Client is accepted with
     the same default. Ours: `outbox_path` (default: `default_outbox_path()`),
-    `fsync` (survive power loss, not only a crash) and `upload` (False: store
-    only, and let another process, a later run or the CLI send).
+    `fsync` (survive power loss, not only a crash), `upload` (False: store
+    only, and let another process, a later run or the CLI send) and
+    `retry_wait` (a tenacity wait strategy for retries).
     """
 
     class DefaultConfig:
@@ -84,6 +95,7 @@ class Client:
         outbox_path: str | None = None
         fsync = False
         upload = True
+        retry_wait: Callable[[tenacity.RetryCallState], float] = DEFAULT_RETRY_WAIT
 
     log = log
 
@@ -114,6 +126,7 @@ class Client:
         outbox_path: str | os.PathLike[str] | None = DefaultConfig.outbox_path,
         fsync: bool = DefaultConfig.fsync,
         upload: bool = DefaultConfig.upload,
+        retry_wait: Callable[[tenacity.RetryCallState], float] = DefaultConfig.retry_wait,
     ) -> None:
         require("write_key", write_key, str)
         _require_number("max_queue_size", max_queue_size, minimum=1, integral=True)
@@ -165,6 +178,7 @@ class Client:
         # send=False keeps Segment's meaning: validate and build, store nothing.
         self.outbox: Outbox | None = None
         self.outbox_path: str | None = None
+        self.uploader: Uploader | None = None
         if send:
             path = outbox_path or default_outbox_path(self.write_key, self.host)
             self.outbox = Outbox(path, fsync=fsync, max_pending=max_queue_size)
@@ -173,6 +187,30 @@ class Client:
             # uploader's rows (the lease is held) are left alone.
             if self.outbox.acquire_lease():
                 self.outbox.release_lease()
+        if self.outbox is not None and upload:
+            self.uploader = Uploader(
+                self.outbox.path,
+                self._new_requester,
+                upload_size=upload_size,
+                upload_interval=upload_interval,
+                max_retries=max_retries,
+                retry_wait=retry_wait,
+                max_total_backoff_duration=max_total_backoff_duration,
+                on_error=on_error,
+            )
+            if not sync_mode:
+                _clients_to_flush_at_exit.add(self)
+                if self.outbox.head(1).pending:
+                    self.uploader.ensure_running()  # replay what earlier runs left
+
+    def _new_requester(self) -> Requester:
+        return Requester(
+            self.write_key,
+            self.host,
+            gzip=self.gzip,
+            timeout=self.timeout,
+            proxies=self.proxies,
+        )
 
     # -- the six calls ----------------------------------------------------------
 
@@ -355,7 +393,7 @@ class Client:
         if self.outbox is None:  # send=False
             return True, msg
         try:
-            self.outbox.append(data)
+            row_id = self.outbox.append(data)
         except OutboxFull:
             self._warn_full()
             return False, msg
@@ -363,6 +401,12 @@ class Client:
             self._record_write_error(exc)
             return False, msg
         log.debug("stored %s message %s", msg["type"], msg["messageId"])
+        if self.uploader is not None:
+            if not self.sync_mode:
+                self.uploader.ensure_running()
+            elif row_id is not None:
+                # Raises if not delivered in time; the event stays in the outbox.
+                self.uploader.deliver_now(row_id, self.timeout)
         return True, msg
 
     def _build(self, msg: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
@@ -438,21 +482,65 @@ class Client:
             stats = dataclasses.replace(stats, dropped=stats.dropped + self._unrecorded_drops)
         return stats
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Send what is pending. Every event is already durable when its call returns.
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """Send what is pending now; return counts of what was sent, dead and left.
 
-        Uploading arrives with the uploader; until then there is nothing to wait for.
+        Returns when every event pending at the call is delivered or dead, when
+        retries ran out (the server is down: the events stay pending), or when
+        `timeout` seconds have passed. Every event is durable either way.
+        With no uploader here (send=False, upload=False, after shutdown) it
+        returns at once.
         """
+        if self.uploader is None or self.sync_mode:
+            return self._nothing_sent()
+        self.uploader.ensure_running()
+        if not self.uploader.running:
+            return self._nothing_sent()
+        return self.uploader.flush(timeout)
+
+    def _nothing_sent(self) -> FlushResult:
+        stats = self.stats()
+        return FlushResult(0, 0, stats.pending + stats.inflight if stats else 0)
 
     def join(self, timeout: float | None = None) -> None:
-        """Stop background work; whatever is pending stays in the outbox for the next run."""
+        """Stop uploading after the batch in flight; what is pending stays for the next run."""
+        if self.uploader is not None:
+            self.uploader.stop(timeout)
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Flush, then stop and close the outbox file."""
-        self.flush(timeout)
-        self.join(timeout)
+    def shutdown(self, timeout: float | None = None) -> FlushResult:
+        """Flush (within `timeout`), stop uploading and close the outbox file."""
+        started = time.monotonic()
+        result = self.flush(timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        self.join(left)
         if self.outbox is not None:
             self.outbox.close()
+        return result
+
+    def _flush_at_exit(self, budget: float) -> None:
+        if self.uploader is None or not self.uploader.running:
+            return
+        started = time.monotonic()
+        try:
+            self.uploader.flush(budget)
+            self.uploader.stop(max(0.0, budget - (time.monotonic() - started)))
+        except Exception:
+            log.exception("outbox-analytics: flush at exit failed; events stay in the outbox")
+
+
+_clients_to_flush_at_exit: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Send what can be sent within EXIT_BUDGET (for all clients), never waiting longer.
+
+    The uploader threads are daemons: whatever is still in flight when the
+    budget ends stays in the outbox, and the next run sends it.
+    """
+    deadline = time.monotonic() + EXIT_BUDGET
+    for client in list(_clients_to_flush_at_exit):
+        client._flush_at_exit(max(0.0, deadline - time.monotonic()))
 
 
 def _require_number(name: str, value: Any, *, minimum: float, integral: bool = False) -> None:

@@ -3,12 +3,26 @@
 Bad arguments keep Segment's exception types (AssertionError, TypeError,
 ValueError, RuntimeError) so that code written for segment-analytics-python
 behaves the same. Everything the library itself raises derives from
-`OutboxAnalyticsError`.
+`OutboxAnalyticsError`:
+
+    OutboxAnalyticsError
+    ├── OutboxError          the outbox file cannot be opened or written
+    ├── OutboxFull           max_queue_size events are pending
+    └── DeliveryError        a batch was not delivered
+        ├── RetryableError   network error, timeout, 5xx, 429...: may succeed later
+        └── APIError         the server rejected the events (Segment's name and fields)
 """
 
 from __future__ import annotations
 
-__all__ = ["OutboxAnalyticsError", "OutboxError", "OutboxFull"]
+__all__ = [
+    "APIError",
+    "DeliveryError",
+    "OutboxAnalyticsError",
+    "OutboxError",
+    "OutboxFull",
+    "RetryableError",
+]
 
 
 class OutboxAnalyticsError(Exception):
@@ -25,3 +39,42 @@ class OutboxError(OutboxAnalyticsError):
 
 class OutboxFull(OutboxAnalyticsError):
     """The outbox holds `max_queue_size` pending events; the new one was not stored."""
+
+
+class DeliveryError(OutboxAnalyticsError):
+    """A batch was not delivered. `status` is the HTTP status, None for network errors."""
+
+    status: int | None = None
+    body: str = ""
+
+
+class RetryableError(DeliveryError):
+    """The same batch may be accepted later: the events stay pending."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        body: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.body = body
+
+
+class APIError(DeliveryError):
+    """The server rejected the events (a 4xx other than the retryable ones).
+
+    Same constructor and fields as segment-analytics-python's APIError, plus
+    the response body.
+    """
+
+    def __init__(self, status: int, code: str, message: str, body: str = "") -> None:
+        super().__init__(f"[Segment] {message}: {code} ({status})")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = body

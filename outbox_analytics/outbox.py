@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "DEFAULT_MAX_PENDING",
+    "Head",
     "Outbox",
     "OutboxStats",
     "Row",
@@ -64,10 +65,14 @@ _NEW = int(AckStatus.inited)
 _READY = int(AckStatus.ready)
 _INFLIGHT = int(AckStatus.unack)
 _DEAD = int(AckStatus.ack_failed)
+# The redundant "status >= 2" lets SQLite use the partial index outbox_taken:
+# it only uses a partial index whose WHERE clause it finds in the query's.
+_INFLIGHT_WHERE = f"status >= 2 AND status = {_INFLIGHT}"
+_DEAD_WHERE = f"status >= 2 AND status = {_DEAD}"
 _STATE_WHERE = {
     "pending": "status < 2",
-    "inflight": f"status = {_INFLIGHT}",
-    "dead": f"status = {_DEAD}",
+    "inflight": _INFLIGHT_WHERE,
+    "dead": _DEAD_WHERE,
     "all": f"status IN ({_NEW}, {_READY}, {_INFLIGHT}, {_DEAD})",
 }
 
@@ -120,6 +125,16 @@ class Row:
     last_error: str | None = None
     next_attempt_at: float | None = None
     first_attempt_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """The front of the pending queue."""
+
+    pending: int  # pending rows, counted up to the limit asked for
+    first_id: int | None
+    oldest_enqueued_at: float | None
+    next_attempt_at: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,26 +299,28 @@ class Outbox:
 
     # -- appending ------------------------------------------------------------
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes) -> int | None:
         """Store one message, encoded by `encode_message`, durably (committed before return).
 
-        Inside `batch()` on this thread the message is only buffered, and
-        committed with the rest of the block. Raises OutboxFull (the drop is
-        counted in the file) when `max_pending` messages are pending.
+        Returns the row id. Inside `batch()` on this thread the message is only
+        buffered (and None returned), and committed with the rest of the
+        block. Raises OutboxFull (the drop is counted in the file) when
+        `max_pending` messages are pending.
         """
         buffered: list[tuple[bytes, float]] | None = getattr(self._local, "rows", None)
         if buffered is not None:
             # This thread's own buffer: no lock needed but for the cap check.
             self._reserve(1 + len(buffered))
             buffered.append((data, time.time()))
-            return
+            return None
         with self._lock:
             self._reserve(1)
             try:
-                self._connection().execute(_INSERT, (data, time.time()))
+                row_id = self._connection().execute(_INSERT, (data, time.time())).lastrowid
             except sqlite3.Error as exc:
                 raise OutboxError(f"cannot append to the outbox ({exc})", self.path) from exc
             self._pending_estimate += 1
+            return row_id
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -351,7 +368,7 @@ class Outbox:
             return
         with self._lock:
             self._counted_at = now
-            span = int(self._connection().execute(_PENDING_SPAN).fetchone()[0] or 0)
+            span = int(self._scalar(_PENDING_SPAN) or 0)
             if span + count <= self.max_pending:
                 self._pending_estimate = span
             elif now - self._exactly_counted_at >= _RECOUNT_INTERVAL:
@@ -365,8 +382,7 @@ class Outbox:
         raise OutboxFull(f"the outbox holds {self.max_pending} pending events: {self.path}")
 
     def _count_pending(self) -> int:
-        with self._lock:
-            return int(self._connection().execute(_COUNT_PENDING).fetchone()[0])
+        return int(self._scalar(_COUNT_PENDING))
 
     def _add_dropped(self, count: int) -> None:
         with self._transaction() as conn:
@@ -418,31 +434,47 @@ class Outbox:
         self,
         ids: Iterable[int],
         *,
+        attempts: int = 1,
         status: int | None = None,
         error: str | None = None,
         next_attempt_at: float | None = None,
+        first_attempt_at: float | None = None,
     ) -> None:
-        """Return in-flight rows to pending, keeping their place in the order."""
-        now = time.time()
+        """Return in-flight rows to pending, keeping their place in the order.
+
+        `attempts` (sends made since the claim) is added to the rows' count;
+        0 releases rows that were claimed but not tried, leaving them as they were.
+        """
+        ids = list(ids)
         with self._transaction() as conn:
+            if attempts == 0:
+                _update_ids(conn, f"status = {_READY}", (), ids, only=f"status = {_INFLIGHT}")
+                return
             _update_ids(
                 conn,
-                f"status = {_READY}, attempts = attempts + 1, last_status = ?, last_error = ?,"
+                f"status = {_READY}, attempts = attempts + ?, last_status = ?, last_error = ?,"
                 " next_attempt_at = ?, first_attempt_at = coalesce(first_attempt_at, ?)",
-                (status, error, next_attempt_at, now),
-                list(ids),
+                (attempts, status, error, next_attempt_at, first_attempt_at or time.time()),
+                ids,
                 only=f"status = {_INFLIGHT}",
             )
 
-    def dead_letter(self, ids: Iterable[int], *, status: int | None, error: str | None) -> None:
+    def dead_letter(
+        self,
+        ids: Iterable[int],
+        *,
+        attempts: int = 1,
+        status: int | None,
+        error: str | None,
+        first_attempt_at: float | None = None,
+    ) -> None:
         """Move in-flight rows to the dead-letter state, keeping why."""
-        now = time.time()
         with self._transaction() as conn:
             _update_ids(
                 conn,
-                f"status = {_DEAD}, attempts = attempts + 1, last_status = ?, last_error = ?,"
+                f"status = {_DEAD}, attempts = attempts + ?, last_status = ?, last_error = ?,"
                 " first_attempt_at = coalesce(first_attempt_at, ?)",
-                (status, error, now),
+                (attempts, status, error, first_attempt_at or time.time()),
                 list(ids),
                 only=f"status = {_INFLIGHT}",
             )
@@ -453,7 +485,7 @@ class Outbox:
         with self._transaction() as conn:
             if ids is None:
                 return conn.execute(
-                    f"UPDATE {_TABLE} SET {assignments} WHERE status = {_DEAD}"
+                    f"UPDATE {_TABLE} SET {assignments} WHERE {_DEAD_WHERE}"
                 ).rowcount
             return _update_ids(conn, assignments, (), list(ids), only=f"status = {_DEAD}")
 
@@ -495,10 +527,62 @@ class Outbox:
     def _reclaim_inflight(self) -> int:
         with self._transaction() as conn:
             return conn.execute(
-                f"UPDATE {_TABLE} SET status = {_READY} WHERE status = {_INFLIGHT}"
+                f"UPDATE {_TABLE} SET status = {_READY} WHERE {_INFLIGHT_WHERE}"
             ).rowcount
 
     # -- reading --------------------------------------------------------------
+
+    def head(self, limit: int) -> Head:
+        """What the uploader needs to decide whether to send now: cheap index reads."""
+        with self._lock:
+            conn = self._connection()
+            pending = conn.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM {_TABLE} WHERE status < 2 LIMIT ?)",
+                (limit,),
+            ).fetchone()[0]
+            first = conn.execute(
+                f"SELECT _id, timestamp, next_attempt_at FROM {_TABLE}"
+                " WHERE status < 2 ORDER BY _id LIMIT 1"
+            ).fetchone()
+        if first is None:
+            return Head(0, None, None, None)
+        return Head(int(pending), first[0], first[1], first[2])
+
+    def last_id(self) -> int:
+        """The highest row id ever used (ids are never reused: AUTOINCREMENT)."""
+        seq = self._scalar("SELECT seq FROM sqlite_sequence WHERE name = ?", (_TABLE_NAME,))
+        return int(seq or 0)
+
+    def state_of(self, row_id: int) -> str | None:
+        """ "pending", "inflight" or "dead"; None once delivered (or never stored)."""
+        status = self._scalar(f"SELECT status FROM {_TABLE} WHERE _id = ?", (row_id,))
+        return None if status is None else _state_of(status)
+
+    def unfinished(self, up_to_id: int) -> bool:
+        """Whether any row with id <= `up_to_id` is still pending or in flight (cheap)."""
+        return bool(
+            self._scalar(
+                f"SELECT EXISTS (SELECT 1 FROM {_TABLE} WHERE status < 2 AND _id <= ?)"
+                f" OR EXISTS (SELECT 1 FROM {_TABLE} WHERE {_INFLIGHT_WHERE} AND _id <= ?)",
+                (up_to_id, up_to_id),
+            )
+        )
+
+    def count_unfinished(self, up_to_id: int) -> int:
+        """How many rows with id <= `up_to_id` are still pending or in flight."""
+        return int(
+            self._scalar(
+                f"SELECT (SELECT count(*) FROM {_TABLE} WHERE status < 2 AND _id <= ?)"
+                f" + (SELECT count(*) FROM {_TABLE} WHERE {_INFLIGHT_WHERE} AND _id <= ?)",
+                (up_to_id, up_to_id),
+            )
+        )
+
+    def _scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        """The first column of the first row of a read, or None."""
+        with self._lock:
+            row = self._connection().execute(sql, params).fetchone()
+        return None if row is None else row[0]
 
     def stats(self) -> OutboxStats:
         with self._lock:

@@ -11,6 +11,12 @@ import pytest
 from outbox_analytics import Client
 
 
+@pytest.fixture(autouse=True)
+def no_network_by_accident(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client built without a host must never reach the real Segment API from a test."""
+    monkeypatch.setattr("outbox_analytics.client.DEFAULT_HOST", "http://127.0.0.1:9")
+
+
 @pytest.fixture
 def outbox_file(tmp_path: Path) -> Path:
     return tmp_path / "outbox.sqlite3"
@@ -34,3 +40,37 @@ def start_python(code: str, *args: str) -> subprocess.Popen[str]:
         text=True,
         env=env,
     )
+
+
+@pytest.fixture
+def receiver():
+    from .receiver import Receiver
+
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_client(outbox_file: Path, receiver):
+    """Clients that send to the test receiver, with quick retries; shut down after the test."""
+    import tenacity
+
+    clients: list[Client] = []
+
+    def make(**options) -> Client:
+        settings = {
+            "host": receiver.url,
+            "outbox_path": str(outbox_file),
+            "upload_interval": 0.05,
+            "max_retries": 3,
+            "retry_wait": tenacity.wait_fixed(0.01),
+            **options,
+        }
+        client = Client("test-write-key", **settings)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.shutdown(timeout=2)

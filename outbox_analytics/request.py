@@ -1,0 +1,174 @@
+"""The requester: one HTTP POST of one batch, and what its answer means.
+
+requests' errors and HTTP statuses are translated here, at the boundary, into
+the library's own outcomes: success returns, `RetryableError` means "the same
+batch may succeed later", `APIError` means "the server rejected these events".
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip as gzip_module
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import requests
+
+from .errors import APIError, RetryableError
+from .version import VERSION
+
+__all__ = [
+    "MAX_BATCH_BYTES",
+    "MAX_RETRY_AFTER",
+    "Requester",
+    "encode_batch",
+    "is_retryable_status",
+    "parse_retry_after",
+]
+
+log = logging.getLogger("outbox_analytics")
+
+MAX_BATCH_BYTES = 500_000  # Segment's limit on one request body, as JSON
+MAX_RETRY_AFTER = 300.0  # a server may ask us to wait; not for longer than this
+
+# Statuses that say nothing about the events themselves, so that retrying the
+# same batch later can succeed. Segment 2.4.0's list (408, 410, 429, 460, 5xx
+# but 501 and 505), plus the ones that mean "misconfigured" rather than "bad
+# events": a redirect requests would not follow, a wrong write key or token
+# (401, 403), a wrong host or path (404), a proxy asking for credentials
+# (407). Segment drops the batch on those; dead-lettering every event of a
+# job because of a typo in its settings would not serve anyone.
+_RETRYABLE_4XX = frozenset({401, 403, 404, 407, 408, 410, 429, 460})
+_REJECTING_5XX = frozenset({501, 505})
+
+
+def is_retryable_status(status: int) -> bool:
+    if 300 <= status < 400:
+        return True
+    if 400 <= status < 500:
+        return status in _RETRYABLE_4XX
+    return status >= 500 and status not in _REJECTING_5XX
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), capped.
+
+    Returns None when there is no usable value. Pure: `now` is unix time.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000" gives a naive value; it means UTC
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - now
+    if seconds != seconds or seconds <= 0:  # NaN or in the past
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
+
+
+def encode_batch(items: Sequence[str], sent_at: str, write_key: str) -> bytes:
+    """The request body from messages already encoded as JSON text."""
+    return (
+        f'{{"batch":[{",".join(items)}],"sentAt":"{sent_at}","writeKey":{json.dumps(write_key)}}}'
+    ).encode()
+
+
+class Requester:
+    """Sends batches to `{host}/v1/batch` over one requests.Session.
+
+    `authorization` returns the Authorization header value for each request:
+    Basic with the write key by default, a Bearer token when OAuth is on.
+    """
+
+    def __init__(
+        self,
+        write_key: str,
+        host: str,
+        *,
+        gzip: bool = False,
+        timeout: float = 15,
+        proxies: dict[str, str] | None = None,
+        authorization: Callable[[], str] | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.write_key = write_key
+        self.url = host.rstrip("/") + "/v1/batch"
+        self.gzip = gzip
+        self.timeout = timeout
+        self.proxies = proxies
+        self.session = session or requests.Session()
+        basic = "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
+        self.authorization = authorization or (lambda: basic)
+
+    def send(self, body: bytes, retry_count: int = 0) -> requests.Response:
+        """POST one batch body. Returns on 2xx, raises RetryableError or APIError otherwise."""
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"outbox-analytics/{VERSION}",
+            "Authorization": self.authorization(),
+        }
+        if retry_count:
+            headers["X-Retry-Count"] = str(retry_count)
+        if self.gzip:
+            headers["Content-Encoding"] = "gzip"
+            body = gzip_module.compress(body, compresslevel=6)
+        try:
+            response = self.session.post(
+                self.url,
+                data=body,
+                headers=headers,
+                timeout=self.timeout,
+                proxies=self.proxies,
+                verify=True,
+            )
+        except requests.RequestException as exc:
+            raise RetryableError(f"request failed: {_describe(exc)}") from exc
+        if 200 <= response.status_code < 300:
+            return response
+        raise _error_for(response)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _error_for(response: requests.Response) -> RetryableError | APIError:
+    status = response.status_code
+    text = response.text[:1000]
+    code, message = _segment_error(text)
+    if is_retryable_status(status):
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+        return RetryableError(
+            f"HTTP {status}: {message or text or response.reason}",
+            status=status,
+            retry_after=retry_after,
+            body=text,
+        )
+    return APIError(status, code, message or text or str(response.reason), body=text)
+
+
+def _segment_error(text: str) -> tuple[str, str]:
+    """Segment answers errors as {"code": ..., "message": ...}; use them when present."""
+    try:
+        payload: Any = json.loads(text)
+    except ValueError:
+        return "unknown", ""
+    if not isinstance(payload, dict):
+        return "unknown", ""
+    return str(payload.get("code", "unknown")), str(payload.get("message", ""))
+
+
+def _describe(exc: requests.RequestException) -> str:
+    # requests' messages can be long chains; the class name says what happened.
+    return f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -1,0 +1,465 @@
+"""The uploader: sends the outbox's rows in order, acknowledging only after a 2xx.
+
+One background thread per client, a thin loop around `step()`, which decides
+whether to send now and calls `run_once()`: claim the oldest rows, send them,
+acknowledge, dead-letter or release them. Tests, `sync_mode` and the CLI call
+these steps directly. This is the only module that uses both the outbox and
+the requester.
+
+Failures never leave the outbox:
+- a retryable failure (network, timeout, 5xx, 429...) is retried with the
+  tenacity policy; when retries run out the rows go back to pending, in place,
+  with their attempts and last error, and the head waits before the next try;
+- a rejection (400, 413...) splits the batch until the offending events are
+  found; only they move to the dead-letter state, the rest is delivered in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tenacity
+
+from .errors import APIError, DeliveryError, RetryableError
+from .outbox import Outbox, Row
+from .request import MAX_BATCH_BYTES, MAX_RETRY_AFTER, Requester, encode_batch
+from .utils import RateLimitedLog, utc_now_iso
+
+__all__ = ["DEFAULT_RETRY_WAIT", "FlushResult", "Uploader"]
+
+log = logging.getLogger("outbox_analytics")
+
+# Segment-like: 0.5 s, 1 s, 2 s ... capped at a minute, plus up to 1 s of jitter
+# so that many clients recovering from one outage do not retry in step.
+DEFAULT_RETRY_WAIT: tenacity.wait.wait_base = tenacity.wait_exponential(
+    multiplier=0.5, max=60
+) + tenacity.wait_random(0, 1)
+# The body without its messages: {"batch":[],"sentAt":"...","writeKey":...}.
+_BODY_OVERHEAD = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FlushResult:
+    """What a flush achieved.
+
+    `sent` and `dead`: rows this process delivered or dead-lettered meanwhile;
+    `pending`: rows that were pending when the flush began and still are.
+    """
+
+    sent: int
+    dead: int
+    pending: int
+
+
+class _Stopping(Exception):
+    """Raised inside a send when the uploader is asked to stop: not a failure."""
+
+
+class Uploader:
+    """Delivers one outbox file's rows, in order, from one process at a time."""
+
+    def __init__(
+        self,
+        outbox_path: str,
+        requester_factory: Callable[[], Requester],
+        *,
+        upload_size: int = 100,
+        upload_interval: float = 0.5,
+        max_retries: int = 10,
+        retry_wait: Callable[[tenacity.RetryCallState], float] = DEFAULT_RETRY_WAIT,
+        max_total_backoff_duration: float = 43200,
+        on_error: Callable[[Exception, list[dict[str, Any]]], Any] | None = None,
+    ) -> None:
+        self.outbox = Outbox(
+            outbox_path
+        )  # a connection of its own: claims never queue behind appends
+        self.requester_factory = requester_factory
+        self.upload_size = upload_size
+        self.upload_interval = upload_interval
+        self.max_retries = max_retries
+        self.retry_wait = retry_wait
+        self.max_total_backoff_duration = max_total_backoff_duration
+        self.on_error = on_error
+        self.sent = 0  # rows acknowledged by the server, by this process
+        self.dead = 0  # rows this process moved to the dead-letter state
+        self.failed_rounds = 0  # times retries ran out
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        """Everything that must not cross a fork: thread, events, HTTP session."""
+        self._pid = os.getpid()
+        self._requester: Requester | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._progress = threading.Condition()
+        self._urgent = 0  # flushes waiting: skip the fill and backoff waits
+        self._urgent_lock = threading.Lock()
+        self._flush_started = 0.0
+        self._consecutive_failures = 0
+        self._longest_wait = 0.0  # of the retry policy, in the current batch
+        self.paused_until = 0.0  # unix time: a server's Retry-After pauses everything
+        self.gave_up_at = 0.0  # unix time retries last ran out
+        self._warn_exhausted = RateLimitedLog()
+        self._warn_dead = RateLimitedLog()
+
+    @property
+    def requester(self) -> Requester:
+        if self._requester is None:
+            self._requester = self.requester_factory()
+        return self._requester
+
+    # -- the thread ---------------------------------------------------------------
+
+    def ensure_running(self) -> None:
+        """Start the thread if it is not running (again in a forked child)."""
+        if self._pid != os.getpid():
+            self._reset_process_state()  # the parent's thread does not exist here
+        if self._thread is None and not self._stopping.is_set():
+            self._thread = threading.Thread(
+                target=self._loop, name="outbox-analytics-uploader", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._pid == os.getpid()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                delay = self.step()
+            except Exception:  # the loop outlives every failure; each one is logged
+                log.exception("outbox-analytics uploader failed; trying again shortly")
+                delay = max(self.upload_interval, 0.1)
+            if delay > 0:
+                self._wake.wait(delay)
+                self._wake.clear()
+        self._notify()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop after the batch in flight; True if the thread ended within `timeout`."""
+        self._stopping.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+        self.outbox.release_lease()
+        return True
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _notify(self) -> None:
+        with self._progress:
+            self._progress.notify_all()
+
+    # -- one step -----------------------------------------------------------------
+
+    def step(self) -> float:
+        """Send one batch if one is due; return how long to wait before the next step."""
+        if not self.outbox.holds_lease and not self.outbox.acquire_lease():
+            return max(self.upload_interval, 0.5)  # another process uploads; check again later
+        now = time.time()
+        if self.paused_until > now:
+            return self.paused_until - now
+        head = self.outbox.head(self.upload_size)
+        if head.pending == 0:
+            return self.upload_interval  # wake up for rows that other processes append
+        # A flush sends at once, and retries a head that failed before it began.
+        flushing = self._urgent > 0
+        retry_now = flushing and self.gave_up_at < self._flush_started
+        if head.next_attempt_at is not None and head.next_attempt_at > now and not retry_now:
+            return head.next_attempt_at - now
+        age = now - (head.oldest_enqueued_at or now)
+        if head.pending < self.upload_size and age < self.upload_interval and not flushing:
+            return self.upload_interval - age  # let the batch fill up
+        self.run_once()
+        return 0.0
+
+    def run_once(self, deadline: float | None = None) -> int:
+        """Claim the oldest rows and deliver them. Returns how many rows were claimed.
+
+        Raises nothing for delivery failures: they are recorded in the outbox,
+        logged and reported to `on_error`. `deadline` (monotonic time) bounds
+        the retries, for sync_mode.
+        """
+        rows = self.outbox.claim(self.upload_size, max_bytes=MAX_BATCH_BYTES)
+        if not rows:
+            return 0
+        batch = _Batch(rows)
+        self._longest_wait = 0.0
+        try:
+            self._fit_body(batch)
+            self._deliver(batch, batch.rows, deadline)
+        except _Stopping:
+            self._release(batch, None)
+        except RetryableError as exc:
+            self._give_up_for_now(batch, exc)
+        except BaseException:
+            self._release(batch, None)
+            raise
+        finally:
+            self._notify()
+        return len(rows)
+
+    def _fit_body(self, batch: _Batch) -> None:
+        """Keep the JSON body under the hard limit; put back the rows that do not fit."""
+        total = _BODY_OVERHEAD + len(self.requester.write_key)
+        for index, row in enumerate(batch.rows):
+            total += len(batch.json[row.id]) + 1
+            if total > MAX_BATCH_BYTES:
+                if index == 0:  # alone too large: it can never be sent
+                    error = APIError(413, "too_large", "message larger than the batch limit")
+                    self._bury(batch, [row], error)
+                    batch.rows = []
+                    return
+                self.outbox.release([r.id for r in batch.rows[index:]], attempts=0)
+                batch.rows = batch.rows[:index]
+                return
+
+    def _deliver(self, batch: _Batch, rows: Sequence[Row], deadline: float | None) -> None:
+        """Send `rows`; on a rejection, split them until the offending ones are found."""
+        if not rows:
+            return
+        try:
+            self._send(batch, rows, deadline)
+        except APIError as exc:
+            if len(rows) == 1:
+                self._bury(batch, rows, exc)
+                return
+            middle = len(rows) // 2
+            self._deliver(batch, rows[:middle], deadline)
+            self._deliver(batch, rows[middle:], deadline)
+            return
+        ids = [row.id for row in rows]
+        self.outbox.ack(ids)
+        batch.finished.update(ids)
+        self.sent += len(ids)
+        self._consecutive_failures = 0
+
+    def _send(self, batch: _Batch, rows: Sequence[Row], deadline: float | None) -> None:
+        """One sub-batch, retried by tenacity until a 2xx, a rejection, or the budget ends."""
+        items = [batch.json[row.id] for row in rows]
+        stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.max_retries + 1)
+        wait: Callable[[tenacity.RetryCallState], float] = self._wait
+        if deadline is not None:
+            stop = stop | _stop_at(deadline)
+
+            def wait(state: tenacity.RetryCallState) -> float:
+                return max(0.0, min(self._wait(state), deadline - time.monotonic()))
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(RetryableError),
+            stop=stop,
+            wait=wait,
+            sleep=tenacity.nap.sleep_using_event(self._stopping),  # shutdown cuts a wait short
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                if self._stopping.is_set() and deadline is None:
+                    raise _Stopping()
+                for row in rows:
+                    batch.attempts[row.id] += 1
+                number = attempt.retry_state.attempt_number
+                body = encode_batch(items, utc_now_iso(), self.requester.write_key)
+                log.debug("sending %d messages (attempt %d): %s", len(rows), number, body)
+                self.requester.send(body, retry_count=number - 1)
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        """The retry policy's wait, floored by the server's Retry-After (which pauses all)."""
+        wait = self.retry_wait(state)
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            self.paused_until = max(self.paused_until, time.time() + retry_after)
+        wait = max(wait, self.paused_until - time.time())
+        self._longest_wait = max(self._longest_wait, wait)
+        return wait
+
+    # -- outcomes -----------------------------------------------------------------
+
+    def _bury(self, batch: _Batch, rows: Sequence[Row], exc: DeliveryError) -> None:
+        ids = [row.id for row in rows]
+        for attempts, same in _by_attempts(batch, ids).items():
+            self.outbox.dead_letter(
+                same,
+                attempts=attempts,
+                status=exc.status,
+                error=_error_text(exc),
+                first_attempt_at=batch.claimed_at,
+            )
+        batch.finished.update(ids)
+        self.dead += len(ids)
+        suppressed = self._warn_dead.ready()
+        if suppressed is not None:
+            log.error(
+                "%d event(s) rejected and moved to the dead-letter state: %s"
+                " (%d more since the last report)",
+                len(ids), _error_text(exc), suppressed,
+            )  # fmt: skip
+        self._report(exc, rows)
+
+    def _give_up_for_now(self, batch: _Batch, exc: RetryableError) -> None:
+        """Retries ran out: put the rows back, in place, and make the head wait."""
+        self.failed_rounds += 1
+        self._consecutive_failures += 1
+        self.gave_up_at = time.time()
+        unfinished = [row for row in batch.rows if row.id not in batch.finished]
+        too_old = [
+            row
+            for row in unfinished
+            if row.first_attempt_at is not None
+            and self.gave_up_at - row.first_attempt_at >= self.max_total_backoff_duration
+        ]
+        if too_old:
+            expired = RetryableError(
+                f"gave up after {self.max_total_backoff_duration:.0f}s of retries:"
+                f" {_error_text(exc)}",
+                status=exc.status,
+            )
+            self._bury(batch, too_old, expired)
+        self._release(batch, exc)
+        suppressed = self._warn_exhausted.ready()
+        if suppressed is not None:
+            log.warning(
+                "could not deliver %d event(s) after %d attempts: %s; they stay in the"
+                " outbox and will be retried (%d more such reports suppressed)",
+                len(unfinished), self.max_retries + 1, _error_text(exc), suppressed,
+            )  # fmt: skip
+        self._report(exc, unfinished)
+
+    def _release(self, batch: _Batch, exc: RetryableError | None) -> None:
+        """Return every row of the batch not yet finished to pending."""
+        now = time.time()
+        backoff = self._head_backoff()
+        unfinished = [row.id for row in batch.rows if row.id not in batch.finished]
+        for attempts, ids in _by_attempts(batch, unfinished).items():
+            self.outbox.release(
+                ids,
+                attempts=attempts,
+                status=exc.status if exc else None,
+                error=_error_text(exc) if exc else None,
+                next_attempt_at=now + backoff if exc else None,
+                first_attempt_at=batch.claimed_at,
+            )
+        batch.finished.update(row.id for row in batch.rows)
+
+    def _head_backoff(self) -> float:
+        """How long the head waits after a whole round of retries failed.
+
+        Derived from the retry policy (its longest wait in the round), doubling
+        with each round that fails in a row, capped like Retry-After.
+        """
+        base = max(self._longest_wait, self.upload_interval, 0.01)
+        return min(MAX_RETRY_AFTER, base * 2 ** min(self._consecutive_failures, 16))
+
+    def _report(self, exc: Exception, rows: Sequence[Row]) -> None:
+        if self.on_error is None:
+            return
+        try:
+            self.on_error(exc, [row.message for row in rows])
+        except Exception:  # the callback's failure must not stop delivery
+            log.exception("on_error raised; delivery goes on")
+
+    # -- flushing -----------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """Wait until every row pending now is delivered or dead, retries ran out, or timeout.
+
+        Works whichever process holds the upload lease: progress is read from
+        the file. Without a running uploader here it does not wait for one.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mark = self.outbox.last_id()
+        started = time.time()
+        sent, dead = self.sent, self.dead
+        with self._urgent_lock:
+            self._urgent += 1
+            self._flush_started = started
+        self._wake.set()
+        try:
+            while self.outbox.unfinished(mark):
+                if not self.running or self.gave_up_at >= started:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                with self._progress:
+                    self._progress.wait(0.05 if left is None else min(0.05, left))
+        finally:
+            with self._urgent_lock:
+                self._urgent -= 1
+        left = self.outbox.count_unfinished(mark)
+        return FlushResult(sent=self.sent - sent, dead=self.dead - dead, pending=left)
+
+    def deliver_now(self, row_id: int, timeout: float) -> None:
+        """sync_mode: deliver everything up to `row_id` on this thread, or raise.
+
+        Raises DeliveryError when the row is not delivered within `timeout`
+        (it stays in the outbox, to be sent later).
+        """
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        deadline = time.monotonic() + timeout
+        if not self.outbox.holds_lease and not self.outbox.acquire_lease():
+            raise RetryableError("another process is uploading from this outbox")
+        failures = self.failed_rounds
+        while self.outbox.unfinished(row_id):
+            if time.monotonic() >= deadline:
+                raise RetryableError(f"not delivered within {timeout}s")
+            self.run_once(deadline)
+            if self.failed_rounds != failures:
+                raise RetryableError("delivery failed; the event stays in the outbox")
+        if self.outbox.state_of(row_id) == "dead":
+            raise APIError(400, "rejected", "the event was rejected and dead-lettered")
+
+
+class _Batch:
+    """The rows of one claim and what happened to each."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+        self.json = {row.id: json.dumps(row.message) for row in rows}
+        self.attempts = dict.fromkeys(self.json, 0)
+        self.finished: set[int] = set()  # acknowledged, dead or released
+        self.claimed_at = time.time()
+
+
+def _by_attempts(batch: _Batch, ids: Sequence[int]) -> dict[int, list[int]]:
+    """Group row ids by how many sends they were part of (one UPDATE per group)."""
+    groups: dict[int, list[int]] = {}
+    for row_id in ids:
+        groups.setdefault(batch.attempts[row_id], []).append(row_id)
+    return groups
+
+
+def _stop_at(deadline: float) -> tenacity.stop.stop_base:
+    class _StopAtDeadline(tenacity.stop.stop_base):
+        def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+            return time.monotonic() >= deadline
+
+    return _StopAtDeadline()
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.debug("attempt %d failed (%s); retrying in %.2fs", state.attempt_number, exc, wait)
+
+
+def _error_text(exc: BaseException) -> str:
+    body = getattr(exc, "body", "")
+    text = str(exc)
+    return f"{text}: {body}" if body and body not in text else text

@@ -1,0 +1,128 @@
+"""A Segment-compatible HTTP receiver on 127.0.0.1 whose answers each test scripts."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclasses.dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    raw_length: int
+    at: float
+
+    @property
+    def batch(self) -> list[dict[str, Any]]:
+        return self.body.get("batch", [])
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    body: str = '{"success": true}'
+    delay: float = 0.0  # seconds to wait before answering
+    drop: bool = False  # close the connection without answering
+
+
+Responder = Callable[[Received], Reply]
+
+
+class Receiver:
+    """Records every request; answers from `script` (in order), then from `responder`."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.script: list[Reply] = []
+        self.responder: Responder = lambda request: Reply()
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- what tests read ------------------------------------------------------------
+
+    def accepted(self) -> list[dict[str, Any]]:
+        """Messages of the requests answered 2xx, in the order received."""
+        with self._lock:
+            return [m for r, reply in self._answered for m in r.batch if 200 <= reply.status < 300]
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            accepted = self.accepted()
+            if len(accepted) >= count:
+                return accepted
+            time.sleep(0.01)
+        return self.accepted()
+
+    # -- serving --------------------------------------------------------------------
+
+    _answered: list[tuple[Received, Reply]]
+
+    def _reply_for(self, request: Received) -> Reply:
+        with self._lock:
+            self.requests.append(request)
+            return self.script.pop(0) if self.script else self.responder(request)
+
+    def _record(self, request: Received, reply: Reply) -> None:
+        with self._lock:
+            self._answered.append((request, reply))
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        receiver = self
+        receiver._answered = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                data = (
+                    gzip.decompress(raw) if self.headers.get("Content-Encoding") == "gzip" else raw
+                )
+                request = Received(
+                    path=self.path,
+                    headers=dict(self.headers.items()),
+                    body=json.loads(data) if data else {},
+                    raw_length=len(raw),
+                    at=time.monotonic(),
+                )
+                reply = receiver._reply_for(request)
+                if reply.delay:
+                    time.sleep(reply.delay)
+                if reply.drop:
+                    self.close_connection = True
+                    return
+                body = reply.body.encode()
+                try:
+                    self.send_response(reply.status)
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client gave up waiting (a timeout test): not answered
+                receiver._record(request, reply)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        return Handler

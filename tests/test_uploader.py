@@ -1,0 +1,300 @@
+"""Delivery against a real HTTP server on 127.0.0.1: format, outcomes, order, limits."""
+
+from __future__ import annotations
+
+import base64
+import time
+from email.utils import formatdate
+
+import pytest
+
+from outbox_analytics import VERSION, APIError, RetryableError
+from outbox_analytics.request import MAX_BATCH_BYTES, parse_retry_after
+
+from .receiver import Received, Reply
+
+
+def track_numbered(client, count: int, start: int = 0, **properties) -> list[dict]:
+    return [
+        client.track("user", "Numbered", {"n": n, **properties})[1]
+        for n in range(start, start + count)
+    ]
+
+
+def numbers(messages) -> list[int]:
+    return [m["properties"]["n"] for m in messages]
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_request_format(make_client, receiver, gzip: bool) -> None:
+    client = make_client(gzip=gzip)
+    sent = track_numbered(client, 3)
+    assert client.flush(timeout=10).sent == 3
+
+    (request,) = receiver.requests
+    assert request.path == "/v1/batch"
+    assert request.body["batch"] == sent
+    assert request.body["writeKey"] == "test-write-key"
+    assert set(request.body) == {"batch", "sentAt", "writeKey"}
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"] == f"outbox-analytics/{VERSION}"
+    assert headers["authorization"] == "Basic " + base64.b64encode(b"test-write-key:").decode()
+    assert "x-retry-count" not in headers
+    assert (headers.get("content-encoding") == "gzip") is gzip
+    assert client.stats().pending == 0
+
+
+def test_retries_keep_message_ids_and_set_sent_at_and_retry_count(make_client, receiver) -> None:
+    receiver.script = [Reply(500), Reply(503)]
+    client = make_client()
+    sent = track_numbered(client, 2)
+    assert client.flush(timeout=10).sent == 2
+
+    assert [r.batch for r in receiver.requests] == [sent, sent, sent]  # same ids, same timestamps
+    assert [r.headers.get("X-Retry-Count") for r in receiver.requests] == [None, "1", "2"]
+    sent_at = [r.body["sentAt"] for r in receiver.requests]
+    assert len(set(sent_at)) == 3  # set per attempt
+    stored_timestamps = {m["timestamp"] for m in sent}
+    assert not stored_timestamps & set(sent_at) or len(stored_timestamps) == 1
+
+
+@pytest.mark.parametrize("status", [408, 410, 429, 460, 500, 502, 503, 504, 401, 403, 404])
+def test_retryable_statuses_are_retried_and_lose_nothing(make_client, receiver, status) -> None:
+    receiver.script = [Reply(status)]
+    client = make_client()
+    sent = track_numbered(client, 5)
+    result = client.flush(timeout=10)
+    assert (result.sent, result.dead, result.pending) == (5, 0, 0)
+    assert receiver.accepted() == sent
+    assert len(receiver.requests) == 2
+
+
+def test_network_errors_are_retried(make_client, receiver) -> None:
+    receiver.script = [Reply(drop=True)]
+    client = make_client()
+    sent = track_numbered(client, 4)
+    assert client.flush(timeout=10).sent == 4
+    assert receiver.accepted() == sent
+
+
+@pytest.mark.parametrize("status", [400, 413, 422, 501, 505])
+def test_a_poison_event_is_isolated_and_the_rest_delivered_in_order(
+    make_client, receiver, status
+) -> None:
+    def reject_poison(request: Received) -> Reply:
+        if any(m["properties"].get("poison") for m in request.batch):
+            return Reply(status, body='{"code": "invalid", "message": "bad event"}')
+        return Reply()
+
+    receiver.responder = reject_poison
+    errors: list[tuple[Exception, list[dict]]] = []
+    client = make_client(on_error=lambda exc, batch: errors.append((exc, batch)), upload_size=20)
+    sent = track_numbered(client, 8)
+    poison = client.track("user", "Numbered", {"n": 8, "poison": True})[1]
+    sent += track_numbered(client, 11, start=9)
+
+    result = client.flush(timeout=10)
+    assert (result.sent, result.dead, result.pending) == (19, 1, 0)
+    assert numbers(receiver.accepted()) == [n for n in range(20) if n != 8]
+    (dead,) = list(client.outbox.rows("dead"))
+    assert dead.message == poison
+    assert dead.last_status == status and "bad event" in dead.last_error
+    ((exc, batch),) = errors
+    assert isinstance(exc, APIError) and exc.status == status
+    assert batch == [poison]
+
+
+def test_retry_after_in_seconds_pauses_the_pipeline(make_client, receiver) -> None:
+    receiver.script = [Reply(429, headers={"Retry-After": "1"})]
+    client = make_client()
+    track_numbered(client, 3)
+    assert client.flush(timeout=10).sent == 3
+    first, second = receiver.requests
+    assert second.at - first.at >= 0.95  # the server's wait, not the policy's 0.01 s
+
+
+def test_retry_after_as_an_http_date_pauses_the_pipeline(make_client, receiver) -> None:
+    receiver.script = [
+        Reply(503, headers={"Retry-After": formatdate(time.time() + 2, usegmt=True)})
+    ]
+    client = make_client()
+    track_numbered(client, 3)
+    assert client.flush(timeout=10).sent == 3
+    first, second = receiver.requests
+    assert second.at - first.at >= 0.9  # HTTP dates have whole seconds
+
+
+def test_parse_retry_after() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after("5", now) == 5
+    assert parse_retry_after("0", now) is None
+    assert parse_retry_after("100000", now) == 300  # capped
+    assert parse_retry_after(formatdate(now + 30, usegmt=True), now) == pytest.approx(30)
+    assert parse_retry_after(formatdate(now - 30, usegmt=True), now) is None
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after(None, now) is None
+
+
+def test_batches_respect_upload_size(make_client, receiver) -> None:
+    client = make_client(upload_size=7)
+    with client.batch():
+        track_numbered(client, 30)
+    assert client.flush(timeout=10).sent == 30
+    assert [len(r.batch) for r in receiver.requests] == [7, 7, 7, 7, 2]
+    assert numbers(receiver.accepted()) == list(range(30))
+
+
+def test_bodies_stay_under_500kb(make_client, receiver) -> None:
+    client = make_client(upload_size=100)
+    with client.batch():
+        track_numbered(client, 60, blob="x" * 30_000)  # 60 x 30 KB = 1.8 MB
+    assert client.flush(timeout=20).sent == 60
+    sizes = [len(r.batch) for r in receiver.requests]
+    assert all(r.raw_length < MAX_BATCH_BYTES for r in receiver.requests)
+    assert sum(sizes) == 60 and len(sizes) >= 4
+    assert numbers(receiver.accepted()) == list(range(60))
+
+
+def test_server_down_then_up_loses_nothing_and_keeps_order(make_client, receiver) -> None:
+    down_until = time.monotonic() + 1.0
+    receiver.responder = lambda r: Reply(503) if time.monotonic() < down_until else Reply()
+    client = make_client(max_retries=2, upload_size=10)
+    for n in range(50):
+        client.track("user", "Numbered", {"n": n})
+        time.sleep(0.01)
+    # Each flush returns when a round of retries runs out: flush until it is over.
+    deadline = time.monotonic() + 20
+    while client.flush(timeout=5).pending and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.stats().pending == 0
+    delivered = numbers(receiver.accepted())
+    assert delivered == list(range(50))  # each once, in order
+
+
+def test_exhausted_retries_put_rows_back_with_their_history(make_client, receiver) -> None:
+    receiver.responder = lambda r: Reply(503, body="down for maintenance")
+    errors = []
+    client = make_client(max_retries=2, on_error=lambda exc, batch: errors.append((exc, batch)))
+    sent = track_numbered(client, 3)
+    result = client.flush(timeout=10)
+    assert (result.sent, result.dead, result.pending) == (0, 0, 3)
+    rows = list(client.outbox.rows("pending"))
+    assert [r.message for r in rows] == sent
+    assert all(r.attempts == 3 and r.last_status == 503 for r in rows)
+    assert "down for maintenance" in rows[0].last_error
+    assert rows[0].next_attempt_at > time.time()
+    assert len(receiver.requests) == 3
+    ((exc, batch),) = errors
+    assert isinstance(exc, RetryableError) and batch == sent
+
+
+def test_flush_returns_on_time_with_the_server_hanging(make_client, receiver) -> None:
+    receiver.responder = lambda r: Reply(delay=5)
+    client = make_client(timeout=10)
+    track_numbered(client, 2)
+    started = time.monotonic()
+    result = client.flush(timeout=0.5)
+    assert time.monotonic() - started < 1.0
+    assert result.pending == 2
+
+
+def test_on_error_raising_never_stops_the_uploader(make_client, receiver) -> None:
+    def reject_first(request: Received) -> Reply:
+        return Reply(400) if request.batch[0]["properties"]["n"] == 0 else Reply()
+
+    def explode(exc, batch):
+        raise RuntimeError("callback bug")
+
+    receiver.responder = reject_first
+    client = make_client(on_error=explode, upload_size=1)
+    track_numbered(client, 3)
+    result = client.flush(timeout=10)
+    assert (result.sent, result.dead) == (2, 1)
+    assert client.uploader.running
+
+
+def test_pending_rows_of_an_earlier_run_go_first(make_client, receiver, outbox_file) -> None:
+    from outbox_analytics import Client
+
+    earlier = Client("test-write-key", outbox_path=str(outbox_file), upload=False)
+    old = [earlier.track("user", "Old", {"n": n})[1] for n in range(5)]
+    earlier.shutdown()
+
+    client = make_client()
+    new = track_numbered(client, 3, start=5)
+    assert client.flush(timeout=10).sent == 8
+    assert receiver.accepted() == old + new
+
+
+def test_rows_retried_too_long_are_dead_lettered_not_deleted(make_client, receiver) -> None:
+    receiver.responder = lambda r: Reply(503)
+    client = make_client(max_retries=0, max_total_backoff_duration=0.3)
+    sent = track_numbered(client, 2)
+    client.flush(timeout=5)  # first round: released, first attempt recorded
+    time.sleep(0.4)
+    client.flush(timeout=5)  # second round: too old now
+    dead = list(client.outbox.rows("dead"))
+    assert [r.message for r in dead] == sent
+    assert "gave up after" in dead[0].last_error
+
+
+def test_sync_mode_delivers_on_the_callers_thread(make_client, receiver) -> None:
+    client = make_client(sync_mode=True)
+    ok, msg = client.track("user", "Now")
+    assert ok and receiver.accepted() == [msg]
+    assert client.stats().pending == 0
+    assert client.uploader is not None and not client.uploader.running  # no thread
+
+
+def test_sync_mode_raises_on_failure_and_keeps_the_event(make_client, receiver) -> None:
+    receiver.responder = lambda r: Reply(503)
+    client = make_client(sync_mode=True, max_retries=1, timeout=2)
+    with pytest.raises(RetryableError):
+        client.track("user", "Now")
+    assert client.stats().pending == 1
+
+    receiver.responder = lambda r: Reply()
+    ok, _ = client.track("user", "Later")
+    assert ok
+    assert [m["event"] for m in receiver.accepted()] == ["Now", "Later"]
+
+
+def test_timeout_reaches_requests(make_client, receiver) -> None:
+    receiver.script = [Reply(delay=2)]
+    client = make_client(timeout=0.3)
+    track_numbered(client, 1)
+    started = time.monotonic()
+    assert client.flush(timeout=10).sent == 1
+    assert time.monotonic() - started < 1.9  # the first attempt timed out, not waited out
+    assert len(receiver.requests) == 2
+
+
+def test_proxies_reach_requests(make_client, receiver) -> None:
+    # The receiver plays the proxy: requests sends it the absolute URL. Nothing
+    # leaves this machine: the name below is only text in the request line.
+    client = make_client(host="http://analytics.invalid", proxies={"http": receiver.url})
+    track_numbered(client, 1)
+    assert client.flush(timeout=10).sent == 1
+    assert receiver.requests[0].path == "http://analytics.invalid/v1/batch"
+
+
+def test_send_false_upload_false_and_shut_down_clients_flush_at_once(
+    make_client, receiver, tmp_path
+) -> None:
+    for client in (
+        make_client(send=False),
+        make_client(upload=False),
+    ):
+        client.track("user", "E")
+        started = time.monotonic()
+        client.flush()
+        assert time.monotonic() - started < 0.5
+    stopped = make_client(outbox_path=str(tmp_path / "other.db"))
+    receiver.responder = lambda r: Reply(delay=5)
+    stopped.track("user", "E")
+    stopped.join(timeout=0.1)
+    started = time.monotonic()
+    stopped.flush()
+    assert time.monotonic() - started < 0.5
+    assert receiver.requests == [] or len(receiver.requests) <= 1
