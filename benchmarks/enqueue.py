@@ -10,9 +10,7 @@ Needs `pip install -e ".[bench]"` (segment-analytics-python 2.4.0).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +18,7 @@ from collections.abc import Callable
 
 import persistqueue
 import persistqueue.serializers.msgpack
+import receiver
 from segment.analytics import Client as SegmentClient
 
 from outbox_analytics import Client
@@ -46,16 +45,6 @@ def rate(run: Callable[[int], None], count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def start_receiver() -> tuple[subprocess.Popen[str], str]:
-    receiver = subprocess.Popen(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "receiver.py")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert receiver.stdout is not None
-    return receiver, f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
-
-
 def prefill(path: str, rows: int) -> None:
     client = Client("bench-key", outbox_path=path, upload=False, max_queue_size=rows * 2)
     done = 0
@@ -75,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.events
     work = tempfile.mkdtemp(prefix="outbox-bench-")
-    receiver, url = start_receiver()
+    receiver_process, url = receiver.start()
     cap = (args.pending + n * args.rounds) * 2
 
     ours = Client("bench-key", outbox_path=f"{work}/default.db", upload=False, max_queue_size=cap)
@@ -115,8 +104,8 @@ def main() -> None:
             segment.flush()
         print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
     segment.shutdown()
-    receiver.terminate()
-    receiver.wait()
+    receiver_process.terminate()
+    receiver_process.wait()
 
     median = {name: statistics.median(values) for name, values in rates.items()}
     python = sys.version.split()[0]

@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 from persistqueue.sqlackqueue import AckStatus, SQLiteAckQueue
@@ -111,9 +111,12 @@ _RECOUNT_INTERVAL = 1.0
 _RECOUNT_WHEN_FULL = 0.1  # a full outbox looks again sooner, to refuse no longer than needed
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One stored message and its delivery bookkeeping."""
+class Row(NamedTuple):
+    """One stored message and its delivery bookkeeping.
+
+    A NamedTuple, not a frozen dataclass: the uploader builds one per message
+    sent, and a frozen dataclass's __init__ costs several times more.
+    """
 
     id: int
     message: dict[str, Any]
@@ -197,7 +200,7 @@ class Outbox:
         self.fsync = fsync
         self.max_pending = max_pending
         self.busy_timeout = busy_timeout
-        self._lock = threading.RLock()
+        self._lock = _lock_for(self.path)
         self._local = threading.local()
         self._lease_fd: int | None = None
         self._abandoned: list[sqlite3.Connection] = []
@@ -289,7 +292,7 @@ class Outbox:
         # SQLite forbids using a connection opened before fork(); closing it
         # could also disturb the parent's locks. Keep it unreferenced-but-alive
         # and open a fresh one on first use. The lease belongs to the parent.
-        self._lock = threading.RLock()
+        self._lock = _lock_for(self.path)
         if self._conn is not None:
             self._abandoned.append(self._conn)
             self._conn = None
@@ -645,9 +648,24 @@ class Outbox:
 # -- helpers --------------------------------------------------------------------
 
 _live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+# One lock per file and process, shared by every Outbox on that file (the
+# client's and the uploader's): their transactions then queue here, in
+# microseconds, instead of meeting SQLite's busy handler, which sleeps for a
+# millisecond or more each time it finds the file locked.
+_file_locks: dict[str, threading.RLock] = {}
+_file_locks_guard = threading.Lock()
+
+
+def _lock_for(path: str) -> threading.RLock:
+    with _file_locks_guard:
+        return _file_locks.setdefault(path, threading.RLock())
 
 
 def _reset_after_fork() -> None:
+    global _file_locks_guard
+    # A lock held by another thread at fork() stays held forever in the child.
+    _file_locks_guard = threading.Lock()
+    _file_locks.clear()
     for outbox in list(_live_outboxes):
         outbox._after_fork_in_child()
 
@@ -716,18 +734,7 @@ def _row(raw: Sequence[Any], state: str) -> Row:
         raise ValueError(f"row {raw[0]} cannot be decoded: {exc}") from exc
     if not isinstance(message, dict):
         raise ValueError(f"row {raw[0]} does not hold a message")
-    return Row(
-        id=raw[0],
-        message=message,
-        state=state,
-        enqueued_at=raw[2],
-        size=len(raw[1]),
-        attempts=raw[4] or 0,
-        last_status=raw[5],
-        last_error=raw[6],
-        next_attempt_at=raw[7],
-        first_attempt_at=raw[8],
-    )
+    return Row(raw[0], message, state, raw[2], len(raw[1]), raw[4] or 0, *raw[5:9])
 
 
 def _state_of(status: int) -> str:

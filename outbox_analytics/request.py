@@ -11,8 +11,9 @@ import base64
 import gzip as gzip_module
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -78,11 +79,13 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(seconds, MAX_RETRY_AFTER)
 
 
-def encode_batch(items: Sequence[str], sent_at: str, write_key: str) -> bytes:
-    """The request body from messages already encoded as JSON text."""
-    return (
-        f'{{"batch":[{",".join(items)}],"sentAt":"{sent_at}","writeKey":{json.dumps(write_key)}}}'
-    ).encode()
+def encode_batch(messages: str, sent_at: str, write_key: str) -> bytes:
+    """The request body, from the messages already encoded as one JSON array.
+
+    The array is encoded once per batch; only sentAt changes between attempts.
+    """
+    key = json.dumps(write_key)
+    return f'{{"batch":{messages},"sentAt":"{sent_at}","writeKey":{key}}}'.encode()
 
 
 class Requester:
@@ -108,7 +111,15 @@ class Requester:
         self.gzip = gzip
         self.timeout = timeout
         self.proxies = proxies
-        self.session = session or requests.Session()
+        self.verify: bool | str = True
+        if session is None:
+            session = requests.Session()
+            # requests reads proxy and CA settings from the environment on every
+            # request (most of a millisecond here); read them once instead.
+            session.trust_env = False
+            self.proxies = {**requests.utils.get_environ_proxies(self.url), **(proxies or {})}
+            self.verify = _ca_bundle_from_environment() or True
+        self.session = session
         basic = "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
         self.authorization = authorization or (lambda: basic)
 
@@ -131,7 +142,7 @@ class Requester:
                 headers=headers,
                 timeout=self.timeout,
                 proxies=self.proxies,
-                verify=True,
+                verify=self.verify,  # never False: TLS verification stays on
             )
         except requests.RequestException as exc:
             raise RetryableError(f"request failed: {_describe(exc)}") from exc
@@ -141,6 +152,11 @@ class Requester:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _ca_bundle_from_environment() -> str | None:
+    """The CA bundle requests itself would take from the environment."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
 
 
 def _error_for(response: requests.Response) -> RetryableError | APIError:

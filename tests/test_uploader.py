@@ -298,3 +298,15 @@ def test_send_false_upload_false_and_shut_down_clients_flush_at_once(
     stopped.flush()
     assert time.monotonic() - started < 0.5
     assert receiver.requests == [] or len(receiver.requests) <= 1
+
+
+def test_proxy_settings_from_the_environment_are_honoured(
+    make_client, receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", receiver.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = make_client(host="http://analytics.invalid")
+    track_numbered(client, 1)
+    assert client.flush(timeout=10).sent == 1
+    assert receiver.requests[0].path == "http://analytics.invalid/v1/batch"
