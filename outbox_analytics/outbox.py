@@ -407,24 +407,26 @@ class Outbox:
                 f"SELECT {_ROW_COLUMNS} FROM {_TABLE} WHERE status < 2 ORDER BY _id LIMIT ?",
                 (max_count,),
             ).fetchall()
-            taken: list[Row] = []
-            undecodable: list[int] = []
+            chosen: list[Any] = []
             total = 0
             for raw in candidates:
-                if taken and max_bytes is not None and total + len(raw[1]) > max_bytes:
+                if chosen and max_bytes is not None and total + len(raw[1]) > max_bytes:
                     break
-                try:
-                    taken.append(_row(raw, "inflight"))
-                except ValueError:
-                    undecodable.append(raw[0])
-                    continue
+                chosen.append(raw)
                 total += len(raw[1])
-            _update_ids(conn, f"status = {_INFLIGHT}", (), [row.id for row in taken])
-            _update_ids(
-                conn,
-                f"status = {_DEAD}, last_error = ?",
-                ("the stored payload cannot be decoded",),
-                undecodable,
+            _update_ids(conn, f"status = {_INFLIGHT}", (), [raw[0] for raw in chosen])
+        # Decoded after the commit: appends in this process wait on the file
+        # lock for as short a time as possible.
+        taken: list[Row] = []
+        undecodable: list[int] = []
+        for raw in chosen:
+            try:
+                taken.append(_row(raw, "inflight"))
+            except ValueError:
+                undecodable.append(raw[0])
+        if undecodable:
+            self.dead_letter(
+                undecodable, attempts=0, status=None, error="the stored payload cannot be decoded"
             )
         return taken
 
@@ -455,7 +457,8 @@ class Outbox:
                 return
             _update_ids(
                 conn,
-                f"status = {_READY}, attempts = attempts + ?, last_status = ?, last_error = ?,"
+                f"status = {_READY}, attempts = attempts + ?,"
+                " last_status = coalesce(?, last_status), last_error = coalesce(?, last_error),"
                 " next_attempt_at = ?, first_attempt_at = coalesce(first_attempt_at, ?)",
                 (attempts, status, error, next_attempt_at, first_attempt_at or time.time()),
                 ids,

@@ -77,9 +77,9 @@ class Uploader:
         max_total_backoff_duration: float = 43200,
         on_error: Callable[[Exception, list[dict[str, Any]]], Any] | None = None,
     ) -> None:
-        self.outbox = Outbox(
-            outbox_path
-        )  # a connection of its own: claims never queue behind appends
+        # A connection of its own, so that a claim never waits on a caller's
+        # connection (the per-file lock in outbox.py orders their writes).
+        self.outbox = Outbox(outbox_path)
         self.requester_factory = requester_factory
         self.upload_size = upload_size
         self.upload_interval = upload_interval
@@ -90,6 +90,7 @@ class Uploader:
         self.sent = 0  # rows acknowledged by the server, by this process
         self.dead = 0  # rows this process moved to the dead-letter state
         self.failed_rounds = 0  # times retries ran out
+        self.loop_errors = 0  # unexpected failures of a step (logged, then retried)
         self._reset_process_state()
 
     def _reset_process_state(self) -> None:
@@ -137,6 +138,7 @@ class Uploader:
             try:
                 delay = self.step()
             except Exception:  # the loop outlives every failure; each one is logged
+                self.loop_errors += 1
                 log.exception("outbox-analytics uploader failed; trying again shortly")
                 delay = max(self.upload_interval, 0.1)
             if delay > 0:
@@ -152,8 +154,8 @@ class Uploader:
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
-                return False
-        self.outbox.release_lease()
+                return False  # a request still in flight: keep the lease until we exit
+        self.outbox.close()  # and with it the lease
         return True
 
     def wake(self) -> None:
@@ -324,11 +326,11 @@ class Uploader:
         self.failed_rounds += 1
         self._consecutive_failures += 1
         self.gave_up_at = time.time()
-        unfinished = [row for row in batch.rows if row.id not in batch.finished]
         too_old = [
             row
-            for row in unfinished
-            if row.first_attempt_at is not None
+            for row in batch.rows
+            if row.id not in batch.finished
+            and row.first_attempt_at is not None
             and self.gave_up_at - row.first_attempt_at >= self.max_total_backoff_duration
         ]
         if too_old:
@@ -338,6 +340,7 @@ class Uploader:
                 status=exc.status,
             )
             self._bury(batch, too_old, expired)
+        unfinished = [row for row in batch.rows if row.id not in batch.finished]
         self._release(batch, exc)
         suppressed = self._warn_exhausted.ready()
         if suppressed is not None:
