@@ -510,7 +510,8 @@ class Client:
     def shutdown(self, timeout: float | None = None) -> FlushResult:
         """Flush (within `timeout`), stop uploading and close the outbox file."""
         started = time.monotonic()
-        result = self.flush(timeout)
+        # Keep a little of the budget for the thread to put back what it holds.
+        result = self.flush(None if timeout is None else timeout * 0.8)
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
         self.join(left)
         if self.outbox is not None:

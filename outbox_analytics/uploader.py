@@ -284,7 +284,8 @@ class Uploader:
                     batch.attempts[row.id] += 1
                 number = attempt.retry_state.attempt_number
                 body = encode_batch(messages, utc_now_iso(), self.requester.write_key)
-                log.debug("sending %d messages (attempt %d): %s", len(rows), number, body)
+                # The messages only: the body also holds the write key.
+                log.debug("sending %d messages (attempt %d): %s", len(rows), number, messages)
                 self.requester.send(body, retry_count=number - 1)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:

@@ -310,3 +310,43 @@ def test_proxy_settings_from_the_environment_are_honoured(
     track_numbered(client, 1)
     assert client.flush(timeout=10).sent == 1
     assert receiver.requests[0].path == "http://analytics.invalid/v1/batch"
+
+
+def test_logging_is_quiet_on_recovered_retries_and_never_shows_the_write_key(
+    make_client, receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="outbox_analytics")
+    receiver.script = [Reply(503), Reply(drop=True)]
+    client = make_client()
+    track_numbered(client, 3)
+    assert client.flush(timeout=10).sent == 3
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    assert any("sending 3 messages" in r.getMessage() for r in caplog.records)  # payloads at DEBUG
+
+    receiver.script = [Reply(503)] * 4  # max_retries is 3: one whole round fails
+    receiver.responder = lambda r: Reply(400)  # and the next round is rejected
+    track_numbered(client, 1, start=3)
+    client.flush(timeout=10)  # retries run out: one warning
+    client.flush(timeout=10)  # rejected: one error
+    levels = [r.levelname for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    assert levels == ["WARNING", "ERROR"]
+
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    authorization = base64.b64encode(b"test-write-key:").decode()
+    assert "test-write-key" not in text and authorization not in text
+
+
+def test_flush_returns_on_time_while_retries_back_off(make_client, receiver) -> None:
+    import tenacity
+
+    receiver.responder = lambda r: Reply(503)
+    client = make_client(retry_wait=tenacity.wait_fixed(30), max_retries=10)
+    track_numbered(client, 2)
+    started = time.monotonic()
+    result = client.flush(timeout=1)
+    assert time.monotonic() - started < 1.5
+    assert result.pending == 2
+    started = time.monotonic()
+    client.shutdown(timeout=1)  # cuts the 30 s backoff short
+    assert time.monotonic() - started < 1.5
+    assert client.stats().pending == 2
