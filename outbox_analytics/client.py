@@ -14,11 +14,12 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tenacity
 
 from .errors import OutboxError, OutboxFull
+from .oauth import TokenManager, load_private_key
 from .outbox import (
     DEFAULT_MAX_PENDING,
     Outbox,
@@ -38,6 +39,9 @@ from .utils import (
     utc_now_iso,
 )
 from .version import VERSION
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 __all__ = ["Client", "DEFAULT_HOST", "EXIT_BUDGET", "MAX_MESSAGE_BYTES"]
 
@@ -168,6 +172,8 @@ class Client:
         self.oauth_key_id = oauth_key_id
         self.oauth_auth_server = oauth_auth_server
         self.oauth_scope = oauth_scope
+        # A bad key fails here, at the call, not later in the uploader's thread.
+        self._oauth_key = _oauth_key(oauth_client_id, oauth_client_key, oauth_key_id)
         self.fsync = fsync
         self._full_warning = RateLimitedLog()
         self._write_error_log = RateLimitedLog()
@@ -204,13 +210,26 @@ class Client:
                     self.uploader.ensure_running()  # replay what earlier runs left
 
     def _new_requester(self) -> Requester:
-        return Requester(
+        requester = Requester(
             self.write_key,
             self.host,
             gzip=self.gzip,
             timeout=self.timeout,
             proxies=self.proxies,
         )
+        if self._oauth_key is not None:
+            requester.token_manager = TokenManager(
+                str(self.oauth_client_id),
+                self._oauth_key,
+                str(self.oauth_key_id),
+                self.oauth_auth_server,
+                self.oauth_scope,
+                session=requester.session,
+                timeout=self.timeout,
+                proxies=requester.proxies,
+                verify=requester.verify,
+            )
+        return requester
 
     # -- the six calls ----------------------------------------------------------
 
@@ -542,6 +561,24 @@ def _flush_at_exit() -> None:
     deadline = time.monotonic() + EXIT_BUDGET
     for client in list(_clients_to_flush_at_exit):
         client._flush_at_exit(max(0.0, deadline - time.monotonic()))
+
+
+def _oauth_key(client_id: Any, client_key: Any, key_id: Any) -> RSAPrivateKey | None:
+    """The loaded OAuth private key, or None when OAuth is off (none of the three given)."""
+    given = {
+        "oauth_client_id": client_id,
+        "oauth_client_key": client_key,
+        "oauth_key_id": key_id,
+    }
+    if not any(given.values()):
+        return None
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise ValueError(f"OAuth needs all three of {sorted(given)}; missing: {missing}")
+    require("oauth_client_id", client_id, str)
+    require("oauth_key_id", key_id, str)
+    require("oauth_client_key", client_key, (str, bytes))
+    return load_private_key(client_key)
 
 
 def _require_number(name: str, value: Any, *, minimum: float, integral: bool = False) -> None:

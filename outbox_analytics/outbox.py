@@ -151,6 +151,11 @@ class OutboxStats:
     oldest_pending_age_s: float | None
     file_bytes: int
     path: str
+    # The first pending row: if it is failing, how and until when it waits.
+    head_attempts: int = 0
+    head_last_status: int | None = None
+    head_last_error: str | None = None
+    head_next_attempt_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -601,8 +606,9 @@ class Outbox:
                         f"SELECT status, count(*) FROM {_TABLE} WHERE status >= 2 GROUP BY status"
                     ).fetchall()
                 )
-                oldest = conn.execute(
-                    f"SELECT timestamp FROM {_TABLE} WHERE status < 2 ORDER BY _id LIMIT 1"
+                head = conn.execute(
+                    f"SELECT timestamp, attempts, last_status, last_error, next_attempt_at"
+                    f" FROM {_TABLE} WHERE status < 2 ORDER BY _id LIMIT 1"
                 ).fetchone()
                 dropped = conn.execute(
                     "SELECT value FROM outbox_meta WHERE key = 'dropped'"
@@ -614,9 +620,13 @@ class Outbox:
             inflight=int(taken.get(_INFLIGHT, 0)),
             dead=int(taken.get(_DEAD, 0)),
             dropped=int(dropped[0]) if dropped else 0,
-            oldest_pending_age_s=max(0.0, time.time() - oldest[0]) if oldest else None,
+            oldest_pending_age_s=max(0.0, time.time() - head[0]) if head else None,
             file_bytes=_file_bytes(self.path),
             path=self.path,
+            head_attempts=head[1] or 0 if head else 0,
+            head_last_status=head[2] if head else None,
+            head_last_error=head[3] if head else None,
+            head_next_attempt_at=head[4] if head else None,
         )
 
     def rows(self, state: str = "pending", limit: int | None = None) -> Iterator[Row]:

@@ -13,10 +13,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 
@@ -33,6 +32,15 @@ __all__ = [
 ]
 
 log = logging.getLogger("outbox_analytics")
+
+
+class TokenSource(Protocol):
+    """What the requester needs from an OAuth token manager."""
+
+    def authorization(self) -> str: ...
+
+    def invalidate(self) -> None: ...
+
 
 MAX_BATCH_BYTES = 500_000  # Segment's limit on one request body, as JSON
 MAX_RETRY_AFTER = 300.0  # a server may ask us to wait; not for longer than this
@@ -91,8 +99,9 @@ def encode_batch(messages: str, sent_at: str, write_key: str) -> bytes:
 class Requester:
     """Sends batches to `{host}/v1/batch` over one requests.Session.
 
-    `authorization` returns the Authorization header value for each request:
-    Basic with the write key by default, a Bearer token when OAuth is on.
+    The Authorization header is Basic with the write key, or a Bearer token
+    from `token_manager` (see oauth.py) when one is given; a 401 or 403 then
+    makes it forget the token, so the next attempt fetches a new one.
     """
 
     def __init__(
@@ -103,7 +112,7 @@ class Requester:
         gzip: bool = False,
         timeout: float = 15,
         proxies: dict[str, str] | None = None,
-        authorization: Callable[[], str] | None = None,
+        token_manager: TokenSource | None = None,
         session: requests.Session | None = None,
     ) -> None:
         self.write_key = write_key
@@ -120,8 +129,13 @@ class Requester:
             self.proxies = {**requests.utils.get_environ_proxies(self.url), **(proxies or {})}
             self.verify = _ca_bundle_from_environment() or True
         self.session = session
-        basic = "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
-        self.authorization = authorization or (lambda: basic)
+        self.token_manager = token_manager
+        self._basic = "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
+
+    def authorization(self) -> str:
+        if self.token_manager is None:
+            return self._basic
+        return self.token_manager.authorization()
 
     def send(self, body: bytes, retry_count: int = 0) -> requests.Response:
         """POST one batch body. Returns on 2xx, raises RetryableError or APIError otherwise."""
@@ -148,6 +162,8 @@ class Requester:
             raise RetryableError(f"request failed: {_describe(exc)}") from exc
         if 200 <= response.status_code < 300:
             return response
+        if response.status_code in (401, 403) and self.token_manager is not None:
+            self.token_manager.invalidate()
         raise _error_for(response)
 
     def close(self) -> None:

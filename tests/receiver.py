@@ -10,15 +10,21 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
 
 @dataclasses.dataclass
 class Received:
     path: str
     headers: dict[str, str]
-    body: dict[str, Any]
+    body: dict[str, Any]  # the JSON body ({} for other bodies)
     raw_length: int
     at: float
+    text: str = ""  # the decoded body as text (a form, for instance)
+
+    @property
+    def form(self) -> dict[str, str]:
+        return {key: values[0] for key, values in parse_qs(self.text).items()}
 
     @property
     def batch(self) -> list[dict[str, Any]]:
@@ -97,12 +103,14 @@ class Receiver:
                 data = (
                     gzip.decompress(raw) if self.headers.get("Content-Encoding") == "gzip" else raw
                 )
+                is_json = self.headers.get("Content-Type", "").startswith("application/json")
                 request = Received(
                     path=self.path,
                     headers=dict(self.headers.items()),
-                    body=json.loads(data) if data else {},
+                    body=json.loads(data) if data and is_json else {},
                     raw_length=len(raw),
                     at=time.monotonic(),
+                    text=data.decode(errors="replace"),
                 )
                 reply = receiver._reply_for(request)
                 if reply.delay:
@@ -112,8 +120,9 @@ class Receiver:
                     return
                 body = reply.body.encode()
                 try:
-                    self.send_response(reply.status)
-                    for name, value in reply.headers.items():
+                    self.send_response_only(reply.status)
+                    headers = {"Date": self.date_time_string(), **reply.headers}
+                    for name, value in headers.items():
                         self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
