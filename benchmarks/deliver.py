@@ -67,7 +67,7 @@ def round_segment(url: str, events: int, gzip: bool) -> float:
 
 
 DRAINER = """
-import json, resource, sys, time
+import json, sys, time
 from outbox_analytics import Client
 
 started = time.perf_counter()
@@ -78,7 +78,9 @@ first = time.perf_counter() - started
 while client.stats().pending:
     client.flush(timeout=60)
 total = time.perf_counter() - started
-rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
+with open("/proc/self/status") as status:
+    rss_mb = int([l for l in status if l.startswith("VmHWM")][0].split()[1]) / 1024
 print(json.dumps({"first_batch_s": first, "total_s": total, "sent": client.uploader.sent,
                   "peak_rss_mb": rss_mb}))
 client.shutdown()

@@ -28,6 +28,7 @@ import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -200,18 +201,30 @@ class Outbox:
         fsync: bool = False,
         max_pending: int = DEFAULT_MAX_PENDING,
         busy_timeout: float = 60.0,
+        readonly: bool = False,
     ) -> None:
+        """Open (creating it if needed) the outbox at `path`.
+
+        `readonly=True` opens an existing outbox for reading only: nothing is
+        created or changed, and a job writing the file is never blocked.
+        """
         self.path = os.path.abspath(os.fspath(path))
         self.fsync = fsync
         self.max_pending = max_pending
         self.busy_timeout = busy_timeout
+        self.readonly = readonly
         self._lock = _lock_for(self.path)
         self._local = threading.local()
         self._lease_fd: int | None = None
         self._abandoned: list[sqlite3.Connection] = []
-        _create_private_file(self.path)
+        if readonly:
+            if not os.path.isfile(self.path):
+                raise OutboxError("no outbox file there", self.path)
+        else:
+            _create_private_file(self.path)
         self._conn: sqlite3.Connection | None = self._connect()
-        self._migrate()
+        if not readonly:
+            self._migrate()
         self._pending_estimate = self._count_pending()
         self._counted_at = self._exactly_counted_at = time.monotonic()
         _live_outboxes.add(self)
@@ -219,17 +232,24 @@ class Outbox:
     # -- connection -----------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        target = f"file:{urllib.parse.quote(self.path)}?mode=ro" if self.readonly else self.path
         try:
             conn = sqlite3.connect(
-                self.path,
+                target,
                 timeout=self.busy_timeout,
                 isolation_level=None,  # we open transactions ourselves
                 check_same_thread=False,  # guarded by self._lock
+                uri=self.readonly,
             )
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open the outbox ({exc})", self.path) from exc
         try:
-            if _check_is_outbox(conn, self.path):
+            new = _check_is_outbox(conn, self.path)
+            if self.readonly:
+                if new or not _has_our_schema(conn):
+                    raise OutboxError("not an outbox written by outbox-analytics", self.path)
+                return conn
+            if new:
                 # A new file: 2 KiB pages make each commit write half the
                 # bytes of the 4 KiB default (measured: ~30% faster appends).
                 # It can only be set before the first table exists.
@@ -348,6 +368,29 @@ class Outbox:
             self._local.rows = None
         if rows:
             self._append_many(rows)
+
+    def append_messages(self, messages: Iterable[dict[str, Any]], chunk: int = 10_000) -> int:
+        """Store already-built messages as they are (keeping messageId and timestamp).
+
+        For imports: one transaction per `chunk` messages; the cap applies.
+        """
+        count = 0
+        rows: list[tuple[bytes, float]] = []
+        for message in messages:
+            rows.append((encode_message(message), time.time()))
+            if len(rows) >= chunk:
+                count += self._store_chunk(rows)
+        return count + self._store_chunk(rows)
+
+    def _store_chunk(self, rows: list[tuple[bytes, float]]) -> int:
+        if not rows:
+            return 0
+        with self._lock:
+            self._reserve(len(rows))
+        self._append_many(rows)
+        stored = len(rows)
+        rows.clear()
+        return stored
 
     def _append_many(self, rows: Sequence[tuple[bytes, float]]) -> None:
         try:
@@ -657,6 +700,119 @@ class Outbox:
             if remaining is not None:
                 remaining -= len(raws)
 
+    # -- operator commands ----------------------------------------------------
+
+    def find(self, key: str | int) -> Row | None:
+        """A row by id, or by messageId (a scan: for operators, not hot paths)."""
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+            raws = self._read(f"SELECT {_ROW_COLUMNS} FROM {_TABLE} WHERE _id = ?", (int(key),))
+            return _row(raws[0], _state_of(raws[0][3])) if raws else None
+        return next((row for row in self.rows("all") if row.message.get("messageId") == key), None)
+
+    def message_ids(self) -> set[str]:
+        """Every stored messageId (streamed from the file)."""
+        return {str(row.message.get("messageId")) for row in self.rows("all")}
+
+    def purge(
+        self,
+        *,
+        ids: Iterable[int] | None = None,
+        older_than: float | None = None,
+        dry_run: bool = False,
+    ) -> int:
+        """Delete dead rows (those given, or all; enqueued over `older_than` seconds ago)."""
+        where, params = _DEAD_WHERE, []
+        if older_than is not None:
+            where += " AND timestamp < ?"
+            params.append(time.time() - older_than)
+        with self._transaction() as conn:
+            if ids is not None:
+                chosen = list(ids)
+                if dry_run:
+                    return len(self._read_ids(conn, chosen, where, params))
+                return _delete_ids(conn, chosen, where, tuple(params))
+            if dry_run:
+                return int(
+                    conn.execute(f"SELECT count(*) FROM {_TABLE} WHERE {where}", params).fetchone()[
+                        0
+                    ]
+                )
+            return conn.execute(f"DELETE FROM {_TABLE} WHERE {where}", params).rowcount
+
+    @staticmethod
+    def _read_ids(
+        conn: sqlite3.Connection, ids: Sequence[int], where: str, params: list[Any]
+    ) -> list[int]:
+        found: list[int] = []
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            found += [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT _id FROM {_TABLE} WHERE _id IN ({marks}) AND {where}",
+                    (*chunk, *params),
+                )
+            ]
+        return found
+
+    def vacuum(self) -> tuple[int, int]:
+        """Rebuild the file to give back the space of deleted rows; (bytes before, after)."""
+        before = _file_bytes(self.path)
+        with self._lock:
+            conn = self._connection()
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return before, _file_bytes(self.path)
+
+    def check(self) -> list[str]:
+        """Problems found: SQLite's integrity check, then our own invariants. [] is healthy."""
+        problems = [
+            f"sqlite: {line}" for (line,) in self._read("PRAGMA integrity_check") if line != "ok"
+        ]
+        unknown = self._read(
+            f"SELECT status, count(*) FROM {_TABLE}"
+            f" WHERE status NOT IN ({_NEW}, {_READY}, {_INFLIGHT}, {_DEAD}) GROUP BY status"
+        )
+        problems += [f"{count} row(s) with unknown status {status}" for status, count in unknown]
+        undecodable = 0
+        with self._lock:  # streamed: a million rows never sit in memory at once
+            for row_id, data in self._connection().execute(f"SELECT _id, data FROM {_TABLE}"):
+                try:
+                    message = _decode(row_id, data)
+                except ValueError:
+                    undecodable += 1
+                    continue
+                if not isinstance(message.get("messageId"), str):
+                    problems.append(f"row {row_id} has no messageId")
+        if undecodable:
+            problems.append(f"{undecodable} row(s) whose payload cannot be decoded")
+        if self.stats().inflight and self.lease_is_free():
+            problems.append(
+                "rows in flight with no uploader alive (the next uploader reclaims them)"
+            )
+        return problems
+
+    def lease_is_free(self) -> bool:
+        """Whether no process holds the upload lease right now (without taking it)."""
+        if fcntl is None or self._lease_fd is not None:  # pragma: no cover
+            return self._lease_fd is None
+        try:
+            fd = os.open(self.path + ".lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # closing drops the shared lock we may have taken
+        return True
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._connection().execute(sql, params).fetchall()
+
 
 # -- helpers --------------------------------------------------------------------
 
@@ -740,13 +896,18 @@ def encode_message(message: dict[str, Any]) -> bytes:
         raise ValueError(f"message cannot be stored: {exc}") from exc
 
 
-def _row(raw: Sequence[Any], state: str) -> Row:
+def _decode(row_id: int, data: bytes) -> dict[str, Any]:
     try:
-        message = msgpack.unpackb(raw[1], raw=False)
+        message = msgpack.unpackb(data, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise ValueError(f"row {raw[0]} cannot be decoded: {exc}") from exc
+        raise ValueError(f"row {row_id} cannot be decoded: {exc}") from exc
     if not isinstance(message, dict):
-        raise ValueError(f"row {raw[0]} does not hold a message")
+        raise ValueError(f"row {row_id} does not hold a message")
+    return message
+
+
+def _row(raw: Sequence[Any], state: str) -> Row:
+    message = _decode(raw[0], raw[1])
     return Row(raw[0], message, state, raw[2], len(raw[1]), raw[4] or 0, *raw[5:9])
 
 
@@ -778,14 +939,22 @@ def _update_ids(
     return changed
 
 
-def _delete_ids(conn: sqlite3.Connection, ids: Sequence[int], only: str) -> int:
+def _delete_ids(
+    conn: sqlite3.Connection, ids: Sequence[int], only: str, params: tuple[Any, ...] = ()
+) -> int:
     deleted = 0
     for chunk in _chunks(ids):
         marks = ",".join("?" * len(chunk))
         deleted += conn.execute(
-            f"DELETE FROM {_TABLE} WHERE _id IN ({marks}) AND {only}", tuple(chunk)
+            f"DELETE FROM {_TABLE} WHERE _id IN ({marks}) AND {only}", (*chunk, *params)
         ).rowcount
     return deleted
+
+
+def _has_our_schema(conn: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")}
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    return set(_EXTRA_COLUMNS) <= columns and "outbox_meta" in tables
 
 
 def _file_bytes(path: str) -> int:
