@@ -41,10 +41,19 @@ class _Refused(Exception):
 class Collector:
     """Accepts batches on `url` and records their messages; see the module docstring."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, out: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        out: IO[str] | None = None,
+        keep_messages: bool = True,
+    ) -> None:
+        """`keep_messages=False` keeps only the counts (and messageIds): for long benchmarks."""
         self._out = out
+        self._keep = keep_messages
         self._lock = threading.Lock()
         self._messages: list[dict[str, Any]] = []
+        self._received = 0
         self._ids: set[str] = set()
         self._without_id = 0  # a message without a messageId cannot be a duplicate
         self._requests = 0
@@ -97,7 +106,7 @@ class Collector:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            received, unique = len(self._messages), len(self._ids) + self._without_id
+            received, unique = self._received, len(self._ids) + self._without_id
             counts = {"received": received, "unique": unique, "duplicates": received - unique}
             return {**counts, "requests": self._requests, "rejected": self._rejected}
 
@@ -119,8 +128,10 @@ class Collector:
         # One lock for counting and writing keeps `out` in the order of messages().
         with self._lock:
             self._requests += 1
+            self._received += len(batch)
             for message in batch:
-                self._messages.append(message)
+                if self._keep:
+                    self._messages.append(message)
                 if "messageId" in message:
                     self._ids.add(json.dumps(message["messageId"], sort_keys=True))
                 else:

@@ -413,3 +413,15 @@ def test_a_client_delivers_every_event_to_the_collector(
         assert rows == list(range(25))
     finally:
         client.shutdown()
+
+
+def test_without_keeping_messages_the_counts_still_add_up() -> None:
+    body = {"batch": [{"messageId": "a"}, {"messageId": "a"}, {"messageId": "b"}]}
+    with Collector(keep_messages=False) as collector:
+        reply = requests.post(
+            collector.url + "/v1/batch", json=body, headers={"Authorization": "Basic eDo="}
+        )
+        assert reply.status_code == 200
+        assert collector.counts()["received"] == 3
+        assert collector.counts()["unique"] == 2
+        assert collector.messages() == []
