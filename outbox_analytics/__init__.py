@@ -27,6 +27,7 @@ from .errors import (
     RetryableError,
 )
 from .outbox import OutboxStats, default_outbox_path
+from .transport import MemoryTransport
 from .uploader import FlushResult
 from .version import VERSION
 
@@ -37,6 +38,7 @@ __all__ = [
     "Client",
     "DeliveryError",
     "FlushResult",
+    "MemoryTransport",
     "RetryableError",
     "OutboxAnalyticsError",
     "OutboxError",

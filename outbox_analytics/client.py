@@ -28,6 +28,7 @@ from .outbox import (
     encode_message,
 )
 from .request import Requester
+from .transport import MemoryTransport, Transport
 from .uploader import DEFAULT_RETRY_WAIT, FlushResult, Uploader
 from .utils import (
     RateLimitedLog,
@@ -100,6 +101,8 @@ class Client:
         fsync = False
         upload = True
         retry_wait: Callable[[tenacity.RetryCallState], float] = DEFAULT_RETRY_WAIT
+        before_send: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+        transport: Transport | None = None
 
     log = log
 
@@ -131,8 +134,18 @@ class Client:
         fsync: bool = DefaultConfig.fsync,
         upload: bool = DefaultConfig.upload,
         retry_wait: Callable[[tenacity.RetryCallState], float] = DefaultConfig.retry_wait,
+        before_send: Callable[[dict[str, Any]], dict[str, Any] | None]
+        | None = DefaultConfig.before_send,
+        transport: Transport | None = DefaultConfig.transport,
     ) -> None:
-        require("write_key", write_key, str)
+        # The kill switch, and a test capturing events: validate and build
+        # messages, store and send nothing, open no file, start no thread.
+        self.disabled = _kill_switch_on()
+        offline = self.disabled or _capture is not None
+        if not offline or write_key is not None:
+            require("write_key", write_key, str)
+        if before_send is not None and not callable(before_send):
+            raise TypeError(f"before_send must be callable, got {before_send!r}")
         _require_number("max_queue_size", max_queue_size, minimum=1, integral=True)
         _require_number("max_retries", max_retries, minimum=0, integral=True)
         _require_number("upload_size", upload_size, minimum=1, integral=True)
@@ -150,7 +163,10 @@ class Client:
         if outbox_path is not None:
             require("outbox_path", outbox_path, (str, os.PathLike))
 
-        self.write_key: str = write_key  # type: ignore[assignment]  # checked above
+        self.write_key: str = write_key or ""  # a str unless offline (checked above)
+        self.before_send = before_send
+        self.transport = transport
+        self.dropped_by_before_send = 0  # events before_send dropped or failed on
         self.host = (host or DEFAULT_HOST).rstrip("/")
         self.on_error = on_error
         self.debug = debug
@@ -185,7 +201,7 @@ class Client:
         self.outbox: Outbox | None = None
         self.outbox_path: str | None = None
         self.uploader: Uploader | None = None
-        if send:
+        if send and not offline:
             path = outbox_path or default_outbox_path(self.write_key, self.host)
             self.outbox = Outbox(path, fsync=fsync, max_pending=max_queue_size)
             self.outbox_path = self.outbox.path  # absolute
@@ -216,6 +232,7 @@ class Client:
             gzip=self.gzip,
             timeout=self.timeout,
             proxies=self.proxies,
+            transport=self.transport,
         )
         if self._oauth_key is not None:
             requester.token_manager = TokenManager(
@@ -408,8 +425,20 @@ class Client:
 
     def _enqueue(self, msg: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """Validate, complete and clean `msg`, then commit it to the outbox."""
-        msg, data = self._build(msg)
-        if self.outbox is None:  # send=False
+        msg = self._complete(msg)
+        if self.before_send is not None:
+            changed = self._before_send(msg)
+            if changed is None:
+                return False, msg
+            msg = changed
+        data = _encode(msg)
+        if not self.send or self.disabled:
+            return True, msg
+        capture = _capture
+        if capture is not None:  # a test is looking: record, store nothing
+            capture.record([msg])
+            return True, msg
+        if self.outbox is None:  # built while a capture was on, used after it
             return True, msg
         try:
             row_id = self.outbox.append(data)
@@ -428,8 +457,8 @@ class Client:
                 self.uploader.deliver_now(row_id, self.timeout)
         return True, msg
 
-    def _build(self, msg: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        """Complete, clean and encode a message; raise at the call site if it is bad."""
+    def _complete(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Complete and clean a message; raise at the call site if it is bad."""
         timestamp = msg["timestamp"]
         if timestamp is None:
             msg["timestamp"] = utc_now_iso()
@@ -445,16 +474,26 @@ class Client:
         msg["anonymousId"] = stringify_id(msg.get("anonymousId"))
         msg = clean(msg)  # a deep copy: the caller's dicts are never modified
         msg["context"]["library"] = dict(LIBRARY)
-        data = encode_message(msg)
-        if len(data) > _SURELY_UNDER_LIMIT:
-            # Segment's measure: ASCII-escaped JSON, so len() is the byte count.
-            size = len(json.dumps(msg))
-            if size > MAX_MESSAGE_BYTES:
-                raise RuntimeError(
-                    f"Message exceeds {MAX_MESSAGE_BYTES // 1024}kb limit. ({size} bytes,"
-                    f" messageId {msg['messageId']})"
-                )
-        return msg, data
+        return msg
+
+    def _before_send(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """Run the before_send hook; None (the event is dropped, counted) if it says so or fails."""
+        assert self.before_send is not None
+        try:
+            changed = self.before_send(msg)
+            if changed is None:
+                self.dropped_by_before_send += 1
+                log.debug("before_send dropped message %s", msg["messageId"])
+                return None
+            if not isinstance(changed, dict):
+                raise TypeError(f"before_send must return a dict or None, not {type(changed)}")
+            result: dict[str, Any] = clean(changed)
+            _encode(result)  # what it returns must fit the limits too
+            return result
+        except Exception:
+            self.dropped_by_before_send += 1
+            log.exception("before_send failed; message %s dropped", msg.get("messageId"))
+            return None
 
     def _warn_full(self) -> None:
         suppressed = self._full_warning.ready()
@@ -561,6 +600,31 @@ def _flush_at_exit() -> None:
     deadline = time.monotonic() + EXIT_BUDGET
     for client in list(_clients_to_flush_at_exit):
         client._flush_at_exit(max(0.0, deadline - time.monotonic()))
+
+
+def _encode(msg: dict[str, Any]) -> bytes:
+    """The stored form of a message; RuntimeError, as in Segment, if it is over 32 KB."""
+    data = encode_message(msg)
+    if len(data) > _SURELY_UNDER_LIMIT:
+        # Segment's measure: ASCII-escaped JSON, so len() is the byte count.
+        size = len(json.dumps(msg))
+        if size > MAX_MESSAGE_BYTES:
+            raise RuntimeError(
+                f"Message exceeds {MAX_MESSAGE_BYTES // 1024}kb limit. ({size} bytes,"
+                f" messageId {msg['messageId']})"
+            )
+    return data
+
+
+def _kill_switch_on() -> bool:
+    return os.environ.get("OUTBOX_ANALYTICS_DISABLED", "").strip().lower() in (
+        "1", "true", "yes", "on",
+    )  # fmt: skip
+
+
+# Set by outbox_analytics.testing.capture(): every client records its events
+# there instead of storing them.
+_capture: MemoryTransport | None = None
 
 
 def _oauth_key(client_id: Any, client_key: Any, key_id: Any) -> RSAPrivateKey | None:

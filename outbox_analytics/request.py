@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import requests
 
 from .errors import APIError, RetryableError
+from .transport import Reply, Transport
 from .version import VERSION
 
 __all__ = [
@@ -114,8 +115,10 @@ class Requester:
         proxies: dict[str, str] | None = None,
         token_manager: TokenSource | None = None,
         session: requests.Session | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.write_key = write_key
+        self.transport = transport  # None: HTTP through requests
         self.url = host.rstrip("/") + "/v1/batch"
         self.gzip = gzip
         self.timeout = timeout
@@ -137,7 +140,7 @@ class Requester:
             return self._basic
         return self.token_manager.authorization()
 
-    def send(self, body: bytes, retry_count: int = 0) -> requests.Response:
+    def send(self, body: bytes, retry_count: int = 0) -> None:
         """POST one batch body. Returns on 2xx, raises RetryableError or APIError otherwise."""
         headers = {
             "Content-Type": "application/json",
@@ -149,6 +152,16 @@ class Requester:
         if self.gzip:
             headers["Content-Encoding"] = "gzip"
             body = gzip_module.compress(body, compresslevel=6)
+        reply = self._post(body, headers)
+        if 200 <= reply.status < 300:
+            return
+        if reply.status in (401, 403) and self.token_manager is not None:
+            self.token_manager.invalidate()
+        raise _error_for(reply)
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> Reply:
+        if self.transport is not None:
+            return self.transport.post(self.url, body, headers, self.timeout)
         try:
             response = self.session.post(
                 self.url,
@@ -160,11 +173,7 @@ class Requester:
             )
         except requests.RequestException as exc:
             raise RetryableError(f"request failed: {_describe(exc)}") from exc
-        if 200 <= response.status_code < 300:
-            return response
-        if response.status_code in (401, 403) and self.token_manager is not None:
-            self.token_manager.invalidate()
-        raise _error_for(response)
+        return Reply(response.status_code, dict(response.headers), response.text)
 
     def close(self) -> None:
         self.session.close()
@@ -175,19 +184,20 @@ def _ca_bundle_from_environment() -> str | None:
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
 
 
-def _error_for(response: requests.Response) -> RetryableError | APIError:
-    status = response.status_code
-    text = response.text[:1000]
+def _error_for(reply: Reply) -> RetryableError | APIError:
+    status = reply.status
+    text = reply.text[:1000]
     code, message = _segment_error(text)
     if is_retryable_status(status):
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+        headers = requests.structures.CaseInsensitiveDict(reply.headers)
+        retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
         return RetryableError(
-            f"HTTP {status}: {message or text or response.reason}",
+            f"HTTP {status}: {message or text}",
             status=status,
             retry_after=retry_after,
             body=text,
         )
-    return APIError(status, code, message or text or str(response.reason), body=text)
+    return APIError(status, code, message or text or f"HTTP {status}", body=text)
 
 
 def _segment_error(text: str) -> tuple[str, str]:

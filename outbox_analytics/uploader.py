@@ -375,7 +375,7 @@ class Uploader:
         with each round that fails in a row, capped like Retry-After.
         """
         base = max(self._longest_wait, self.upload_interval, 0.01)
-        return min(MAX_RETRY_AFTER, base * 2 ** min(self._consecutive_failures, 16))
+        return min(MAX_RETRY_AFTER, base * 2.0 ** min(self._consecutive_failures, 16))
 
     def _report(self, exc: Exception, rows: Sequence[Row]) -> None:
         if self.on_error is None:
