@@ -339,3 +339,22 @@ def test_dead_rows_between_pending_ones_do_not_count_against_the_cap(outbox_file
         with pytest.raises(OutboxFull):
             fill(outbox, 1, start=10)
         assert outbox.stats().pending == 6
+
+
+def test_a_failing_write_returns_false_counts_and_logs(
+    outbox_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = Client("k", outbox_path=str(outbox_file), upload=False)
+    assert client.track("u", "Before")[0]
+    # A real SQLite failure: the connection can no longer write the file.
+    client.outbox._conn = sqlite3.connect(
+        f"file:{outbox_file}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+    )
+    ok, msg = client.track("u", "Lost")
+    assert ok is False and msg["event"] == "Lost"
+    assert client.stats().dropped == 1
+    assert any("event not stored" in r.getMessage() for r in caplog.records)
+    client.outbox._conn = None  # reconnect: writing works again
+    assert client.track("u", "After")[0]
+    assert [r.message["event"] for r in client.outbox.rows()] == ["Before", "After"]
+    client.shutdown()
