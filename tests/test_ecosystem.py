@@ -82,7 +82,9 @@ def test_a_users_test_suite_uses_the_fixture(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 passed" in result.stdout
-    left_behind = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".py"]
+    left_behind = [
+        p for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+    ]
     assert left_behind == []  # no outbox file, no lock file, anywhere
 
 
