@@ -70,6 +70,7 @@ _DEAD = int(AckStatus.ack_failed)
 # it only uses a partial index whose WHERE clause it finds in the query's.
 _INFLIGHT_WHERE = f"status >= 2 AND status = {_INFLIGHT}"
 _DEAD_WHERE = f"status >= 2 AND status = {_DEAD}"
+_STATE_NAMES = {_NEW: "pending", _READY: "pending", _INFLIGHT: "inflight", _DEAD: "dead"}
 _STATE_WHERE = {
     "pending": "status < 2",
     "inflight": _INFLIGHT_WHERE,
@@ -100,9 +101,11 @@ _PENDING_SPAN = (
     f"SELECT (SELECT max(_id) FROM {_TABLE} WHERE status < 2)"
     f" - (SELECT min(_id) FROM {_TABLE} WHERE status < 2) + 1"
 )
+# length(data) from SQL, not len() in Python: a hostile or damaged row may
+# hold an integer or NULL there, and must be dead-lettered, not crash a loop.
 _ROW_COLUMNS = (
     "_id, data, timestamp, status, attempts, last_status, last_error,"
-    " next_attempt_at, first_attempt_at"
+    " next_attempt_at, first_attempt_at, coalesce(length(data), 0)"
 )
 _NEW_FILE_PAGE_SIZE = 2048
 _ID_CHUNK = 500  # stays far below SQLite's limit on bound parameters
@@ -458,10 +461,10 @@ class Outbox:
             chosen: list[Any] = []
             total = 0
             for raw in candidates:
-                if chosen and max_bytes is not None and total + len(raw[1]) > max_bytes:
+                if chosen and max_bytes is not None and total + raw[9] > max_bytes:
                     break
                 chosen.append(raw)
-                total += len(raw[1])
+                total += raw[9]
             _update_ids(conn, f"status = {_INFLIGHT}", (), [raw[0] for raw in chosen])
         # Decoded after the commit: appends in this process wait on the file
         # lock for as short a time as possible.
@@ -693,7 +696,7 @@ class Outbox:
                     .fetchall()
                 )
             for raw in raws:
-                yield _row(raw, _state_of(raw[3]))
+                yield _readable_row(raw)
             if len(raws) < page:
                 return
             after = raws[-1][0]
@@ -706,7 +709,7 @@ class Outbox:
         """A row by id, or by messageId (a scan: for operators, not hot paths)."""
         if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
             raws = self._read(f"SELECT {_ROW_COLUMNS} FROM {_TABLE} WHERE _id = ?", (int(key),))
-            return _row(raws[0], _state_of(raws[0][3])) if raws else None
+            return _readable_row(raws[0]) if raws else None
         return next((row for row in self.rows("all") if row.message.get("messageId") == key), None)
 
     def message_ids(self) -> set[str]:
@@ -897,6 +900,8 @@ def encode_message(message: dict[str, Any]) -> bytes:
 
 
 def _decode(row_id: int, data: bytes) -> dict[str, Any]:
+    if not isinstance(data, bytes):
+        raise ValueError(f"row {row_id} holds {type(data).__name__}, not a msgpack payload")
     try:
         message = msgpack.unpackb(data, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
@@ -908,13 +913,28 @@ def _decode(row_id: int, data: bytes) -> dict[str, Any]:
 
 def _row(raw: Sequence[Any], state: str) -> Row:
     message = _decode(raw[0], raw[1])
-    return Row(raw[0], message, state, raw[2], len(raw[1]), raw[4] or 0, *raw[5:9])
+    return Row(raw[0], message, state, raw[2], raw[9], raw[4] or 0, *raw[5:9])
 
 
-def _state_of(status: int) -> str:
-    if status < _INFLIGHT:
-        return "pending"
-    return "inflight" if status == _INFLIGHT else "dead"
+def _readable_row(raw: Sequence[Any]) -> Row:
+    """A row for reading: one whose payload cannot be decoded shows why, instead of failing."""
+    try:
+        return _row(raw, _state_of(raw[3]))
+    except ValueError as exc:
+        return Row(
+            raw[0],
+            {"_undecodable": str(exc)},
+            _state_of(raw[3]),
+            raw[2],
+            raw[9],
+            raw[4] or 0,
+            *raw[5:9],
+        )
+
+
+def _state_of(status: Any) -> str:
+    # Any, not int: a damaged or hostile file may hold anything in that column.
+    return _STATE_NAMES.get(status, "unknown")
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:

@@ -1,0 +1,386 @@
+"""Reliability under failure: crash points, hostile files, a model-checked outbox, crash loops."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import tenacity
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from outbox_analytics import Client
+from outbox_analytics.collector import Collector
+from outbox_analytics.outbox import Outbox, encode_message
+
+from .conftest import start_python
+from .receiver import Received, Reply
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# -- crash points: the process dies at one step of the pipeline -------------------
+
+# Each child stores 30 events, then delivers with one step of the pipeline
+# replaced by the same step followed (or preceded) by a real SIGKILL.
+CRASHER = """
+import os, signal, sys, tenacity
+from outbox_analytics import Client
+from outbox_analytics import outbox as outbox_module, request as request_module
+
+url, path, point = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def patch(owner, name, wrapper):
+    original = getattr(owner, name)
+    setattr(owner, name, lambda *args, **kwargs: wrapper(original, *args, **kwargs))
+
+def inside_transaction(statement_sql):
+    def run(original, self, *args, **kwargs):
+        transaction = self._transaction
+        def dying_transaction():
+            context = transaction()
+            conn = context.__enter__()
+            class Dying:
+                held = context  # a collected context would roll back at once
+                def __enter__(self_inner):
+                    return conn
+                def __exit__(self_inner, *exc):
+                    die()  # the statements ran; the commit never happens
+            return Dying()
+        self._transaction = dying_transaction
+        return original(self, *args, **kwargs)
+    return run
+
+if point == "append":
+    client = Client("k", host=url, outbox_path=path, upload=False)
+    client.track("user", "Before")
+    patch(outbox_module.Outbox, "_append_many", inside_transaction("INSERT"))
+    with client.batch():
+        for n in range(30):
+            client.track("user", "In batch", {"n": n})
+    raise SystemExit("should have died")
+
+client = Client("k", host=url, outbox_path=path, upload=False)
+for n in range(30):
+    client.track("user", "Numbered", {"n": n, "poison": n == 3})
+client.shutdown()
+
+if point == "after_claim":
+    patch(request_module.Requester, "send", lambda original, *a, **k: die())
+elif point == "after_2xx":
+    def send_then_die(original, *args, **kwargs):
+        original(*args, **kwargs)
+        die()
+    patch(request_module.Requester, "send", send_then_die)
+elif point == "release":
+    patch(outbox_module.Outbox, "release", inside_transaction("UPDATE"))
+elif point == "dead_letter":
+    patch(outbox_module.Outbox, "dead_letter", inside_transaction("UPDATE"))
+
+uploader = Client(
+    "k", host=url, outbox_path=path, max_retries=0, upload_interval=0.01,
+    retry_wait=tenacity.wait_fixed(0.01), upload_size=10,
+)
+uploader.flush(timeout=30)
+raise SystemExit("should have died")
+"""
+
+
+@pytest.mark.parametrize("point", ["append", "after_claim", "after_2xx", "release", "dead_letter"])
+def test_each_crash_point_leaves_a_file_the_next_start_recovers(
+    receiver, outbox_file: Path, point: str
+) -> None:
+    def answer(request: Received) -> Reply:
+        if point == "release" and len(receiver.requests) == 1:
+            return Reply(503)  # the first batch fails: its rows are released
+        if any(m.get("properties", {}).get("poison") for m in request.batch):
+            return Reply(400, body='{"code": "invalid", "message": "poison"}')
+        return Reply()
+
+    receiver.responder = answer
+    child = start_python(CRASHER, receiver.url, str(outbox_file), point)
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, f"the child did not die at {point}"
+
+    with Outbox(outbox_file) as outbox:
+        assert outbox.check() in ([], [_IN_FLIGHT_NOTE])
+    client = Client("k", host=receiver.url, outbox_path=str(outbox_file), upload_interval=0.01)
+    result = client.flush(timeout=30)
+    stats = client.stats()
+    client.shutdown()
+    assert (stats.pending, stats.inflight) == (0, 0), (point, result)
+
+    delivered = receiver.accepted()
+    if point == "append":  # the batch never committed: only what came before it
+        assert [m["event"] for m in delivered] == ["Before"]
+        return
+    numbers = [m["properties"]["n"] for m in delivered]
+    assert sorted(set(numbers)) == [n for n in range(30) if n != 3]  # nothing lost
+    assert stats.dead == 1  # the poison event, and only it
+    first_seen = list(dict.fromkeys(numbers))
+    assert first_seen == sorted(first_seen)  # order kept
+    by_number: dict[int, set[str]] = {}
+    for message in delivered:
+        by_number.setdefault(message["properties"]["n"], set()).add(message["messageId"])
+    assert all(len(ids) == 1 for ids in by_number.values())  # a duplicate is the same message
+    if point == "after_2xx":  # the server had the batch; the ack never committed
+        assert len(numbers) > len(set(numbers))
+
+
+_IN_FLIGHT_NOTE = "rows in flight with no uploader alive (the next uploader reclaims them)"
+
+
+# -- hostile files ----------------------------------------------------------------
+
+
+def _hostile_outbox(path: Path) -> None:
+    """An outbox holding good rows between rows no writer of ours would ever make."""
+    with Outbox(path) as outbox:
+        outbox.append(encode_message({"type": "track", "messageId": "good-1", "event": "Good"}))
+    with sqlite3.connect(path) as conn:
+        insert = "INSERT INTO ack_queue_default (data, timestamp, status) VALUES (?, ?, ?)"
+        conn.execute(insert, ("'); DROP TABLE ack_queue_default; --", time.time(), 0))
+        conn.execute(insert, (42, time.time(), 0))
+        conn.execute(insert, (None, "yesterday", 0))
+        conn.execute(insert, (msgpack.packb([1, 2, 3]), time.time(), 0))
+        conn.execute(insert, (msgpack.packb({"type": "track", "event": "x" * 3_000_000}), 0, 0))
+        sql_message = {"type": "track", "messageId": "good-2", "event": "'; DROP TABLE x; --"}
+        conn.execute(insert, (msgpack.packb(sql_message), time.time(), 0))
+        conn.execute(insert, (msgpack.packb({"messageId": "odd"}), time.time(), 7))
+
+
+def test_a_hostile_outbox_neither_crashes_nor_runs_anything(tmp_path: Path) -> None:
+    path = tmp_path / "hostile.db"
+    _hostile_outbox(path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command in (["status"], ["list", "--state", "all"], ["export"], ["check"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "outbox_analytics", command[0], str(path), *command[1:]],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert result.returncode in (0, 1), (command, result.stderr)
+        assert "Traceback" not in result.stderr, command
+
+    with Collector() as collector:
+        client = Client("k", host=collector.url, outbox_path=str(path), upload_interval=0.01)
+        client.flush(timeout=20)
+        stats = client.stats()
+        client.shutdown()
+        delivered = [m["messageId"] for m in collector.messages()]
+    assert delivered == ["good-1", "good-2"]  # in order, around the bad rows
+    assert stats.pending == 0 and stats.dead == 5  # the bad rows are kept, not lost
+    with sqlite3.connect(path) as conn:  # and nothing was executed from the data
+        assert conn.execute("SELECT count(*) FROM ack_queue_default").fetchone()[0] == 6
+
+
+# -- the outbox against a model -----------------------------------------------------
+
+
+class OutboxModel(RuleBasedStateMachine):
+    """Appends, claims, acks, releases, dead letters, crashes: compared with a plain model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"model-{os.getpid()}"
+        self.directory.mkdir(exist_ok=True)
+        self.path = self.directory / f"{random.getrandbits(64):x}.db"
+        self.outbox = Outbox(self.path)
+        self.next_number = 0
+        self.pending: list[int] = []  # numbers, in the order they must be sent
+        self.inflight: list[int] = []
+        self.dead: list[int] = []
+        self.ids: dict[int, int] = {}  # number -> row id
+
+    def teardown(self) -> None:
+        self.outbox.close()
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+    @rule(count=st.integers(1, 5))
+    def append(self, count: int) -> None:
+        for _ in range(count):
+            self.outbox.append(encode_message({"n": self.next_number}))
+            self.pending.append(self.next_number)
+            self.next_number += 1
+
+    @rule(count=st.integers(1, 4))
+    def claim(self, count: int) -> None:
+        rows = self.outbox.claim(count)
+        expected = sorted(self.pending)[:count]
+        assert [row.message["n"] for row in rows] == expected
+        for row in rows:
+            self.ids[row.message["n"]] = row.id
+            self.pending.remove(row.message["n"])
+            self.inflight.append(row.message["n"])
+
+    @precondition(lambda self: self.inflight)
+    @rule(data=st.data())
+    def finish_some(self, data: st.DataObject) -> None:
+        chosen = data.draw(st.lists(st.sampled_from(self.inflight), min_size=1, unique=True))
+        how = data.draw(st.sampled_from(["ack", "release", "dead"]))
+        ids = [self.ids[number] for number in chosen]
+        if how == "ack":
+            assert self.outbox.ack(ids) == len(ids)
+        elif how == "release":
+            self.outbox.release(ids, status=503, error="down")
+            self.pending += chosen
+        else:
+            self.outbox.dead_letter(ids, status=400, error="bad")
+            self.dead += chosen
+        for number in chosen:
+            self.inflight.remove(number)
+
+    @precondition(lambda self: self.dead)
+    @rule()
+    def requeue_all(self) -> None:
+        assert self.outbox.requeue() == len(self.dead)
+        self.pending += self.dead
+        self.dead = []
+
+    @rule()
+    def crash_and_reopen(self) -> None:
+        # A dead uploader: its connection and lease vanish; the next one reclaims.
+        self.outbox.close()
+        self.outbox = Outbox(self.path)
+        assert self.outbox.acquire_lease()
+        self.outbox.release_lease()
+        self.pending += self.inflight
+        self.inflight = []
+
+    @invariant()
+    def counts_match(self) -> None:
+        stats = self.outbox.stats()
+        assert (stats.pending, stats.inflight, stats.dead) == (
+            len(self.pending),
+            len(self.inflight),
+            len(self.dead),
+        )
+        stored = [row.message["n"] for row in self.outbox.rows("pending")]
+        assert stored == sorted(self.pending)  # no loss, no phantom, order by commit
+
+
+TestOutboxModel = OutboxModel.TestCase
+TestOutboxModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+# -- crash loops ------------------------------------------------------------------------
+
+PRODUCER = """
+import sys, time
+from outbox_analytics import Client
+
+client = Client("k", outbox_path=sys.argv[1], upload=False)
+source = sys.argv[2]
+for seq in range(100000):
+    time.sleep(0.001)  # a job doing some work between events
+    client.track("user", "Numbered", {"source": source, "seq": seq})
+    print(seq, flush=True)
+"""
+
+UPLOADER = """
+import sys, time, tenacity
+from outbox_analytics import Client
+
+client = Client(
+    "k", host=sys.argv[1], outbox_path=sys.argv[2], upload_interval=0.02, upload_size=10,
+    max_retries=3, retry_wait=tenacity.wait_fixed(0.02), timeout=2,
+)
+while True:
+    client.flush(timeout=5)
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+def test_crash_loops_with_faults_lose_nothing(receiver, outbox_file: Path) -> None:
+    rng = random.Random(20261127)
+    faults = {"5xx": 0, "429": 0, "dropped": 0, "slow": 0}
+
+    def faulty(request: Received) -> Reply:
+        roll = rng.random()
+        if roll < 0.10:
+            faults["5xx"] += 1
+            return Reply(503)
+        if roll < 0.11:
+            faults["429"] += 1
+            return Reply(429, headers={"Retry-After": "1"})
+        if roll < 0.20:
+            faults["dropped"] += 1
+            return Reply(drop=True)
+        if roll < 0.28:
+            faults["slow"] += 1
+            return Reply(delay=0.3)
+        return Reply()
+
+    receiver.responder = faulty
+    confirmed: dict[str, list[int]] = {}
+    kills = 0
+    for cycle in range(12):
+        producers = {f"c{cycle}p{i}": None for i in range(2)}
+        processes = {
+            source: start_python(PRODUCER, str(outbox_file), source) for source in producers
+        }
+        uploader = start_python(UPLOADER, receiver.url, str(outbox_file))
+        time.sleep(rng.uniform(0.3, 1.2))
+        for source, process in processes.items():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            assert process.stdout is not None
+            lines = process.stdout.read().split()
+            confirmed[source] = [int(x) for x in lines[:-1]]  # the last may be cut short
+            kills += 1
+        uploader.send_signal(signal.SIGKILL)
+        uploader.wait()
+        kills += 1
+
+    # The last run drains everything through the same faults.
+    final = Client(
+        "k",
+        host=receiver.url,
+        outbox_path=str(outbox_file),
+        upload_interval=0.01,
+        upload_size=10,
+        retry_wait=tenacity.wait_fixed(0.02),
+        timeout=2,
+    )
+    deadline = time.monotonic() + 180
+    while final.flush(timeout=10).pending and time.monotonic() < deadline:
+        pass
+    stats = final.stats()
+    final.shutdown()
+
+    delivered = receiver.accepted()
+    seen: dict[tuple[str, int], set[str]] = {}
+    order: dict[str, list[int]] = {}
+    for message in delivered:
+        key = (message["properties"]["source"], message["properties"]["seq"])
+        if key not in seen:
+            order.setdefault(key[0], []).append(key[1])
+        seen.setdefault(key, set()).add(message["messageId"])
+    lost = [(s, n) for s, numbers in confirmed.items() for n in numbers if (s, n) not in seen]
+    events = sum(len(numbers) for numbers in confirmed.values())
+    duplicates = len(delivered) - len(seen)
+    print(
+        f"\ncrash loop: {events} events confirmed, {len(delivered)} deliveries,"
+        f" {kills} kills, faults {faults}, lost {len(lost)}, duplicates {duplicates}"
+    )
+    assert lost == []
+    assert all(len(ids) == 1 for ids in seen.values())  # duplicates share their messageId
+    for source, numbers in order.items():
+        assert numbers == sorted(numbers), source  # per-source order
+    assert (stats.pending, stats.inflight, stats.dead) == (0, 0, 0)
+    assert sum(faults.values()) > 50 and events > 1000
