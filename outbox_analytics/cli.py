@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any, NoReturn
 
 from .client import Client
-from .errors import OutboxAnalyticsError
+from .errors import OutboxAnalyticsError, OutboxError
 from .outbox import Outbox, Row
 from .utils import clean
 
@@ -361,8 +361,11 @@ def _exported(row: Row) -> dict[str, Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    with _open(args) as outbox:
-        problems = outbox.check()
+    try:
+        with _open(args) as outbox:
+            problems = outbox.check()
+    except OutboxError as exc:  # damaged beyond opening: that is the finding
+        problems = [str(exc)]
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems}))
     else:

@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
+import shutil
 import sqlite3
 import sys
 import threading
@@ -53,6 +55,8 @@ __all__ = [
     "default_outbox_path",
     "encode_message",
 ]
+
+log = logging.getLogger("outbox_analytics")
 
 DEFAULT_MAX_PENDING = 1_000_000
 STATES = ("pending", "inflight", "dead")
@@ -220,17 +224,48 @@ class Outbox:
         self._local = threading.local()
         self._lease_fd: int | None = None
         self._abandoned: list[sqlite3.Connection] = []
+        self._conn: sqlite3.Connection | None = None
         if readonly:
             if not os.path.isfile(self.path):
                 raise OutboxError("no outbox file there", self.path)
         else:
             _create_private_file(self.path)
-        self._conn: sqlite3.Connection | None = self._connect()
-        if not readonly:
-            self._migrate()
-        self._pending_estimate = self._count_pending()
+        try:
+            self._open()
+        except (sqlite3.DatabaseError, OutboxError) as exc:
+            if readonly or not _is_damaged_outbox(self.path, exc):
+                if isinstance(exc, OutboxError):
+                    raise
+                raise OutboxError(f"the outbox file is damaged ({exc})", self.path) from exc
+            self._recover_from_damage(exc)
         self._counted_at = self._exactly_counted_at = time.monotonic()
         _live_outboxes.add(self)
+
+    def _open(self) -> None:
+        self._conn = self._connect()
+        if not self.readonly:
+            self._migrate()
+        self._pending_estimate = self._count_pending()
+
+    def _recover_from_damage(self, error: Exception) -> None:
+        """Move a damaged outbox aside, start a fresh one, and copy over what can be read.
+
+        Never deletes anything: the damaged file stays as `<name>.corrupt-<time>`.
+        """
+        if self._conn is not None:
+            self._abandoned.append(self._conn)
+            self._conn = None
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.rename(self.path + suffix, aside + suffix)
+        _create_private_file(self.path)
+        self._open()
+        salvaged, unreadable = _salvage(aside, self)
+        log.error(
+            "outbox %s was damaged (%s); moved aside to %s; %d rows salvaged, %d unreadable",
+            self.path, error, aside, salvaged, unreadable,
+        )  # fmt: skip
 
     # -- connection -----------------------------------------------------------
 
@@ -874,6 +909,8 @@ def _check_is_outbox(conn: sqlite3.Connection, path: str) -> bool:
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
     except sqlite3.DatabaseError as exc:
+        if _has_sqlite_header(path):
+            raise OutboxError(f"the outbox file is damaged ({exc})", path) from exc
         raise OutboxError(
             f"not an outbox: the file is not an SQLite database ({exc})", path
         ) from exc
@@ -969,6 +1006,100 @@ def _delete_ids(
             f"DELETE FROM {_TABLE} WHERE _id IN ({marks}) AND {only}", (*chunk, *params)
         ).rowcount
     return deleted
+
+
+def _is_damaged_outbox(path: str, error: Exception) -> bool:
+    """An SQLite file (by its header) that SQLite calls damaged: ours to recover.
+
+    Anything else (a file that is not SQLite at all, a database of another
+    program) is refused untouched, as it may be someone's data.
+    """
+    text = str(error).lower()
+    signs = ("malformed", "corrupt", "not a database", "damaged")
+    return any(sign in text for sign in signs) and _has_sqlite_header(path)
+
+
+def _has_sqlite_header(path: str) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+def _salvage(damaged: str, outbox: Outbox) -> tuple[int, int]:
+    """Copy the readable rows of a damaged outbox into `outbox`; (copied, unreadable)."""
+    copied = unreadable = 0
+    readable = _readable_copy(damaged)
+    try:
+        source = sqlite3.connect(readable)
+    except sqlite3.Error:
+        return 0, 0
+    columns = "_id, data, timestamp, status, attempts, last_status, last_error"
+    last = 0
+    try:
+        highest = source.execute(f"SELECT max(_id) FROM {_TABLE}").fetchone()[0] or 0
+    except sqlite3.Error:
+        highest = 0
+    while True:
+        try:
+            rows = source.execute(
+                f"SELECT {columns} FROM {_TABLE} WHERE _id > ? ORDER BY _id LIMIT 500", (last,)
+            ).fetchall()
+        except sqlite3.DatabaseError:
+            # A damaged page: step over it one id at a time.
+            last += 1
+            unreadable += 1
+            if last > highest:
+                break
+            continue
+        if not rows:
+            break
+        copied += _copy_rows(outbox, rows)
+        last = rows[-1][0]
+    source.close()
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            os.unlink(readable + suffix)
+    return copied, unreadable
+
+
+def _readable_copy(damaged: str) -> str:
+    """A scratch copy of a damaged file that SQLite will open, for salvaging.
+
+    A truncated file still claims its old size in its header (bytes 28-31),
+    and SQLite then refuses even to read the schema: the copy claims the
+    pages it really has. The damaged file itself is never written.
+    """
+    copy = f"{damaged}.salvage"
+    for suffix in ("", "-wal"):  # a WAL may hold the latest commits
+        if os.path.exists(damaged + suffix):
+            shutil.copyfile(damaged + suffix, copy + suffix)
+            os.chmod(copy + suffix, 0o600)
+    with open(copy, "r+b") as file:
+        header = file.read(32)
+        if len(header) == 32:
+            page_size = int.from_bytes(header[16:18], "big")
+            page_size = 65536 if page_size in (0, 1) else page_size  # 1 stands for 65536
+            pages = os.path.getsize(copy) // page_size
+            file.seek(28)
+            file.write(pages.to_bytes(4, "big"))
+    return copy
+
+
+def _copy_rows(outbox: Outbox, rows: list[Any]) -> int:
+    # In flight in a dead file means pending now; dead rows stay dead, with why.
+    fresh = [
+        (data, stamp, _DEAD if status == _DEAD else _READY, attempts or 0, code, error)
+        for _, data, stamp, status, attempts, code, error in rows
+    ]
+    with outbox._transaction() as conn:
+        conn.executemany(
+            f"INSERT INTO {_TABLE} (data, timestamp, status, attempts, last_status, last_error)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            fresh,
+        )
+    return len(fresh)
 
 
 def _has_our_schema(conn: sqlite3.Connection) -> bool:

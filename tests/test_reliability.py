@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import tenacity
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -384,3 +385,308 @@ def test_crash_loops_with_faults_lose_nothing(receiver, outbox_file: Path) -> No
         assert numbers == sorted(numbers), source  # per-source order
     assert (stats.pending, stats.inflight, stats.dead) == (0, 0, 0)
     assert sum(faults.values()) > 50 and events > 1000
+
+
+# -- many processes, one file -------------------------------------------------------
+
+THREADED_PRODUCER = """
+import sys, threading
+from outbox_analytics import Client
+
+client = Client("k", outbox_path=sys.argv[1], upload=False)
+source, errors = sys.argv[2], []
+
+def work(thread):
+    for seq in range(300):
+        try:
+            ok, _ = client.track("user", "Numbered", {"source": f"{source}-{thread}", "seq": seq})
+            assert ok
+        except Exception as exc:  # any "database is locked" would land here
+            errors.append(repr(exc))
+
+threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("errors", len(errors), errors[:3], flush=True)
+"""
+
+FLUSHER = """
+import sys, time, tenacity
+from outbox_analytics import Client
+
+client = Client(
+    sys.argv[3], host=sys.argv[1], outbox_path=sys.argv[2], upload_interval=0.02,
+    upload_size=20, retry_wait=tenacity.wait_fixed(0.02),
+)
+deadline = time.monotonic() + float(sys.argv[4])
+while time.monotonic() < deadline:
+    client.flush(timeout=1)
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+def test_many_processes_and_threads_share_one_file(receiver, outbox_file: Path) -> None:
+    spans: list[tuple[str, float, float]] = []
+
+    def timed(request: Received) -> Reply:
+        spans.append((request.body["writeKey"], request.at, request.at + 0.01))
+        return Reply(delay=0.01)
+
+    receiver.responder = timed
+    Client("k", outbox_path=str(outbox_file), upload=False).shutdown()  # create it first
+    uploaders = [
+        start_python(FLUSHER, receiver.url, str(outbox_file), key, "25") for key in ("A", "B")
+    ]
+    producers = [start_python(THREADED_PRODUCER, str(outbox_file), f"p{i}") for i in range(3)]
+    for producer in producers:
+        out, err = producer.communicate(timeout=120)
+        assert out.startswith("errors 0 "), out + err
+    received = receiver.wait_for(3 * 4 * 300, timeout=60)
+    for uploader in uploaders:
+        uploader.send_signal(signal.SIGKILL)
+        uploader.wait()
+
+    keys = [(m["properties"]["source"], m["properties"]["seq"]) for m in received]
+    assert len(keys) == len(set(keys)) == 3600  # every event once: no row taken twice
+    for source in {source for source, _ in keys}:
+        assert [seq for s, seq in keys if s == source] == list(range(300))
+    spans.sort(key=lambda span: span[1])
+    for (key_a, _, end_a), (key_b, start_b, _) in zip(spans, spans[1:]):
+        assert key_a == key_b or start_b >= end_a - 0.001  # one uploader at a time
+
+
+# -- a full disk ---------------------------------------------------------------------
+
+
+def _mount_small_disk(directory: Path, size: str) -> bool:
+    if os.geteuid() != 0:
+        return False
+    directory.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+        capture_output=True,
+    )
+    return mounted.returncode == 0
+
+
+def test_a_full_disk_fails_cleanly_and_recovers(tmp_path: Path) -> None:
+    disk = tmp_path / "small"
+    if not _mount_small_disk(disk, "400k"):
+        pytest.skip("needs root to mount a small tmpfs (test_outbox injects the failure)")
+    try:
+        client = Client("k", outbox_path=str(disk / "o.db"), upload=False)
+        stored = 0
+        while stored < 10_000:
+            ok, _ = client.track("u", "Big", {"n": stored, "blob": "x" * 2000})
+            if not ok:
+                break
+            stored += 1
+        assert 0 < stored < 10_000  # the disk filled up, and the call said so
+        assert client.stats().dropped >= 1
+        with pytest.raises(Exception, match="full"), client.batch():
+            client.track("u", "In a batch")
+        assert client.stats().pending == stored  # every earlier row intact
+
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        assert client.track("u", "After", {"n": -1})[0]  # space is back: so is appending
+        assert client.stats().pending == stored + 1
+        assert client.outbox.check() == []
+        client.shutdown()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# -- damaged files ---------------------------------------------------------------------
+
+
+def _outbox_with(path: Path, count: int) -> None:
+    client = Client("k", outbox_path=str(path), upload=False)
+    with client.batch():
+        for n in range(count):
+            client.track("u", "Stored", {"n": n, "pad": "p" * 200})
+    client.shutdown()
+
+
+def test_a_truncated_outbox_is_moved_aside_and_salvaged(
+    outbox_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _outbox_with(outbox_file, 3000)
+    original = outbox_file.read_bytes()
+    outbox_file.write_bytes(original[: len(original) // 2])  # a disk that lost the end
+
+    check = subprocess.run(
+        [sys.executable, "-m", "outbox_analytics", "check", str(outbox_file)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert check.returncode == 1 and "damaged" in check.stdout + check.stderr
+
+    client = Client("k", outbox_path=str(outbox_file), upload=False)  # no crash, no crash loop
+    moved = list(outbox_file.parent.glob(f"{outbox_file.name}.corrupt-*"))
+    assert [p.name for p in moved if not p.name.endswith(("-wal", "-shm"))]
+    aside = next(p for p in moved if not p.name.endswith(("-wal", "-shm")))
+    assert aside.read_bytes() == original[: len(original) // 2]  # kept as it was
+    salvaged = [row.message["properties"]["n"] for row in client.outbox.rows()]
+    assert salvaged == sorted(salvaged) and 0 < len(salvaged) < 3000
+    assert any("was damaged" in r.getMessage() for r in caplog.records)
+    assert client.track("u", "After")[0]  # and the outbox works again
+    client.shutdown()
+
+
+def test_garbage_at_the_end_of_the_wal_loses_nothing(outbox_file: Path) -> None:
+    writer = start_python(
+        """
+        import sys, time
+        from outbox_analytics import Client
+        client = Client("k", outbox_path=sys.argv[1], upload=False)
+        for n in range(200):
+            client.track("u", "Stored", {"n": n})
+        print("stored", flush=True)
+        time.sleep(60)
+        """,
+        str(outbox_file),
+    )
+    assert writer.stdout is not None and writer.stdout.readline().strip() == "stored"
+    writer.send_signal(signal.SIGKILL)  # the WAL is left behind, not checkpointed
+    writer.wait()
+    wal = Path(f"{outbox_file}-wal")
+    assert wal.stat().st_size > 0
+    with open(wal, "ab") as file:
+        file.write(os.urandom(50_000))
+    with Outbox(outbox_file) as outbox:
+        assert [row.message["properties"]["n"] for row in outbox.rows()] == list(range(200))
+        assert outbox.check() == []
+
+
+def test_a_file_that_is_not_sqlite_is_refused_not_moved(outbox_file: Path) -> None:
+    outbox_file.write_bytes(b"\x00" * 100 + b"someone's data")
+    with pytest.raises(Exception, match="not an outbox"):
+        Client("k", outbox_path=str(outbox_file))
+    assert outbox_file.read_bytes() == b"\x00" * 100 + b"someone's data"
+    assert not list(outbox_file.parent.glob("*.corrupt-*"))
+
+
+# -- fuzzing what callers pass --------------------------------------------------------
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),  # includes integers wider than 64 bits
+    st.floats(),  # includes NaN and the infinities
+    st.text(),  # includes lone surrogates
+    st.binary(max_size=20),  # includes invalid UTF-8
+    st.decimals(),
+    st.datetimes(),
+    st.uuids(),
+    st.fractions(),
+    st.builds(object),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.frozensets(st.integers(), max_size=3),
+        st.dictionaries(st.one_of(st.text(), st.integers()), inner, max_size=4),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(properties=st.dictionaries(st.text(max_size=5), _values, max_size=4))
+def test_any_value_is_refused_at_the_call_or_stored_exactly_as_sent(
+    fuzz_client: Client, properties: dict
+) -> None:
+    before = fuzz_client.stats().pending
+    try:
+        ok, message = fuzz_client.track("u", "Fuzzed", properties)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        assert str(exc)  # a clear message ...
+        assert fuzz_client.stats().pending == before  # ... and nothing stored
+        return
+    assert ok
+    stored = list(fuzz_client.outbox.rows())[-1].message
+    assert stored == message
+    wire = json.loads(json.dumps(stored))  # what the uploader sends
+    assert wire == stored
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("fuzz") / "o.db"
+    client = Client("k", outbox_path=str(path), upload=False)
+    yield client
+    client.shutdown()
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+def test_tls_certificates_are_verified(tmp_path: Path) -> None:
+    import datetime as dt
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}"
+    errors = []
+    client = Client(
+        "k",
+        host=url,
+        outbox_path=str(tmp_path / "o.db"),
+        max_retries=0,
+        on_error=lambda exc, batch: errors.append(exc),
+    )
+    client.track("u", "Over TLS")
+    result = client.flush(timeout=10)
+    client.shutdown(timeout=2)
+    server.shutdown()
+    assert hits == []  # a self-signed certificate is refused: nothing was sent ...
+    assert result.pending == 1  # ... and nothing lost
+    assert "SSLError" in str(errors[0])
