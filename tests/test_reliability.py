@@ -307,7 +307,9 @@ while True:
 
 
 @pytest.mark.slow
-def test_crash_loops_with_faults_lose_nothing(receiver, outbox_file: Path) -> None:
+def test_crash_loops_with_faults_lose_nothing(
+    receiver, outbox_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rng = random.Random(20261127)
     faults = {"5xx": 0, "429": 0, "dropped": 0, "slow": 0}
 
@@ -375,10 +377,11 @@ def test_crash_loops_with_faults_lose_nothing(receiver, outbox_file: Path) -> No
     lost = [(s, n) for s, numbers in confirmed.items() for n in numbers if (s, n) not in seen]
     events = sum(len(numbers) for numbers in confirmed.values())
     duplicates = len(delivered) - len(seen)
-    print(
-        f"\ncrash loop: {events} events confirmed, {len(delivered)} deliveries,"
-        f" {kills} kills, faults {faults}, lost {len(lost)}, duplicates {duplicates}"
-    )
+    with capsys.disabled():  # the figures belong in the run's output
+        print(
+            f"\ncrash loop: {events} events confirmed, {len(delivered)} deliveries,"
+            f" {kills} kills, faults {faults}, lost {len(lost)}, duplicates {duplicates}"
+        )
     assert lost == []
     assert all(len(ids) == 1 for ids in seen.values())  # duplicates share their messageId
     for source, numbers in order.items():
