@@ -442,7 +442,10 @@ class Client:
             return True, msg
         try:
             row_id = self.outbox.append(data)
-        except OutboxFull:
+        except OutboxFull as full:
+            if not full.recorded:
+                with self._drops_lock:
+                    self._unrecorded_drops += 1
             self._warn_full()
             return False, msg
         except OutboxError as exc:

@@ -38,7 +38,12 @@ class OutboxError(OutboxAnalyticsError):
 
 
 class OutboxFull(OutboxAnalyticsError):
-    """The outbox holds `max_queue_size` pending events; the new one was not stored."""
+    """The outbox holds `max_queue_size` pending events; the new one was not stored.
+
+    `recorded` is False when the drop could not be counted in the file either.
+    """
+
+    recorded = True
 
 
 class DeliveryError(OutboxAnalyticsError):

@@ -9,8 +9,8 @@ persist-queue lacks is added on the same table:
 - batch SQL: claim, ack, release and dead-letter many rows in one transaction;
 - partial indexes, so claims and counts never walk dead or in-flight rows,
   and acknowledged rows are deleted so a claim does not slow down with history;
-- extra columns for the uploader (JSON size, attempts, last status and error,
-  next attempt time);
+- extra columns for the uploader (attempts, last status and error, next
+  attempt time, first attempt time);
 - a capacity check that does not count the table on every append;
 - a single-uploader lease: an OS lock on `<file>.lock` that dies with its
   process, so in-flight rows of a dead uploader can be reclaimed safely.
@@ -467,8 +467,12 @@ class Outbox:
                 self._refuse()
 
     def _refuse(self) -> None:
-        self._add_dropped(1)
-        raise OutboxFull(f"the outbox holds {self.max_pending} pending events: {self.path}")
+        full = OutboxFull(f"the outbox holds {self.max_pending} pending events: {self.path}")
+        try:
+            self._add_dropped(1)
+        except sqlite3.Error:  # a full disk too: the caller counts it instead
+            full.recorded = False
+        raise full
 
     def _count_pending(self) -> int:
         return int(self._scalar(_COUNT_PENDING))
@@ -603,7 +607,7 @@ class Outbox:
                     os.close(fd)
                     return False
                 self._lease_fd = fd
-            self._reclaim_inflight()
+            self.reclaim_inflight()
             return True
 
     def release_lease(self) -> None:
@@ -616,7 +620,8 @@ class Outbox:
     def holds_lease(self) -> bool:
         return self._lease_fd is not None
 
-    def _reclaim_inflight(self) -> int:
+    def reclaim_inflight(self) -> int:
+        """Make in-flight rows pending again. Only for the lease holder (they are its rows)."""
         with self._transaction() as conn:
             return conn.execute(
                 f"UPDATE {_TABLE} SET status = {_READY} WHERE {_INFLIGHT_WHERE}"

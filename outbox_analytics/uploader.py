@@ -141,10 +141,23 @@ class Uploader:
                 self.loop_errors += 1
                 log.exception("outbox-analytics uploader failed; trying again shortly")
                 delay = max(self.upload_interval, 0.1)
+                self._take_back_inflight()
             if delay > 0:
                 self._wake.wait(delay)
                 self._wake.clear()
         self._notify()
+
+    def _take_back_inflight(self) -> None:
+        """After a failure mid-batch (a full disk, say), rows may be left in flight.
+
+        We hold the lease, so every in-flight row is ours: make them pending
+        again, or they would wait for the next process to start.
+        """
+        try:
+            if self.outbox.holds_lease:
+                self.outbox.reclaim_inflight()
+        except Exception:
+            log.debug("could not take back in-flight rows yet", exc_info=True)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop after the batch in flight; True if the thread ended within `timeout`."""

@@ -490,6 +490,10 @@ def test_a_full_disk_fails_cleanly_and_recovers(tmp_path: Path) -> None:
         with pytest.raises(Exception, match="full"), client.batch():
             client.track("u", "In a batch")
         assert client.stats().pending == stored  # every earlier row intact
+        capped = Client("k", outbox_path=str(disk / "o.db"), upload=False, max_queue_size=stored)
+        assert capped.track("u", "Over the cap")[0] is False  # full twice over: still no raise
+        assert capped.stats().dropped >= 1
+        capped.shutdown()
 
         subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
         assert client.track("u", "After", {"n": -1})[0]  # space is back: so is appending

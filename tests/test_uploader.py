@@ -350,3 +350,30 @@ def test_flush_returns_on_time_while_retries_back_off(make_client, receiver) -> 
     client.shutdown(timeout=1)  # cuts the 30 s backoff short
     assert time.monotonic() - started < 1.5
     assert client.stats().pending == 2
+
+
+def test_a_storage_failure_mid_batch_strands_no_rows(make_client, receiver) -> None:
+    import sqlite3
+
+    client = make_client()
+    outbox = client.uploader.outbox
+    real_ack = outbox.ack
+    calls: list[int] = []
+
+    def ack_failing_once(ids):  # the disk was full at the moment of the ack
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_ack(ids)
+
+    outbox.ack = ack_failing_once
+    sent = track_numbered(client, 3)
+    deadline = time.monotonic() + 10
+    while client.flush(timeout=2).pending and time.monotonic() < deadline:
+        pass
+    stats = client.stats()
+    assert (stats.pending, stats.inflight) == (0, 0)
+    assert client.uploader.loop_errors == 1
+    delivered = receiver.accepted()
+    assert {m["messageId"] for m in delivered} == {m["messageId"] for m in sent}
+    assert len(delivered) == 6  # sent twice (the first ack failed), same messages
