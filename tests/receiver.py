@@ -136,3 +136,27 @@ class Receiver:
                 pass
 
         return Handler
+
+
+class SenderSpans:
+    """A responder that answers slowly and notes who sent each request, and when.
+
+    `assert_one_at_a_time()` then checks that requests of different senders
+    (told apart by their write key) never overlapped: one uploader at a time.
+    """
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.spans: list[tuple[str, float, float]] = []
+
+    def __call__(self, request: Received) -> Reply:
+        self.spans.append((request.body["writeKey"], request.at, request.at + self.delay))
+        return Reply(delay=self.delay)
+
+    def assert_one_at_a_time(self) -> int:
+        """Checks the spans; returns how many times the sender changed."""
+        spans = sorted(self.spans, key=lambda span: span[1])
+        for (key_a, _, end_a), (key_b, start_b, _) in zip(spans, spans[1:]):
+            assert key_a == key_b or start_b >= end_a - 0.001, (key_a, key_b)
+        senders = [key for key, _, _ in spans]
+        return sum(1 for a, b in zip(senders, senders[1:]) if a != b)

@@ -14,7 +14,7 @@ from outbox_analytics import Client
 from outbox_analytics.outbox import Outbox
 
 from .conftest import start_python
-from .receiver import Received, Reply
+from .receiver import Received, Reply, SenderSpans
 
 PRODUCER = """
 import sys, time, tenacity
@@ -68,13 +68,8 @@ def test_a_kill_during_an_upload_then_a_restart_delivers_everything(
 
 
 def test_two_processes_on_one_file_upload_one_at_a_time(receiver, outbox_file: Path) -> None:
-    spans: list[tuple[str, float, float]] = []
-
-    def slow_ok(request: Received) -> Reply:
-        spans.append((request.body["writeKey"], request.at, request.at + 0.02))
-        return Reply(delay=0.02)
-
-    receiver.responder = slow_ok
+    spans = SenderSpans(delay=0.02)
+    receiver.responder = spans
     # The first holds the lease, then exits; the second must take over.
     first = start_python(PRODUCER, receiver.url, str(outbox_file), "first", "150", "30", "1")
     assert first.stdout is not None and first.stdout.readline().strip() == "stored"
@@ -88,13 +83,7 @@ def test_two_processes_on_one_file_upload_one_at_a_time(receiver, outbox_file: P
     for source in ("first", "second"):
         mine = [m["properties"]["n"] for m in accepted if m["properties"]["source"] == source]
         assert mine == list(range(150)), source  # each once, in order
-    # Never two uploaders at once: requests of different senders never overlap.
-    spans.sort(key=lambda span: span[1])
-    for (key_a, _, end_a), (key_b, start_b, _) in zip(spans, spans[1:]):
-        assert key_a == key_b or start_b >= end_a - 0.001
-    senders = [key for key, _, _ in spans]
-    switches = sum(1 for a, b in zip(senders, senders[1:]) if a != b)
-    assert switches <= 1
+    assert spans.assert_one_at_a_time() <= 1  # and the lease changed hands once
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

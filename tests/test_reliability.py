@@ -24,7 +24,7 @@ from outbox_analytics.collector import Collector
 from outbox_analytics.outbox import Outbox, encode_message
 
 from .conftest import start_python
-from .receiver import Received, Reply
+from .receiver import Received, Reply, SenderSpans
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -430,13 +430,8 @@ while time.monotonic() < deadline:
 
 @pytest.mark.slow
 def test_many_processes_and_threads_share_one_file(receiver, outbox_file: Path) -> None:
-    spans: list[tuple[str, float, float]] = []
-
-    def timed(request: Received) -> Reply:
-        spans.append((request.body["writeKey"], request.at, request.at + 0.01))
-        return Reply(delay=0.01)
-
-    receiver.responder = timed
+    spans = SenderSpans(delay=0.01)
+    receiver.responder = spans
     Client("k", outbox_path=str(outbox_file), upload=False).shutdown()  # create it first
     uploaders = [
         start_python(FLUSHER, receiver.url, str(outbox_file), key, "25") for key in ("A", "B")
@@ -454,9 +449,7 @@ def test_many_processes_and_threads_share_one_file(receiver, outbox_file: Path) 
     assert len(keys) == len(set(keys)) == 3600  # every event once: no row taken twice
     for source in {source for source, _ in keys}:
         assert [seq for s, seq in keys if s == source] == list(range(300))
-    spans.sort(key=lambda span: span[1])
-    for (key_a, _, end_a), (key_b, start_b, _) in zip(spans, spans[1:]):
-        assert key_a == key_b or start_b >= end_a - 0.001  # one uploader at a time
+    spans.assert_one_at_a_time()
 
 
 # -- a full disk ---------------------------------------------------------------------
