@@ -110,6 +110,7 @@ class Uploader:
         self.gave_up_at = 0.0  # unix time retries last ran out
         self._warn_exhausted = RateLimitedLog()
         self._warn_dead = RateLimitedLog()
+        self._warn_loop = RateLimitedLog()
 
     @property
     def requester(self) -> Requester:
@@ -137,9 +138,15 @@ class Uploader:
         while not self._stopping.is_set():
             try:
                 delay = self.step()
-            except Exception:  # the loop outlives every failure; each one is logged
+            except Exception:  # the loop outlives every failure; each one is counted
                 self.loop_errors += 1
-                log.exception("outbox-analytics uploader failed; trying again shortly")
+                suppressed = self._warn_loop.ready()  # and logged, at most every 10 s
+                if suppressed is not None:
+                    log.exception(
+                        "outbox-analytics uploader failed; trying again shortly"
+                        " (%d more failures since the last report)",
+                        suppressed,
+                    )
                 delay = max(self.upload_interval, 0.1)
                 self._take_back_inflight()
             if delay > 0:
