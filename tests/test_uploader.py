@@ -55,8 +55,6 @@ def test_retries_keep_message_ids_and_set_sent_at_and_retry_count(make_client, r
     assert [r.headers.get("X-Retry-Count") for r in receiver.requests] == [None, "1", "2"]
     sent_at = [r.body["sentAt"] for r in receiver.requests]
     assert len(set(sent_at)) == 3  # set per attempt
-    stored_timestamps = {m["timestamp"] for m in sent}
-    assert not stored_timestamps & set(sent_at) or len(stored_timestamps) == 1
 
 
 @pytest.mark.parametrize("status", [408, 410, 429, 460, 500, 502, 503, 504, 401, 403, 404])
@@ -180,7 +178,8 @@ def test_exhausted_retries_put_rows_back_with_their_history(make_client, receive
     result = client.flush(timeout=10)
     assert (result.sent, result.dead, result.pending) == (0, 0, 3)
     rows = list(client.outbox.rows("pending"))
-    assert [r.message for r in rows] == sent
+    assert [r.message for r in rows] == sent  # unchanged: no sentAt was ever stored
+    assert all("sentAt" not in r.message for r in rows)
     assert all(r.attempts == 3 and r.last_status == 503 for r in rows)
     assert "down for maintenance" in rows[0].last_error
     assert rows[0].next_attempt_at > time.time()
