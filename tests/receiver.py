@@ -51,6 +51,7 @@ class Receiver:
         self.script: list[Reply] = []
         self.responder: Responder = lambda request: Reply()
         self._lock = threading.Lock()
+        self._writing = 0  # answers being written, not yet noted as answered
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -64,7 +65,14 @@ class Receiver:
     # -- what tests read ------------------------------------------------------------
 
     def accepted(self) -> list[dict[str, Any]]:
-        """Messages of the requests answered 2xx, in the order received."""
+        """Messages of the requests answered 2xx, in the order received.
+
+        A client can read its answer before the handler thread has noted it:
+        wait (briefly) for answers being written, so a test never races them.
+        """
+        deadline = time.monotonic() + 2
+        while self._writing and time.monotonic() < deadline:
+            time.sleep(0.005)
         with self._lock:
             return [m for r, reply in self._answered for m in r.batch if 200 <= reply.status < 300]
 
@@ -87,8 +95,9 @@ class Receiver:
             return self.script.pop(0) if self.script else self.responder(request)
 
     def _record(self, request: Received, reply: Reply) -> None:
-        with self._lock:
+        with self._lock:  # noted and no longer "being written", in one step
             self._answered.append((request, reply))
+            self._writing -= 1
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         receiver = self
@@ -119,6 +128,8 @@ class Receiver:
                     self.close_connection = True
                     return
                 body = reply.body.encode()
+                with receiver._lock:
+                    receiver._writing += 1
                 try:
                     self.send_response_only(reply.status)
                     headers = {"Date": self.date_time_string(), **reply.headers}
@@ -129,6 +140,8 @@ class Receiver:
                     self.end_headers()
                     self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
+                    with receiver._lock:
+                        receiver._writing -= 1
                     return  # the client gave up waiting (a timeout test): not answered
                 receiver._record(request, reply)
 
