@@ -534,19 +534,22 @@ class _Progress:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._done.wait(0.2):
-            sent = self.client.uploader.sent if self.client.uploader else 0
-            width = 30
-            filled = int(width * sent / self.total) if self.total else width
-            print(
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {sent}/{self.total}",
-                end="",
-                file=sys.stderr,
-            )
+        while True:
+            self._show()
+            if self._done.wait(0.2):
+                return
+
+    def _show(self) -> None:
+        sent = self.client.uploader.sent if self.client.uploader else 0
+        width = 30
+        filled = min(width, int(width * sent / self.total)) if self.total else width
+        bar = "#" * filled + "." * (width - filled)
+        print(f"\r[{bar}] {sent}/{self.total}", end="", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         self._done.set()
         self._thread.join()
+        self._show()  # the final count, whatever the last tick showed
         print(file=sys.stderr)
 
 

@@ -325,3 +325,33 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lost                       0" in result.stdout
     assert str(tmp_path / "outbox.sqlite3") in result.stdout
+
+
+def test_drain_shows_progress_on_a_terminal(populated: Path) -> None:
+    import pty
+
+    with Collector() as collector:
+        leader, follower = pty.openpty()  # stderr is a terminal, stdout is not
+        process = subprocess.Popen(
+            [sys.executable, "-m", "outbox_analytics", "drain", str(populated),
+             "--host", collector.url, "--write-key", "k"],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        os.close(follower)
+        out, _ = process.communicate(timeout=60)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            shown += chunk
+        os.close(leader)
+    assert process.returncode == 0
+    assert json.loads(out) == {"sent": 8, "dead": 0, "pending": 0}
+    assert b"/8" in shown and b"[" in shown  # a progress line, on the terminal only
