@@ -14,10 +14,13 @@ stderr. Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -422,33 +425,51 @@ def _vacuum(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    messages = list(_read_messages(args.file))  # all validated before anything is written
-    with Outbox(args.path) as outbox:
-        present = outbox.message_ids()
-        fresh = []
-        for message in messages:
-            if message["messageId"] not in present:
-                present.add(message["messageId"])
-                fresh.append(message)
-        outbox.append_messages(fresh)
-    print(json.dumps({"imported": len(fresh), "skipped": len(messages) - len(fresh)}))
+    """Two streamed passes: validate every line, then store; memory holds only messageIds."""
+    with _seekable(args.file) as source:
+        for _ in _read_messages(source, args.file):  # a bad line stops us before any write
+            pass
+        source.seek(0)
+        with Outbox(args.path) as outbox:
+            present = outbox.message_ids()
+            counts = {"imported": 0, "skipped": 0}
+
+            def fresh() -> Iterator[dict[str, Any]]:
+                for message in _read_messages(source, args.file):
+                    if message["messageId"] in present:
+                        counts["skipped"] += 1
+                        continue
+                    present.add(message["messageId"])
+                    counts["imported"] += 1
+                    yield message
+
+            outbox.append_messages(fresh())
+    print(json.dumps(counts))
     return EXIT_OK
 
 
-def _read_messages(path: str) -> Iterator[dict[str, Any]]:
-    source: IO[str] = sys.stdin if path == "-" else open(path)  # noqa: SIM115
-    try:
-        for number, line in enumerate(source, 1):
-            if not line.strip():
-                continue
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            yield _importable(message, f"{path}:{number}")
-    finally:
-        if source is not sys.stdin:
-            source.close()
+@contextlib.contextmanager
+def _seekable(path: str) -> Iterator[IO[str]]:
+    """The file, or stdin spooled to a temporary file (so it can be read twice)."""
+    if path != "-":
+        with open(path) as source:
+            yield source
+        return
+    with tempfile.TemporaryFile("w+") as spool:
+        shutil.copyfileobj(sys.stdin, spool)
+        spool.seek(0)
+        yield spool
+
+
+def _read_messages(source: IO[str], name: str) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{name}:{number}: not JSON ({exc.msg})") from None
+        yield _importable(message, f"{name}:{number}")
 
 
 def _importable(message: Any, where: str) -> dict[str, Any]:

@@ -131,6 +131,8 @@ def test_export_import_round_trip(populated: Path, tmp_path: Path) -> None:
         stored = [row.message for row in outbox.rows()]
     originals = [{k: v for k, v in m.items() if k != "_outbox"} for m in lines]
     assert stored == originals  # messageId and timestamp kept, order kept
+    piped = cli("import", str(tmp_path / "piped.db"), "-", stdin=exported.read_text())
+    assert json.loads(piped.stdout) == {"imported": 10, "skipped": 0}
 
 
 def test_import_of_bad_lines_changes_nothing(populated: Path, tmp_path: Path) -> None:
