@@ -423,7 +423,7 @@ class Uploader:
         self._wake.set()
         try:
             while self.outbox.unfinished(mark):
-                if not self.running or self.gave_up_at >= started:
+                if not self.running or self.gave_up_at >= started or self._other_gave_up():
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -435,6 +435,13 @@ class Uploader:
                 self._urgent -= 1
         left = self.outbox.count_unfinished(mark)
         return FlushResult(sent=self.sent - sent, dead=self.dead - dead, pending=left)
+
+    def _other_gave_up(self) -> bool:
+        """Another process uploads, and it is backing off: waiting here would not help."""
+        if self.outbox.holds_lease:
+            return False
+        next_attempt = self.outbox.head(1).next_attempt_at
+        return next_attempt is not None and next_attempt > time.time()
 
     def deliver_now(self, row_id: int, timeout: float) -> None:
         """sync_mode: deliver everything up to `row_id` on this thread, or raise.

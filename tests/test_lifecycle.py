@@ -139,3 +139,38 @@ def test_exit_with_the_server_unreachable_is_prompt_and_loses_nothing(
     client = Client("k", outbox_path=str(outbox_file), upload=False)
     assert client.stats().pending == 10  # in-flight rows of the dead process are pending again
     client.shutdown()
+
+
+BACKING_OFF = """
+import sys, time, tenacity
+from outbox_analytics import Client
+
+client = Client(
+    "k", host=sys.argv[1], outbox_path=sys.argv[2], max_retries=1,
+    retry_wait=tenacity.wait_fixed(0.01), upload_interval=0.5,
+)
+for n in range(5):
+    client.track("user", "Numbered", {"n": n})
+client.flush(timeout=10)  # the server is down: retries run out, the head backs off
+print("backing off", flush=True)
+time.sleep(60)
+"""
+
+
+def test_flush_without_the_lease_returns_when_the_uploader_backs_off(
+    receiver, outbox_file: Path
+) -> None:
+    receiver.responder = lambda request: Reply(503)
+    holder = start_python(BACKING_OFF, receiver.url, str(outbox_file))
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "backing off"
+    try:
+        client = Client("k", host=receiver.url, outbox_path=str(outbox_file))
+        client.track("user", "From the second process")
+        started = time.monotonic()
+        result = client.flush()  # no timeout: it must still come back
+        assert time.monotonic() - started < 5
+        assert result.pending == 6
+        client.shutdown(timeout=1)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
