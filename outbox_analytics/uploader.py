@@ -248,12 +248,12 @@ class Uploader:
         for index, row in enumerate(batch.rows):
             total += len(json.dumps(row.message)) + 2  # ", " between items
             if total > budget:
+                rest = batch.rows[index:]
                 if index == 0:  # alone too large: it can never be sent
                     error = APIError(413, "too_large", "message larger than the batch limit")
                     self._bury(batch, [row], error)
-                    batch.rows = []
-                    return
-                self.outbox.release([r.id for r in batch.rows[index:]], attempts=0)
+                    rest = batch.rows[1:]
+                self.outbox.release([r.id for r in rest], attempts=0)  # next batch
                 batch.rows = batch.rows[:index]
                 return
 

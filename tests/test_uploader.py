@@ -378,3 +378,21 @@ def test_a_storage_failure_mid_batch_strands_no_rows(make_client, receiver) -> N
     delivered = receiver.accepted()
     assert {m["messageId"] for m in delivered} == {m["messageId"] for m in sent}
     assert len(delivered) == 6  # sent twice (the first ack failed), same messages
+
+
+def test_a_message_too_large_for_any_batch_is_dead_and_blocks_nothing(
+    make_client, receiver, outbox_file
+) -> None:
+    from outbox_analytics.outbox import Outbox, encode_message
+
+    with Outbox(outbox_file) as outbox:  # written by something else: no 32 KB check
+        huge = {"type": "track", "messageId": "huge", "event": "é" * 100_000}  # 600 KB as JSON
+        outbox.append(encode_message(huge))
+        for n in range(3):
+            outbox.append(encode_message({"type": "track", "messageId": f"m{n}", "event": "E"}))
+    client = make_client()
+    result = client.flush(timeout=10)
+    assert (result.sent, result.dead, result.pending) == (3, 1, 0)
+    assert [m["messageId"] for m in receiver.accepted()] == ["m0", "m1", "m2"]
+    (dead,) = list(client.outbox.rows("dead"))
+    assert dead.last_status == 413 and "larger than the batch limit" in dead.last_error
