@@ -51,7 +51,6 @@ __all__ = [
     "Outbox",
     "OutboxStats",
     "Row",
-    "STATES",
     "default_outbox_path",
     "encode_message",
 ]
@@ -59,7 +58,6 @@ __all__ = [
 log = logging.getLogger("outbox_analytics")
 
 DEFAULT_MAX_PENDING = 1_000_000
-STATES = ("pending", "inflight", "dead")
 
 _TABLE = "`ack_queue_default`"  # persist-queue's table for queue name "default"
 _TABLE_NAME = "ack_queue_default"
@@ -143,7 +141,6 @@ class Head:
     """The front of the pending queue."""
 
     pending: int  # pending rows, counted up to the limit asked for
-    first_id: int | None
     oldest_enqueued_at: float | None
     next_attempt_at: float | None
 
@@ -638,12 +635,12 @@ class Outbox:
                 (limit,),
             ).fetchone()[0]
             first = conn.execute(
-                f"SELECT _id, timestamp, next_attempt_at FROM {_TABLE}"
+                f"SELECT timestamp, next_attempt_at FROM {_TABLE}"
                 " WHERE status < 2 ORDER BY _id LIMIT 1"
             ).fetchone()
         if first is None:
-            return Head(0, None, None, None)
-        return Head(int(pending), first[0], first[1], first[2])
+            return Head(0, None, None)
+        return Head(int(pending), first[0], first[1])
 
     def last_id(self) -> int:
         """The highest row id ever used (ids are never reused: AUTOINCREMENT)."""

@@ -176,10 +176,10 @@ class Uploader:
             if thread.is_alive():
                 return False  # a request still in flight: keep the lease until we exit
         self.outbox.close()  # and with it the lease
+        if self._requester is not None:
+            self._requester.close()
+            self._requester = None
         return True
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def _notify(self) -> None:
         with self._progress:
