@@ -426,12 +426,13 @@ class Client:
     def _enqueue(self, msg: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """Validate, complete and clean `msg`, then commit it to the outbox."""
         msg = self._complete(msg)
-        if self.before_send is not None:
+        if self.before_send is None:
+            data = _encode(msg)
+        else:
             changed = self._before_send(msg)
             if changed is None:
                 return False, msg
-            msg = changed
-        data = _encode(msg)
+            msg, data = changed
         if not self.send or self.disabled:
             return True, msg
         capture = _capture
@@ -479,8 +480,12 @@ class Client:
         msg["context"]["library"] = dict(LIBRARY)
         return msg
 
-    def _before_send(self, msg: dict[str, Any]) -> dict[str, Any] | None:
-        """Run the before_send hook; None (the event is dropped, counted) if it says so or fails."""
+    def _before_send(self, msg: dict[str, Any]) -> tuple[dict[str, Any], bytes] | None:
+        """Run the before_send hook: the message it returns, cleaned and encoded.
+
+        None (the event is dropped, counted) if the hook says so, fails, or
+        returns something that cannot be sent.
+        """
         assert self.before_send is not None
         try:
             changed = self.before_send(msg)
@@ -491,8 +496,7 @@ class Client:
             if not isinstance(changed, dict):
                 raise TypeError(f"before_send must return a dict or None, not {type(changed)}")
             result: dict[str, Any] = clean(changed)
-            _encode(result)  # what it returns must fit the limits too
-            return result
+            return result, _encode(result)  # what it returns must fit the limits too
         except Exception:
             self.dropped_by_before_send += 1
             log.exception("before_send failed; message %s dropped", msg.get("messageId"))

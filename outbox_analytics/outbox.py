@@ -648,7 +648,7 @@ class Outbox:
         return int(seq or 0)
 
     def state_of(self, row_id: int) -> str | None:
-        """ "pending", "inflight" or "dead"; None once delivered (or never stored)."""
+        """The row's state (pending, inflight or dead); None once delivered or never stored."""
         status = self._scalar(f"SELECT status FROM {_TABLE} WHERE _id = ?", (row_id,))
         return None if status is None else _state_of(status)
 
