@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 import jwt
 import requests
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .errors import RetryableError
-from .request import MAX_RETRY_AFTER, parse_retry_after
+from .request import MAX_RETRY_AFTER, error_fields, parse_retry_after
 from .utils import RateLimitedLog
 
 __all__ = ["AuthError", "TokenManager", "load_private_key"]
@@ -175,7 +174,8 @@ class TokenManager:
 
     def _error_for(self, response: requests.Response) -> RetryableError:
         status = response.status_code
-        code, description = _oauth_error(response)
+        code, description = error_fields(response.text, "error", "error_description")
+        description = description or response.reason or ""
         if status == 429:
             wait = _rate_limit_reset(response.headers.get("X-RateLimit-Reset"), time.time())
             if wait is None:
@@ -196,16 +196,6 @@ class TokenManager:
                 log.error("%s (%d more since the last report)", error, suppressed)
             return error
         return RetryableError(f"OAuth token server answered {status}", status=status)
-
-
-def _oauth_error(response: requests.Response) -> tuple[str, str]:
-    try:
-        payload: Any = response.json()
-    except ValueError:
-        return "unknown", response.reason or ""
-    if not isinstance(payload, dict):
-        return "unknown", response.reason or ""
-    return str(payload.get("error", "unknown")), str(payload.get("error_description", ""))
 
 
 def _rate_limit_reset(value: str | None, now: float) -> float | None:

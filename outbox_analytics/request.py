@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import gzip as gzip_module
 import json
-import logging
 import os
 import time
 from datetime import timezone
@@ -28,11 +27,10 @@ __all__ = [
     "MAX_RETRY_AFTER",
     "Requester",
     "encode_batch",
+    "error_fields",
     "is_retryable_status",
     "parse_retry_after",
 ]
-
-log = logging.getLogger("outbox_analytics")
 
 
 class TokenSource(Protocol):
@@ -187,7 +185,7 @@ def _ca_bundle_from_environment() -> str | None:
 def _error_for(reply: Reply) -> RetryableError | APIError:
     status = reply.status
     text = reply.text[:1000]
-    code, message = _segment_error(text)
+    code, message = error_fields(text, "code", "message")
     if is_retryable_status(status):
         headers = requests.structures.CaseInsensitiveDict(reply.headers)
         retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
@@ -200,15 +198,18 @@ def _error_for(reply: Reply) -> RetryableError | APIError:
     return APIError(status, code, message or text or f"HTTP {status}", body=text)
 
 
-def _segment_error(text: str) -> tuple[str, str]:
-    """Segment answers errors as {"code": ..., "message": ...}; use them when present."""
+def error_fields(text: str, code_key: str, message_key: str) -> tuple[str, str]:
+    """A JSON error body's code and message ("unknown", "" when it has none).
+
+    Segment answers {"code", "message"}; OAuth servers {"error", "error_description"}.
+    """
     try:
         payload: Any = json.loads(text)
     except ValueError:
         return "unknown", ""
     if not isinstance(payload, dict):
         return "unknown", ""
-    return str(payload.get("code", "unknown")), str(payload.get("message", ""))
+    return str(payload.get(code_key, "unknown")), str(payload.get(message_key, ""))
 
 
 def _describe(exc: requests.RequestException) -> str:
