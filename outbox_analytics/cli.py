@@ -516,6 +516,8 @@ def _write_key(args: argparse.Namespace) -> str:
 def _drain(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.path):
         raise UsageError(f"no outbox file at {args.path}")
+    with Outbox(args.path, readonly=True) as outbox:  # before our uploader starts
+        before = outbox.stats()
     client = Client(
         _write_key(args),
         host=args.host,
@@ -523,7 +525,8 @@ def _drain(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         upload_interval=0.05,
     )
-    progress = _Progress(client) if sys.stderr.isatty() else None
+    total = before.pending + before.inflight
+    progress = _Progress(client, total) if sys.stderr.isatty() else None
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     sent = dead = 0
     try:
@@ -546,10 +549,9 @@ def _drain(args: argparse.Namespace) -> int:
 class _Progress:
     """A progress line on stderr while a drain runs (only on a terminal)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, total: int) -> None:
         self.client = client
-        stats = client.stats()
-        self.total = stats.pending if stats else 0
+        self.total = total
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
