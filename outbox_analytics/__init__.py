@@ -21,12 +21,17 @@ from .client import Client
 from .errors import (
     APIError,
     DeliveryError,
+    NotAnOutbox,
     OutboxAnalyticsError,
+    OutboxBusy,
+    OutboxDamaged,
     OutboxError,
     OutboxFull,
+    OutboxMismatch,
+    OutboxUnavailable,
     RetryableError,
 )
-from .outbox import OutboxStats, default_outbox_path
+from .store import OutboxStats, default_outbox_path
 from .transport import MemoryTransport
 from .uploader import FlushResult
 from .version import VERSION
@@ -39,10 +44,15 @@ __all__ = [
     "DeliveryError",
     "FlushResult",
     "MemoryTransport",
+    "NotAnOutbox",
     "RetryableError",
     "OutboxAnalyticsError",
+    "OutboxBusy",
+    "OutboxDamaged",
     "OutboxError",
     "OutboxFull",
+    "OutboxMismatch",
+    "OutboxUnavailable",
     "OutboxStats",
     "VERSION",
     "alias",

@@ -26,9 +26,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any, NoReturn
 
-from .client import Client
+from .client import DEFAULT_HOST, Client
 from .errors import OutboxAnalyticsError, OutboxError
-from .outbox import Outbox, Row
+from .store import Outbox, Row, maintenance
 from .utils import clean
 
 __all__ = ["main"]
@@ -129,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     drain.add_argument("--host", help="the API's base URL (default: Segment's)")
     drain.add_argument("--timeout", type=float, help="give up after this many seconds")
     drain.add_argument("--max-retries", type=int, default=3, help="per batch (default 3)")
+    drain.add_argument(
+        "--force",
+        action="store_true",
+        help="send with this write key and host even if the outbox was made for others",
+    )
 
     vacuum = command("vacuum", _vacuum, "give the space of delivered rows back to the disk")
     _path(vacuum)
@@ -326,7 +331,7 @@ def _limited(rows: Iterator[Row], limit: int) -> Iterator[Row]:
 
 def _show(args: argparse.Namespace) -> int:
     with _open(args) as outbox:
-        row = outbox.find(args.key)
+        row = maintenance.find(outbox, args.key)
     if row is None:
         raise UsageError(f"no message {args.key!r} in {args.path}")
     print(json.dumps(_exported(row), indent=2))
@@ -366,7 +371,7 @@ def _exported(row: Row) -> dict[str, Any]:
 def _check(args: argparse.Namespace) -> int:
     try:
         with _open(args) as outbox:
-            problems = outbox.check()
+            problems = maintenance.check(outbox)
     except OutboxError as exc:  # damaged beyond opening: that is the finding
         problems = [str(exc)]
     if args.json:
@@ -399,27 +404,27 @@ def _requeue(args: argparse.Namespace) -> int:
             return EXIT_OK
         if chosen and not _confirm(args, f"Move {len(chosen)} dead message(s) back to pending?"):
             return EXIT_OK
-        moved = outbox.requeue(chosen) if chosen else 0
+        moved = maintenance.requeue(outbox, chosen) if chosen else 0
     print(json.dumps({"requeued": moved}))
     return EXIT_OK
 
 
 def _purge(args: argparse.Namespace) -> int:
     with _open(args, readonly=False) as outbox:
-        count = outbox.purge(older_than=args.older_than, dry_run=True)
+        count = maintenance.purge(outbox, older_than=args.older_than, dry_run=True)
         if args.dry_run:
             print(json.dumps({"would_purge": count}))
             return EXIT_OK
         if count and not _confirm(args, f"Delete {count} dead message(s) for good?"):
             return EXIT_OK
-        deleted = outbox.purge(older_than=args.older_than) if count else 0
+        deleted = maintenance.purge(outbox, older_than=args.older_than) if count else 0
     print(json.dumps({"purged": deleted}))
     return EXIT_OK
 
 
 def _vacuum(args: argparse.Namespace) -> int:
     with _open(args, readonly=False) as outbox:
-        before, after = outbox.vacuum()
+        before, after = maintenance.vacuum(outbox)
     print(json.dumps({"bytes_before": before, "bytes_after": after}))
     return EXIT_OK
 
@@ -431,7 +436,7 @@ def _import(args: argparse.Namespace) -> int:
             pass
         source.seek(0)
         with Outbox(args.path) as outbox:
-            present = outbox.message_ids()
+            present = maintenance.message_ids(outbox)
             counts = {"imported": 0, "skipped": 0}
 
             def fresh() -> Iterator[dict[str, Any]]:
@@ -443,7 +448,7 @@ def _import(args: argparse.Namespace) -> int:
                     counts["imported"] += 1
                     yield message
 
-            outbox.append_messages(fresh())
+            maintenance.import_messages(outbox, fresh())
     print(json.dumps(counts))
     return EXIT_OK
 
@@ -516,10 +521,14 @@ def _write_key(args: argparse.Namespace) -> str:
 def _drain(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.path):
         raise UsageError(f"no outbox file at {args.path}")
+    key = _write_key(args)
+    if args.force:  # the operator says these events are this key's now (a rotated key)
+        with Outbox(args.path) as outbox:
+            outbox.bind(key, (args.host or DEFAULT_HOST).rstrip("/"), force=True)
     with Outbox(args.path, readonly=True) as outbox:  # before our uploader starts
         before = outbox.stats()
     client = Client(
-        _write_key(args),
+        key,
         host=args.host,
         outbox_path=args.path,
         max_retries=args.max_retries,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import json
 import logging
 import numbers
 import os
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -20,14 +18,14 @@ import tenacity
 
 from .errors import OutboxError, OutboxFull
 from .oauth import TokenManager, load_private_key
-from .outbox import (
+from .request import Requester
+from .store import (
     DEFAULT_MAX_PENDING,
     Outbox,
     OutboxStats,
     default_outbox_path,
     encode_message,
 )
-from .request import Requester
 from .transport import MemoryTransport, Transport
 from .uploader import DEFAULT_RETRY_WAIT, FlushResult, Uploader
 from .utils import (
@@ -193,8 +191,6 @@ class Client:
         self.fsync = fsync
         self._full_warning = RateLimitedLog()
         self._write_error_log = RateLimitedLog()
-        self._unrecorded_drops = 0  # drops we could not count in the file itself
-        self._drops_lock = threading.Lock()
         _configure_logging(debug, log_handler)
 
         # send=False keeps Segment's meaning: validate and build, store nothing.
@@ -202,16 +198,20 @@ class Client:
         self.outbox_path: str | None = None
         self.uploader: Uploader | None = None
         if send and not offline:
-            path = outbox_path or default_outbox_path(self.write_key, self.host)
-            self.outbox = Outbox(path, fsync=fsync, max_pending=max_queue_size)
-            self.outbox_path = self.outbox.path  # absolute
+            if outbox_path is None:
+                outbox_path = default_outbox_path(self.write_key, self.host)
+            self.outbox = Outbox(outbox_path, fsync=fsync, max_pending=max_queue_size)
+            self.outbox_path = self.outbox.path  # absolute, symlinks resolved
+            # One file, one key and host: never send another app's events.
+            self.outbox.bind(self.write_key, self.host if upload else None)
             # Rows a dead uploader left in flight are pending again; a live
             # uploader's rows (the lease is held) are left alone.
-            if self.outbox.acquire_lease():
-                self.outbox.release_lease()
+            lease = self.outbox.try_lease()
+            if lease is not None:
+                lease.close()
         if self.outbox is not None and upload:
             self.uploader = Uploader(
-                self.outbox.path,
+                self.outbox,
                 self._new_requester,
                 upload_size=upload_size,
                 upload_interval=upload_interval,
@@ -443,14 +443,11 @@ class Client:
             return True, msg
         try:
             row_id = self.outbox.append(data)
-        except OutboxFull as full:
-            if not full.recorded:
-                with self._drops_lock:
-                    self._unrecorded_drops += 1
-            self._warn_full()
+        except OutboxFull:
+            self._warn_full()  # counted by the outbox, in the file when it can be
             return False, msg
         except OutboxError as exc:
-            self._record_write_error(exc)
+            self._log_write_error(exc)  # counted by the outbox, too
             return False, msg
         log.debug("stored %s message %s", msg["type"], msg["messageId"])
         if self.uploader is not None:
@@ -511,9 +508,7 @@ class Client:
                 self.max_queue_size, suppressed, self.outbox_path,
             )  # fmt: skip
 
-    def _record_write_error(self, exc: OutboxError) -> None:
-        with self._drops_lock:
-            self._unrecorded_drops += 1
+    def _log_write_error(self, exc: OutboxError) -> None:
         suppressed = self._write_error_log.ready()
         if suppressed is not None:
             log.error("event not stored: %s (%d more since the last error)", exc, suppressed)
@@ -538,14 +533,12 @@ class Client:
     def stats(self) -> OutboxStats | None:
         """Counts of the outbox file (None when send=False, as nothing is stored).
 
-        `dropped` includes events this process failed to write to the file.
+        `dropped` includes events this process failed to write to the file
+        and could not count there yet.
         """
         if self.outbox is None:
             return None
-        stats = self.outbox.stats()
-        if self._unrecorded_drops:
-            stats = dataclasses.replace(stats, dropped=stats.dropped + self._unrecorded_drops)
-        return stats
+        return self.outbox.stats()
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Send what is pending now; return counts of what was sent, dead and left.

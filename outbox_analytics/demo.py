@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from .collector import Collector
-from .outbox import Outbox
+from .store import Outbox
 
 __all__ = ["run_demo"]
 

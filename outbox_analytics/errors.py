@@ -7,6 +7,11 @@ behaves the same. Everything the library itself raises derives from
 
     OutboxAnalyticsError
     ├── OutboxError          the outbox file cannot be opened or written
+    │   ├── OutboxBusy       another connection holds the file's lock past our wait
+    │   ├── OutboxDamaged    SQLite says the file is corrupt (it is moved aside by a writer)
+    │   ├── OutboxUnavailable  I/O, permission, read-only, a bad path: nothing is moved
+    │   ├── NotAnOutbox      the file is not an outbox: it is left exactly as it was
+    │   └── OutboxMismatch   the file belongs to another write key or host
     ├── OutboxFull           max_queue_size events are pending
     └── DeliveryError        a batch was not delivered
         ├── RetryableError   network error, timeout, 5xx, 429...: may succeed later
@@ -18,8 +23,13 @@ from __future__ import annotations
 __all__ = [
     "APIError",
     "DeliveryError",
+    "NotAnOutbox",
     "OutboxAnalyticsError",
+    "OutboxBusy",
+    "OutboxDamaged",
     "OutboxError",
+    "OutboxMismatch",
+    "OutboxUnavailable",
     "OutboxFull",
     "RetryableError",
 ]
@@ -37,13 +47,28 @@ class OutboxError(OutboxAnalyticsError):
         self.path = path
 
 
+class OutboxBusy(OutboxError):
+    """Another connection (a process, a backup tool, the sqlite3 shell) kept the file locked."""
+
+
+class OutboxDamaged(OutboxError):
+    """SQLite reports the file as corrupt (SQLITE_CORRUPT or SQLITE_NOTADB)."""
+
+
+class OutboxUnavailable(OutboxError):
+    """The file cannot be used here: I/O error, permissions, read-only, full disk, bad path."""
+
+
+class NotAnOutbox(OutboxError):
+    """The file is not an outbox (not SQLite, or another program's database)."""
+
+
+class OutboxMismatch(OutboxError):
+    """The outbox was created for another write key or host: its events are not ours to send."""
+
+
 class OutboxFull(OutboxAnalyticsError):
-    """The outbox holds `max_queue_size` pending events; the new one was not stored.
-
-    `recorded` is False when the drop could not be counted in the file either.
-    """
-
-    recorded = True
+    """The outbox holds `max_queue_size` pending events; the new one was not stored."""
 
 
 class DeliveryError(OutboxAnalyticsError):

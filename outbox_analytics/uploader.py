@@ -28,8 +28,8 @@ from typing import Any
 import tenacity
 
 from .errors import APIError, DeliveryError, RetryableError
-from .outbox import Outbox, Row
 from .request import MAX_BATCH_BYTES, MAX_RETRY_AFTER, Requester, encode_batch
+from .store import Outbox, Row, UploadLease
 from .utils import RateLimitedLog, utc_now_iso
 
 __all__ = ["DEFAULT_RETRY_WAIT", "FlushResult", "Uploader"]
@@ -67,7 +67,7 @@ class Uploader:
 
     def __init__(
         self,
-        outbox_path: str,
+        outbox: Outbox,
         requester_factory: Callable[[], Requester],
         *,
         upload_size: int = 100,
@@ -77,9 +77,7 @@ class Uploader:
         max_total_backoff_duration: float = 43200,
         on_error: Callable[[Exception, list[dict[str, Any]]], Any] | None = None,
     ) -> None:
-        # A connection of its own, so that a claim never waits on a caller's
-        # connection (the per-file lock in outbox.py orders their writes).
-        self.outbox = Outbox(outbox_path)
+        self.outbox = outbox
         self.requester_factory = requester_factory
         self.upload_size = upload_size
         self.upload_interval = upload_interval
@@ -96,6 +94,7 @@ class Uploader:
     def _reset_process_state(self) -> None:
         """Everything that must not cross a fork: thread, events, HTTP session."""
         self._pid = os.getpid()
+        self._lease: UploadLease | None = None  # the parent's lease is not ours
         self._requester: Requester | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -161,8 +160,8 @@ class Uploader:
         again, or they would wait for the next process to start.
         """
         try:
-            if self.outbox.holds_lease:
-                self.outbox.reclaim_inflight()
+            if self._lease is not None:
+                self._lease.reclaim()
         except Exception:
             log.debug("could not take back in-flight rows yet", exc_info=True)
 
@@ -175,11 +174,28 @@ class Uploader:
             thread.join(timeout)
             if thread.is_alive():
                 return False  # a request still in flight: keep the lease until we exit
-        self.outbox.close()  # and with it the lease
+        self._give_up_lease()
         if self._requester is not None:
             self._requester.close()
             self._requester = None
         return True
+
+    @property
+    def holds_lease(self) -> bool:
+        return self._lease is not None
+
+    def _take_lease(self) -> UploadLease | None:
+        """The upload lease: kept while valid, else taken again if nobody holds it."""
+        if self._lease is not None and not self._lease.valid:
+            self._give_up_lease()  # the file was moved aside, or we were forked
+        if self._lease is None:
+            self._lease = self.outbox.try_lease()
+        return self._lease
+
+    def _give_up_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.close()
 
     def _notify(self) -> None:
         with self._progress:
@@ -189,7 +205,7 @@ class Uploader:
 
     def step(self) -> float:
         """Send one batch if one is due; return how long to wait before the next step."""
-        if not self.outbox.holds_lease and not self.outbox.acquire_lease():
+        if self._take_lease() is None:
             return max(self.upload_interval, 0.5)  # another process uploads; check again later
         now = time.time()
         if self.paused_until > now:
@@ -215,10 +231,13 @@ class Uploader:
         logged and reported to `on_error`. `deadline` (monotonic time) bounds
         the retries, for sync_mode.
         """
-        rows = self.outbox.claim(self.upload_size, max_bytes=MAX_BATCH_BYTES)
+        lease = self._lease
+        if lease is None:
+            return 0
+        rows = lease.claim(self.upload_size, max_bytes=MAX_BATCH_BYTES)
         if not rows:
             return 0
-        batch = _Batch(rows)
+        batch = _Batch(lease, rows)
         self._longest_wait = 0.0
         try:
             self._fit_body(batch)
@@ -253,7 +272,7 @@ class Uploader:
                     error = APIError(413, "too_large", "message larger than the batch limit")
                     self._bury(batch, [row], error)
                     rest = batch.rows[1:]
-                self.outbox.release([r.id for r in rest], attempts=0)  # next batch
+                batch.lease.release([r.id for r in rest], attempts=0)  # next batch
                 batch.rows = batch.rows[:index]
                 return
 
@@ -272,7 +291,7 @@ class Uploader:
             self._deliver(batch, rows[middle:], deadline)
             return
         ids = [row.id for row in rows]
-        self.outbox.ack(ids)
+        batch.lease.ack(ids)
         batch.finished.update(ids)
         self.sent += len(ids)
         self._consecutive_failures = 0
@@ -324,7 +343,7 @@ class Uploader:
     def _bury(self, batch: _Batch, rows: Sequence[Row], exc: DeliveryError) -> None:
         ids = [row.id for row in rows]
         for attempts, same in _by_attempts(batch, ids).items():
-            self.outbox.dead_letter(
+            batch.lease.dead_letter(
                 same,
                 attempts=attempts,
                 status=exc.status,
@@ -378,7 +397,7 @@ class Uploader:
         backoff = self._head_backoff()
         unfinished = [row.id for row in batch.rows if row.id not in batch.finished]
         for attempts, ids in _by_attempts(batch, unfinished).items():
-            self.outbox.release(
+            batch.lease.release(
                 ids,
                 attempts=attempts,
                 status=exc.status if exc else None,
@@ -438,7 +457,7 @@ class Uploader:
 
     def _other_gave_up(self) -> bool:
         """Another process uploads, and it is backing off: waiting here would not help."""
-        if self.outbox.holds_lease:
+        if self._lease is not None:
             return False
         next_attempt = self.outbox.head(1).next_attempt_at
         return next_attempt is not None and next_attempt > time.time()
@@ -452,7 +471,7 @@ class Uploader:
         if self._pid != os.getpid():
             self._reset_process_state()
         deadline = time.monotonic() + timeout
-        if not self.outbox.holds_lease and not self.outbox.acquire_lease():
+        if self._take_lease() is None:
             raise RetryableError("another process is uploading from this outbox")
         failures = self.failed_rounds
         while self.outbox.unfinished(row_id):
@@ -468,7 +487,8 @@ class Uploader:
 class _Batch:
     """The rows of one claim and what happened to each."""
 
-    def __init__(self, rows: list[Row]) -> None:
+    def __init__(self, lease: UploadLease, rows: list[Row]) -> None:
+        self.lease = lease
         self.rows = rows
         self.attempts = {row.id: 0 for row in rows}
         self.finished: set[int] = set()  # acknowledged, dead or released

@@ -13,7 +13,7 @@ import pytest
 
 from outbox_analytics import Client
 from outbox_analytics.collector import Collector
-from outbox_analytics.outbox import Outbox, encode_message
+from outbox_analytics.store import Outbox, encode_message
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,11 @@ def populated(outbox_file: Path) -> Path:
     client.page("user", "Docs", "Intro")
     client.shutdown()
     with Outbox(outbox_file) as outbox:
-        rows = outbox.claim(4)
-        outbox.dead_letter([rows[0].id, rows[1].id], status=400, error="bad event: price")
+        lease = outbox.try_lease()
+        assert lease is not None
+        rows = lease.claim(4)
+        lease.dead_letter([rows[0].id, rows[1].id], status=400, error="bad event: price")
+        lease.close()
     return outbox_file
 
 
@@ -213,7 +216,7 @@ def test_drain_delivers_to_the_collector(populated: Path) -> None:
     with Collector() as collector:
         result = cli(
             "drain", str(populated), "--host", collector.url,
-            env={"OUTBOX_ANALYTICS_WRITE_KEY": "drain-key"},
+            env={"OUTBOX_ANALYTICS_WRITE_KEY": "k"},
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout)

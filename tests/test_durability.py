@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from outbox_analytics.outbox import Outbox, encode_message
+from outbox_analytics.store import Outbox, encode_message
 
 from .conftest import start_python
 
@@ -88,11 +88,11 @@ def test_a_kill_inside_batch_stores_none_of_the_block(outbox_file: Path) -> None
 
 CLAIMER = """
 import sys, time
-from outbox_analytics.outbox import Outbox
+from outbox_analytics.store import Outbox
 
 outbox = Outbox(sys.argv[1])
-assert outbox.acquire_lease()
-rows = outbox.claim(3)
+lease = outbox.try_lease()
+rows = lease.claim(3)
 print(" ".join(str(r.id) for r in rows), flush=True)
 time.sleep(60)
 """
@@ -111,15 +111,17 @@ def test_in_flight_rows_of_a_live_uploader_are_left_and_of_a_dead_one_reclaimed(
 
     with Outbox(outbox_file) as outbox:
         # The holder is alive: no lease for us, and its rows stay in flight.
-        assert not outbox.acquire_lease()
+        assert outbox.try_lease() is None
         assert outbox.stats().inflight == 3
 
         uploader.send_signal(signal.SIGKILL)
         uploader.wait()
         # Its lease died with it; taking it over reclaims the rows, in order.
-        assert outbox.acquire_lease()
+        lease = outbox.try_lease()
+        assert lease is not None
         assert outbox.stats().inflight == 0
-        assert [r.message["n"] for r in outbox.claim(10)] == [0, 1, 2, 3, 4]
+        assert [r.message["n"] for r in lease.claim(10)] == [0, 1, 2, 3, 4]
+        lease.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

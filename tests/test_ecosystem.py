@@ -182,7 +182,8 @@ def test_the_public_surface_is_pinned() -> None:
     assert sorted(outbox_analytics.__all__) == sorted(
         [
             "APIError", "Client", "DeliveryError", "FlushResult", "MemoryTransport",
-            "OutboxAnalyticsError", "OutboxError", "OutboxFull", "OutboxStats",
+            "NotAnOutbox", "OutboxAnalyticsError", "OutboxBusy", "OutboxDamaged",
+            "OutboxError", "OutboxFull", "OutboxMismatch", "OutboxStats", "OutboxUnavailable",
             "RetryableError", "VERSION", "alias", "batch", "default_client",
             "default_outbox_path", "flush", "group", "identify", "join", "page",
             "screen", "shutdown", "stats", "track",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from outbox_analytics import Client
-from outbox_analytics.outbox import Outbox
+from outbox_analytics.store import Outbox
 
 from .conftest import start_python
 from .receiver import Received, Reply, SenderSpans
@@ -22,7 +22,7 @@ from outbox_analytics import Client
 
 url, path, source, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 client = Client(
-    source, host=url, outbox_path=path, upload_size=10, upload_interval=0.05,
+    "k", host=url, outbox_path=path, upload_size=10, upload_interval=0.05,
     max_retries=3, retry_wait=tenacity.wait_fixed(0.05),
 )
 for n in range(count):

@@ -14,7 +14,8 @@ import persistqueue.serializers.msgpack
 import pytest
 
 from outbox_analytics import Client, OutboxError, OutboxFull
-from outbox_analytics.outbox import Outbox, default_outbox_path, encode_message
+from outbox_analytics.store import Outbox, UploadLease, default_outbox_path, encode_message
+from outbox_analytics.store import maintenance
 
 
 def message(number: int) -> dict:
@@ -24,6 +25,12 @@ def message(number: int) -> dict:
 def fill(outbox: Outbox, count: int, start: int = 0) -> None:
     for number in range(start, start + count):
         outbox.append(encode_message(message(number)))
+
+
+def lease_of(outbox: Outbox) -> UploadLease:
+    lease = outbox.try_lease()
+    assert lease is not None
+    return lease
 
 
 def numbers(rows) -> list[int]:
@@ -70,27 +77,29 @@ def test_a_file_written_by_persist_queue_is_adopted(outbox_file: Path) -> None:
     del queue
 
     with Outbox(outbox_file) as outbox:
+        lease = lease_of(outbox)
         fill(outbox, 2, start=3)
         assert numbers(outbox.rows()) == [0, 1, 2, 3, 4]
-        assert numbers(outbox.claim(10)) == [0, 1, 2, 3, 4]
+        assert numbers(lease.claim(10)) == [0, 1, 2, 3, 4]
 
 
 def test_claim_ack_release_and_dead_letter(outbox_file: Path) -> None:
     with Outbox(outbox_file) as outbox:
+        lease = lease_of(outbox)
         fill(outbox, 10)
-        first = outbox.claim(4)
+        first = lease.claim(4)
         assert numbers(first) == [0, 1, 2, 3]
-        assert numbers(outbox.claim(3)) == [4, 5, 6]  # in-flight rows are not claimed twice
+        assert numbers(lease.claim(3)) == [4, 5, 6]  # in-flight rows are not claimed twice
         assert outbox.stats().inflight == 7
 
-        assert outbox.ack([row.id for row in first[:2]]) == 2
-        outbox.dead_letter([first[2].id], status=400, error="bad event")
-        outbox.release([first[3].id], status=503, error="unavailable", next_attempt_at=123.0)
+        assert lease.ack([row.id for row in first[:2]]) == 2
+        lease.dead_letter([first[2].id], status=400, error="bad event")
+        lease.release([first[3].id], status=503, error="unavailable", next_attempt_at=123.0)
         stats = outbox.stats()
         assert (stats.pending, stats.inflight, stats.dead) == (4, 3, 1)
 
         # The released row keeps its place: it is first again, with its history.
-        again = outbox.claim(2)
+        again = lease.claim(2)
         assert numbers(again) == [3, 7]
         assert (again[0].attempts, again[0].last_status, again[0].last_error) == (
             1,
@@ -102,50 +111,55 @@ def test_claim_ack_release_and_dead_letter(outbox_file: Path) -> None:
         assert numbers(dead) == [2]
         assert (dead[0].last_status, dead[0].last_error, dead[0].attempts) == (400, "bad event", 1)
 
-        assert outbox.requeue() == 1
+        assert maintenance.requeue(outbox) == 1
         assert numbers(outbox.rows("pending")) == [2, 8, 9]
 
 
 def test_ack_only_touches_rows_in_flight(outbox_file: Path) -> None:
     with Outbox(outbox_file) as outbox:
+        lease = lease_of(outbox)
         fill(outbox, 3)
         pending_ids = [row.id for row in outbox.rows()]
-        assert outbox.ack(pending_ids) == 0
+        assert lease.ack(pending_ids) == 0
         assert outbox.stats().pending == 3
 
 
 def test_claim_is_bounded_by_bytes_but_takes_at_least_one_row(outbox_file: Path) -> None:
     with Outbox(outbox_file) as outbox:
+        lease = lease_of(outbox)
         for number in range(5):
             outbox.append(encode_message({"n": number, "blob": "x" * 1000}))
         size = next(outbox.rows()).size
-        assert len(outbox.claim(100, max_bytes=size * 2 + 1)) == 2
-        assert len(outbox.claim(100, max_bytes=10)) == 1
+        assert len(lease.claim(100, max_bytes=size * 2 + 1)) == 2
+        assert len(lease.claim(100, max_bytes=10)) == 1
 
 
 def test_an_undecodable_row_is_dead_lettered_not_stuck(outbox_file: Path) -> None:
     with Outbox(outbox_file) as outbox:
+        lease = lease_of(outbox)
         fill(outbox, 1)
         outbox.append(b"\xc1 not msgpack")
         fill(outbox, 1, start=2)
-        assert numbers(outbox.claim(10)) == [0, 2]
+        assert numbers(lease.claim(10)) == [0, 2]
         dead = outbox.stats().dead
         assert dead == 1
 
 
 def test_acked_rows_leave_the_table(outbox_file: Path) -> None:
     with Outbox(outbox_file) as outbox:
+        lease = lease_of(outbox)
         fill(outbox, 100)
-        while rows := outbox.claim(30):
-            outbox.ack(row.id for row in rows)
+        while rows := lease.claim(30):
+            lease.ack(row.id for row in rows)
     with sqlite3.connect(outbox_file) as conn:
         assert conn.execute("SELECT count(*) FROM ack_queue_default").fetchone()[0] == 0
 
 
 def test_stats_are_the_same_from_another_connection(outbox_file: Path) -> None:
     with Outbox(outbox_file) as writer, Outbox(outbox_file) as reader:
+        lease = lease_of(writer)
         fill(writer, 5)
-        writer.claim(2)
+        lease.claim(2)
         ours, theirs = writer.stats(), reader.stats()
         assert (theirs.pending, theirs.inflight) == (3, 2)
         assert (ours.pending, ours.inflight, ours.dead) == (
@@ -328,12 +342,13 @@ def test_batch_is_per_thread(store_only: Client) -> None:
 
 def test_dead_rows_between_pending_ones_do_not_count_against_the_cap(outbox_file: Path) -> None:
     with Outbox(outbox_file, max_pending=6) as outbox:
+        lease = lease_of(outbox)
         fill(outbox, 6)
-        rows = outbox.claim(6)
+        rows = lease.claim(6)
         # Pending ids 1 and 6 with four dead rows between them: the id span (6)
         # says "full", the real count (2) says four more fit.
-        outbox.dead_letter([row.id for row in rows[1:5]], status=400, error="bad")
-        outbox.release([rows[0].id, rows[5].id])
+        lease.dead_letter([row.id for row in rows[1:5]], status=400, error="bad")
+        lease.release([rows[0].id, rows[5].id])
         time.sleep(1.1)  # let the estimate expire
         fill(outbox, 4, start=6)
         with pytest.raises(OutboxFull):
@@ -347,14 +362,14 @@ def test_a_failing_write_returns_false_counts_and_logs(
     client = Client("k", outbox_path=str(outbox_file), upload=False)
     assert client.track("u", "Before")[0]
     # A real SQLite failure: the connection can no longer write the file.
-    client.outbox._conn = sqlite3.connect(
+    client.outbox.database._conn = sqlite3.connect(
         f"file:{outbox_file}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
     )
     ok, msg = client.track("u", "Lost")
     assert ok is False and msg["event"] == "Lost"
     assert client.stats().dropped == 1
     assert any("event not stored" in r.getMessage() for r in caplog.records)
-    client.outbox._conn = None  # reconnect: writing works again
+    client.outbox.database._conn = None  # reconnect: writing works again
     assert client.track("u", "After")[0]
     assert [r.message["event"] for r in client.outbox.rows()] == ["Before", "After"]
     client.shutdown()

@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from outbox_analytics import Client
 from outbox_analytics.collector import Collector
-from outbox_analytics.outbox import Outbox, encode_message
+from outbox_analytics.store import Outbox, encode_message, maintenance
 
 from .conftest import start_python
 from .receiver import Received, Reply, SenderSpans
@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CRASHER = """
 import os, signal, sys, tenacity
 from outbox_analytics import Client
-from outbox_analytics import outbox as outbox_module, request as request_module
+from outbox_analytics import request as request_module
+from outbox_analytics.store import connection as connection_module, lease as lease_module
+from outbox_analytics.store import outbox as outbox_module
 
 url, path, point = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -46,27 +48,28 @@ def patch(owner, name, wrapper):
     original = getattr(owner, name)
     setattr(owner, name, lambda *args, **kwargs: wrapper(original, *args, **kwargs))
 
-def inside_transaction(statement_sql):
-    def run(original, self, *args, **kwargs):
-        transaction = self._transaction
-        def dying_transaction():
-            context = transaction()
-            conn = context.__enter__()
-            class Dying:
-                held = context  # a collected context would roll back at once
-                def __enter__(self_inner):
-                    return conn
-                def __exit__(self_inner, *exc):
-                    die()  # the statements ran; the commit never happens
-            return Dying()
-        self._transaction = dying_transaction
-        return original(self, *args, **kwargs)
-    return run
+# Die inside the next write transaction of an armed operation: its statements
+# ran, the commit never happens.
+armed = []
+
+def arm(original, *args, **kwargs):
+    armed.append(True)
+    return original(*args, **kwargs)
+
+def attempt(original, self, work, begin):
+    if armed and begin == "BEGIN IMMEDIATE":
+        conn = self._connection()
+        conn.execute(begin)
+        work(conn)
+        die()
+    return original(self, work, begin)
+
+patch(connection_module.Database, "_attempt", attempt)
 
 if point == "append":
     client = Client("k", host=url, outbox_path=path, upload=False)
     client.track("user", "Before")
-    patch(outbox_module.Outbox, "_append_many", inside_transaction("INSERT"))
+    patch(outbox_module.Outbox, "_store", arm)
     with client.batch():
         for n in range(30):
             client.track("user", "In batch", {"n": n})
@@ -85,9 +88,9 @@ elif point == "after_2xx":
         die()
     patch(request_module.Requester, "send", send_then_die)
 elif point == "release":
-    patch(outbox_module.Outbox, "release", inside_transaction("UPDATE"))
+    patch(lease_module.UploadLease, "release", arm)
 elif point == "dead_letter":
-    patch(outbox_module.Outbox, "dead_letter", inside_transaction("UPDATE"))
+    patch(lease_module.UploadLease, "dead_letter", arm)
 
 uploader = Client(
     "k", host=url, outbox_path=path, max_retries=0, upload_interval=0.01,
@@ -115,7 +118,7 @@ def test_each_crash_point_leaves_a_file_the_next_start_recovers(
     assert child.returncode == -signal.SIGKILL, f"the child did not die at {point}"
 
     with Outbox(outbox_file) as outbox:
-        assert outbox.check() in ([], [_IN_FLIGHT_NOTE])
+        assert maintenance.check(outbox) in ([], [_IN_FLIGHT_NOTE])
     client = Client("k", host=receiver.url, outbox_path=str(outbox_file), upload_interval=0.01)
     result = client.flush(timeout=30)
     stats = client.stats()
@@ -200,6 +203,8 @@ class OutboxModel(RuleBasedStateMachine):
         self.directory.mkdir(exist_ok=True)
         self.path = self.directory / f"{random.getrandbits(64):x}.db"
         self.outbox = Outbox(self.path)
+        self.lease = self.outbox.try_lease()
+        assert self.lease is not None
         self.next_number = 0
         self.pending: list[int] = []  # numbers, in the order they must be sent
         self.inflight: list[int] = []
@@ -207,6 +212,7 @@ class OutboxModel(RuleBasedStateMachine):
         self.ids: dict[int, int] = {}  # number -> row id
 
     def teardown(self) -> None:
+        self.lease.close()
         self.outbox.close()
         for suffix in ("", "-wal", "-shm", ".lock"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
@@ -220,7 +226,7 @@ class OutboxModel(RuleBasedStateMachine):
 
     @rule(count=st.integers(1, 4))
     def claim(self, count: int) -> None:
-        rows = self.outbox.claim(count)
+        rows = self.lease.claim(count)
         expected = sorted(self.pending)[:count]
         assert [row.message["n"] for row in rows] == expected
         for row in rows:
@@ -235,12 +241,12 @@ class OutboxModel(RuleBasedStateMachine):
         how = data.draw(st.sampled_from(["ack", "release", "dead"]))
         ids = [self.ids[number] for number in chosen]
         if how == "ack":
-            assert self.outbox.ack(ids) == len(ids)
+            assert self.lease.ack(ids) == len(ids)
         elif how == "release":
-            self.outbox.release(ids, status=503, error="down")
+            self.lease.release(ids, status=503, error="down")
             self.pending += chosen
         else:
-            self.outbox.dead_letter(ids, status=400, error="bad")
+            self.lease.dead_letter(ids, status=400, error="bad")
             self.dead += chosen
         for number in chosen:
             self.inflight.remove(number)
@@ -248,17 +254,19 @@ class OutboxModel(RuleBasedStateMachine):
     @precondition(lambda self: self.dead)
     @rule()
     def requeue_all(self) -> None:
-        assert self.outbox.requeue() == len(self.dead)
+        assert maintenance.requeue(self.outbox) == len(self.dead)
         self.pending += self.dead
         self.dead = []
 
     @rule()
     def crash_and_reopen(self) -> None:
         # A dead uploader: its connection and lease vanish; the next one reclaims.
+        self.lease.close()
         self.outbox.close()
         self.outbox = Outbox(self.path)
-        assert self.outbox.acquire_lease()
-        self.outbox.release_lease()
+        lease = self.outbox.try_lease()
+        assert lease is not None
+        self.lease = lease
         self.pending += self.inflight
         self.inflight = []
 
@@ -434,7 +442,7 @@ def test_many_processes_and_threads_share_one_file(receiver, outbox_file: Path) 
     receiver.responder = spans
     Client("k", outbox_path=str(outbox_file), upload=False).shutdown()  # create it first
     uploaders = [
-        start_python(FLUSHER, receiver.url, str(outbox_file), key, "25") for key in ("A", "B")
+        start_python(FLUSHER, receiver.url, str(outbox_file), "k", "25") for _ in range(2)
     ]
     producers = [start_python(THREADED_PRODUCER, str(outbox_file), f"p{i}") for i in range(3)]
     for producer in producers:
@@ -491,7 +499,7 @@ def test_a_full_disk_fails_cleanly_and_recovers(tmp_path: Path) -> None:
         subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
         assert client.track("u", "After", {"n": -1})[0]  # space is back: so is appending
         assert client.stats().pending == stored + 1
-        assert client.outbox.check() == []
+        assert maintenance.check(client.outbox) == []
         client.shutdown()
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
@@ -557,7 +565,7 @@ def test_garbage_at_the_end_of_the_wal_loses_nothing(outbox_file: Path) -> None:
         file.write(os.urandom(50_000))
     with Outbox(outbox_file) as outbox:
         assert [row.message["properties"]["n"] for row in outbox.rows()] == list(range(200))
-        assert outbox.check() == []
+        assert maintenance.check(outbox) == []
 
 
 def test_a_file_that_is_not_sqlite_is_refused_not_moved(outbox_file: Path) -> None:

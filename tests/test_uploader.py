@@ -353,21 +353,21 @@ def test_flush_returns_on_time_while_retries_back_off(make_client, receiver) -> 
     assert client.stats().pending == 2
 
 
-def test_a_storage_failure_mid_batch_strands_no_rows(make_client, receiver) -> None:
-    import sqlite3
+def test_a_storage_failure_mid_batch_strands_no_rows(make_client, receiver, monkeypatch) -> None:
+    from outbox_analytics import OutboxUnavailable
+    from outbox_analytics.store import UploadLease
 
     client = make_client()
-    outbox = client.uploader.outbox
-    real_ack = outbox.ack
+    real_ack = UploadLease.ack
     calls: list[int] = []
 
-    def ack_failing_once(ids):  # the disk was full at the moment of the ack
+    def ack_failing_once(self, ids):  # the disk was full at the moment of the ack
         calls.append(1)
         if len(calls) == 1:
-            raise sqlite3.OperationalError("database or disk is full")
-        return real_ack(ids)
+            raise OutboxUnavailable("cannot acknowledge rows (database or disk is full)", "x")
+        return real_ack(self, ids)
 
-    outbox.ack = ack_failing_once
+    monkeypatch.setattr(UploadLease, "ack", ack_failing_once)
     sent = track_numbered(client, 3)
     deadline = time.monotonic() + 10
     while client.flush(timeout=2).pending and time.monotonic() < deadline:
@@ -383,7 +383,7 @@ def test_a_storage_failure_mid_batch_strands_no_rows(make_client, receiver) -> N
 def test_a_message_too_large_for_any_batch_is_dead_and_blocks_nothing(
     make_client, receiver, outbox_file
 ) -> None:
-    from outbox_analytics.outbox import Outbox, encode_message
+    from outbox_analytics.store import Outbox, encode_message
 
     with Outbox(outbox_file) as outbox:  # written by something else: no 32 KB check
         huge = {"type": "track", "messageId": "huge", "event": "é" * 100_000}  # 600 KB as JSON

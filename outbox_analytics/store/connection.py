@@ -1,0 +1,336 @@
+"""Connections to an outbox file: locking, transactions, fork safety, typed errors.
+
+Every use of SQLite in this package goes through a `Database`, and so obeys
+four rules that the rest of the package cannot break:
+
+- A statement runs only while its thread holds the file's process-wide lock
+  (one per file identity, shared by every `Database` on that file). Before a
+  fork() every such lock is taken, so no thread of ours is inside SQLite when
+  the child is made; the child gets fresh locks and never touches an
+  inherited connection (it keeps them referenced: closing one could
+  checkpoint and delete a WAL that the parent still uses).
+- No thread waits on SQLite's busy handler for long while holding that lock:
+  SQLite waits a few milliseconds, then we release the lock and sleep, so
+  `stats()`, `flush()`, the exit hook and fork() are never stuck behind a
+  writer waiting for another process.
+- A transaction that is interrupted at any point (KeyboardInterrupt,
+  SystemExit, a signal handler raising) is rolled back: at once when the
+  cleanup runs, or else by the next call on the connection, before it runs.
+- Every `sqlite3.Error` becomes an `OutboxError` subclass here, chosen by
+  SQLite's result code, never by the words of its message.
+
+Descriptors of database files are opened once per file and process and never
+closed: POSIX drops all of a process's locks on a file when any descriptor of
+it is closed, which would pull SQLite's own locks from under its feet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..errors import OutboxBusy, OutboxDamaged, OutboxError, OutboxUnavailable
+
+__all__ = ["Database", "Identity", "file_identity", "is_damage", "result_code"]
+
+T = TypeVar("T")
+Identity = tuple[int, int]  # (st_dev, st_ino): the file itself, whatever path names it
+
+# SQLite's primary result codes that we tell apart.
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_CORRUPT, SQLITE_NOTADB = 5, 6, 11, 26
+# What sqlite3_errstr() says for each code: Python 3.9 and 3.10 give only the
+# message, and for these codes the message is this fixed text.
+_CODE_OF_TEXT = {
+    "database is locked": SQLITE_BUSY,
+    "database table is locked": SQLITE_LOCKED,
+}
+# How long SQLite itself waits for a lock before we release ours and retry.
+_BUSY_SLICE = 0.01
+_LONGEST_PAUSE = 0.05
+
+
+def result_code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code for an error, or None when it cannot be known."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if isinstance(code, int):
+        return code & 0xFF  # an extended code's low byte is its primary code
+    # Python 3.9 and 3.10 raise the base DatabaseError class for SQLITE_CORRUPT
+    # and SQLITE_NOTADB only (and a few codes a file never produces);
+    # every I/O, lock, permission or read-only error is an OperationalError.
+    if type(exc) is sqlite3.DatabaseError:
+        return SQLITE_CORRUPT
+    return _CODE_OF_TEXT.get(str(exc))
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether SQLite says the file is corrupt or not a database."""
+    if isinstance(exc, OutboxDamaged):
+        return True
+    return isinstance(exc, sqlite3.Error) and result_code(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return result_code(exc) in (SQLITE_BUSY, SQLITE_LOCKED)
+
+
+def translate(exc: sqlite3.Error, path: str, doing: str) -> OutboxError:
+    """Our typed error for an SQLite error (the caller raises it `from exc`)."""
+    if _is_busy(exc):
+        return OutboxBusy(f"cannot {doing}: another connection keeps the file locked", path)
+    if is_damage(exc):
+        return OutboxDamaged(f"cannot {doing}: the file is damaged ({exc})", path)
+    return OutboxUnavailable(f"cannot {doing} ({exc})", path)
+
+
+def file_identity(path: str) -> Identity:
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise OutboxUnavailable(f"cannot open the outbox ({exc.strerror})", path) from exc
+    return info.st_dev, info.st_ino
+
+
+class Database:
+    """One SQLite connection to one outbox file, used under the file's process-wide lock."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        readonly: bool = False,
+        fsync: bool = False,
+        wait: float = 60.0,
+    ) -> None:
+        """`path` must name an existing file; `wait` bounds how long a call waits for locks."""
+        self.path = path
+        self.readonly = readonly
+        self.fsync = fsync
+        self.wait = wait
+        self.identity = file_identity(path)
+        self._lock = _lock_for(self.identity)
+        self._owner: int | None = None  # the thread inside a call, to refuse re-entry
+        self._conn: sqlite3.Connection | None = None
+        _live_databases.add(self)
+
+    # -- the three kinds of call ------------------------------------------------
+
+    def read(self, work: Callable[[sqlite3.Connection], T], doing: str = "read the outbox") -> T:
+        """Run `work(conn)` outside any transaction (each statement sees the latest commit)."""
+        return self._call(work, None, doing, self.wait)
+
+    def snapshot(
+        self, work: Callable[[sqlite3.Connection], T], doing: str = "read the outbox"
+    ) -> T:
+        """Run `work(conn)` in a read transaction: one consistent view for several reads."""
+        return self._call(work, "BEGIN", doing, self.wait)
+
+    def write(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        doing: str = "write to the outbox",
+        wait: float | None = None,
+    ) -> T:
+        """Run `work(conn)` in one write transaction: all of it is committed, or none.
+
+        The write lock is taken up front (BEGIN IMMEDIATE), so a read that
+        turns into a write never fails halfway. `wait` (default: the
+        database's) bounds how long another writer may keep us out.
+        """
+        return self._call(work, "BEGIN IMMEDIATE", doing, self.wait if wait is None else wait)
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return self.read(lambda conn: conn.execute(sql, params).fetchall())
+
+    def scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        """The first column of the first row of a read, or None."""
+        row = self.read(lambda conn: conn.execute(sql, params).fetchone())
+        return None if row is None else row[0]
+
+    def _call(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        begin: str | None,
+        doing: str,
+        wait: float,
+    ) -> T:
+        if self._owner == threading.get_ident() and self._lock.locked():
+            # A signal handler (or a callback) calling us while this thread is
+            # inside a call: waiting for our own lock would hang for good.
+            raise OutboxBusy(f"cannot {doing}: called again while a call is under way", self.path)
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        while True:
+            with self._lock:
+                self._owner = threading.get_ident()
+                try:
+                    return self._attempt(work, begin)
+                except sqlite3.Error as exc:
+                    if not _is_busy(exc) or time.monotonic() >= deadline:
+                        raise translate(exc, self.path, doing) from exc
+                finally:
+                    self._owner = None
+                    self._end_transaction()
+            # Busy: another process holds the lock. Wait without ours.
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, _LONGEST_PAUSE)
+
+    def _attempt(self, work: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
+        conn = self._connection()
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")  # left open by an interrupted call: none of it was committed
+        if begin is None:
+            return work(conn)
+        conn.execute(begin)
+        result = work(conn)
+        conn.execute("COMMIT")
+        return result
+
+    def _end_transaction(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._drop_connection()  # unusable now: the next call opens a fresh one
+
+    # -- the connection -----------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            mode = "ro" if self.readonly else "rw"  # never "rwc": we create files ourselves
+            conn = sqlite3.connect(
+                f"file:{urllib.parse.quote(self.path)}?mode={mode}",
+                uri=True,
+                timeout=_BUSY_SLICE,
+                isolation_level=None,  # we open transactions ourselves
+                check_same_thread=False,  # guarded by the file lock
+            )
+            # NORMAL in WAL mode survives a crash or kill of the process; FULL
+            # also syncs the WAL on each commit, which survives power loss.
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            _abandoned.append(self._conn)
+            self._conn = None
+
+    def close(self) -> None:
+        """Close the connection (a later call opens a new one).
+
+        If the file was moved away from our path (a damaged file put aside),
+        the connection is abandoned instead: closing the last connection to
+        a WAL database deletes `<path>-wal` and `<path>-shm` by name, which
+        by now are the fresh file's.
+        """
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            if self.moved():
+                _abandoned.append(conn)
+                return
+            try:
+                conn.close()
+            except sqlite3.Error:
+                _abandoned.append(conn)
+
+    def abandon(self) -> None:
+        """Stop using this file without closing its connection (see `close`)."""
+        with self._lock:
+            self._drop_connection()
+
+    def moved(self) -> bool:
+        """Whether the file at our path is no longer the one this connection uses."""
+        try:
+            return file_identity(self.path) != self.identity
+        except OutboxError:
+            return True
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = _lock_for(self.identity)
+        self._owner = None
+        self._drop_connection()
+
+
+# -- per-file state of this process ---------------------------------------------
+
+_live_databases: weakref.WeakSet[Database] = weakref.WeakSet()
+# Connections we must never use (inherited across fork, or broken) and never
+# close or let the garbage collector close: see the module docstring.
+_abandoned: list[sqlite3.Connection] = []
+_locks: dict[Identity, threading.Lock] = {}
+_handles: dict[Identity, int] = {}
+_registry = threading.Lock()
+
+
+def _lock_for(identity: Identity) -> threading.Lock:
+    with _registry:
+        return _locks.setdefault(identity, threading.Lock())
+
+
+def file_handle(path: str, identity: Identity) -> int:
+    """This process's descriptor of the file (opened once, never closed; see above)."""
+    with _registry:
+        fd = _handles.get(identity)
+        if fd is not None:
+            return fd
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != identity:
+            # Replaced since it was looked at: keep the descriptor (closing
+            # one of a database file is what we must not do) and refuse.
+            _stray_handles.append(fd)
+            raise OutboxUnavailable("the outbox file was replaced while it was opened", path)
+        _handles[identity] = fd
+        return fd
+
+
+_stray_handles: list[int] = []
+
+
+def _before_fork() -> None:
+    _registry.acquire()
+    for lock in list(_locks.values()):
+        lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for lock in list(_locks.values()):
+        lock.release()
+    _registry.release()
+
+
+def _after_fork_in_child() -> None:
+    global _registry
+    _registry = threading.Lock()
+    _locks.clear()
+    # The inherited descriptors share their open file descriptions (and the
+    # upload lease's lock) with the parent; this process has no locks of its
+    # own yet, so closing them here is safe and leaves the parent's lock alone.
+    for fd in [*_handles.values(), *_stray_handles]:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _handles.clear()
+    _stray_handles.clear()
+    for database in list(_live_databases):
+        database._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

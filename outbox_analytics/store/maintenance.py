@@ -1,0 +1,197 @@
+"""What the operator's commands do to an outbox: find, requeue, purge, vacuum, check, import.
+
+Each function is one call on an open `Outbox`; the CLI parses, calls one of
+these and prints. None of them claims or acknowledges rows (that is the
+upload lease's alone), and none holds the write lock for long: `vacuum`
+works in small steps so that `track()` in another process waits only
+milliseconds for it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..errors import OutboxBusy, OutboxFull
+from . import schema
+from .outbox import Outbox, file_bytes
+from .schema import DEAD, DEAD_WHERE, READY, TABLE, Row
+
+__all__ = ["check", "find", "import_messages", "message_ids", "purge", "requeue", "vacuum"]
+
+_ID_CHUNK = 500
+_VACUUM_STEP_PAGES = 256  # pages freed per write transaction: about a millisecond each
+_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+
+
+def find(outbox: Outbox, key: str | int) -> Row | None:
+    """A row by id, or by messageId (a scan: for operators, not hot paths)."""
+    if isinstance(key, int) or key.isdigit():
+        raws = outbox.database.rows(
+            f"SELECT {schema.ROW_COLUMNS} FROM {TABLE} WHERE _id = ?", (int(key),)
+        )
+        return schema.readable_row(raws[0]) if raws else None
+    return next((row for row in outbox.rows("all") if row.message.get("messageId") == key), None)
+
+
+def message_ids(outbox: Outbox) -> set[str]:
+    """Every stored messageId (streamed from the file)."""
+    return {str(row.message.get("messageId")) for row in outbox.rows("all")}
+
+
+def requeue(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
+    """Move dead rows (all of them, or those given) back to pending, as fresh rows."""
+    assignments = (
+        f"status = {READY}, attempts = 0, last_status = NULL, last_error = NULL,"
+        " next_attempt_at = NULL, first_attempt_at = NULL"
+    )
+    if ids is None:
+        sql = f"UPDATE {TABLE} SET {assignments} WHERE {DEAD_WHERE}"
+        return int(outbox.database.write(lambda conn: conn.execute(sql).rowcount, "requeue"))
+    chosen = list(ids)
+    return int(
+        outbox.database.write(
+            lambda conn: _by_ids(conn, f"UPDATE {TABLE} SET {assignments}", chosen, DEAD_WHERE),
+            "requeue",
+        )
+    )
+
+
+def purge(
+    outbox: Outbox,
+    *,
+    ids: Iterable[int] | None = None,
+    older_than: float | None = None,
+    dry_run: bool = False,
+) -> int:
+    """Delete dead rows (those given, or all; enqueued over `older_than` seconds ago)."""
+    where: str = DEAD_WHERE
+    params: tuple[Any, ...] = ()
+    if older_than is not None:
+        where += " AND timestamp < ?"
+        params = (time.time() - older_than,)
+    if dry_run:
+        if ids is None:
+            return int(
+                outbox.database.scalar(f"SELECT count(*) FROM {TABLE} WHERE {where}", params)
+            )
+        chosen = list(ids)
+        return int(
+            outbox.database.read(
+                lambda conn: _by_ids(conn, f"SELECT _id FROM {TABLE}", chosen, where, params)
+            )
+        )
+    if ids is None:
+        sql = f"DELETE FROM {TABLE} WHERE {where}"
+        return int(outbox.database.write(lambda conn: conn.execute(sql, params).rowcount, "purge"))
+    chosen = list(ids)
+    return int(
+        outbox.database.write(
+            lambda conn: _by_ids(conn, f"DELETE FROM {TABLE}", chosen, where, params), "purge"
+        )
+    )
+
+
+def _by_ids(
+    conn: sqlite3.Connection,
+    statement: str,
+    ids: Sequence[int],
+    where: str,
+    params: tuple[Any, ...] = (),
+) -> int:
+    """Run `statement WHERE _id IN (...) AND where` over `ids` in chunks; rows affected or found."""
+    total = 0
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = ids[start : start + _ID_CHUNK]
+        sql = f"{statement} WHERE _id IN ({','.join('?' * len(chunk))}) AND {where}"
+        cursor = conn.execute(sql, (*chunk, *params))
+        total += len(cursor.fetchall()) if statement.startswith("SELECT") else cursor.rowcount
+    return total
+
+
+def vacuum(outbox: Outbox) -> tuple[int, int]:
+    """Give the space of deleted rows back to the disk; (bytes before, after).
+
+    Files made by this version free their pages in small steps
+    (incremental auto-vacuum), each its own short write transaction, so
+    writers in other processes are never kept waiting for long. An older
+    file must be rebuilt once, which blocks every writer while it runs: that
+    is refused while an uploader is alive.
+    """
+    db = outbox.database
+    before = file_bytes(outbox.path)
+    if db.scalar("PRAGMA auto_vacuum") != _INCREMENTAL:
+        if not outbox.lease_is_free():
+            raise OutboxBusy(
+                "this outbox predates incremental vacuuming and must be rebuilt once, which"
+                " blocks every writer; stop the jobs that use it (an uploader is alive) and"
+                " run vacuum again",
+                outbox.path,
+            )
+        db.read(lambda conn: conn.execute("PRAGMA auto_vacuum=INCREMENTAL"), "vacuum")
+        db.read(lambda conn: conn.execute("VACUUM"), "vacuum")
+    else:
+        step = f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})"
+        while db.scalar("PRAGMA freelist_count"):
+            db.write(lambda conn: conn.execute(step).fetchall(), "vacuum", wait=5.0)
+    # Best effort: with a reader in another process the WAL keeps its size for now.
+    db.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(), "vacuum")
+    return before, file_bytes(outbox.path)
+
+
+def check(outbox: Outbox) -> list[str]:
+    """Problems found: SQLite's integrity check, then our own invariants. [] is healthy."""
+    db = outbox.database
+    problems = [f"sqlite: {line}" for (line,) in db.rows("PRAGMA integrity_check") if line != "ok"]
+    unknown = db.rows(
+        f"SELECT status, count(*) FROM {TABLE}"
+        f" WHERE status NOT IN ({schema.NEW}, {READY}, {schema.INFLIGHT}, {DEAD}) GROUP BY status"
+    )
+    problems += [f"{count} row(s) with unknown status {status}" for status, count in unknown]
+    undecodable = 0
+    after = 0
+    while True:  # in pages: a million rows never sit in memory at once
+        page = db.rows(
+            f"SELECT _id, data FROM {TABLE} WHERE _id > ? ORDER BY _id LIMIT 500", (after,)
+        )
+        for row_id, data in page:
+            try:
+                message = schema.decode_message(row_id, data)
+            except ValueError:
+                undecodable += 1
+                continue
+            if not isinstance(message.get("messageId"), str):
+                problems.append(f"row {row_id} has no messageId")
+        if len(page) < 500:
+            break
+        after = page[-1][0]
+    if undecodable:
+        problems.append(f"{undecodable} row(s) whose payload cannot be decoded")
+    if outbox.stats().inflight and outbox.lease_is_free():
+        problems.append("rows in flight with no uploader alive (the next uploader reclaims them)")
+    return problems
+
+
+def import_messages(outbox: Outbox, messages: Iterable[dict[str, Any]]) -> int:
+    """Store already-built messages as they are (keeping messageId and timestamp).
+
+    One transaction: all of them are stored, or none. The cap applies.
+    """
+
+    def insert(conn: sqlite3.Connection) -> int:
+        now = time.time()
+        rows = ((schema.encode_message(message), now) for message in messages)
+        before = conn.total_changes
+        conn.executemany(schema.INSERT, rows)
+        count = conn.total_changes - before
+        pending = conn.execute(schema.COUNT_PENDING).fetchone()[0]
+        if pending > outbox.max_pending:
+            raise OutboxFull(
+                f"importing {count} messages would hold {pending} pending events, over"
+                f" max_queue_size {outbox.max_pending}: {outbox.path}"
+            )
+        return count
+
+    return int(outbox.database.write(insert, "import messages"))

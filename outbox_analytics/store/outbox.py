@@ -1,0 +1,468 @@
+"""The outbox: append, `batch()`, the size cap, counts, and the door to the upload lease.
+
+A durable FIFO of messages in one SQLite file, safe across threads and
+processes. Appending and reading are here; claiming, acknowledging and
+dead-lettering exist only on the `UploadLease` that `try_lease()` hands out;
+damage is handled by `recovery`, operator commands by `maintenance`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ..errors import (
+    NotAnOutbox,
+    OutboxDamaged,
+    OutboxError,
+    OutboxFull,
+    OutboxMismatch,
+    OutboxUnavailable,
+)
+from . import recovery, schema
+from .connection import Database, file_identity
+from .lease import UploadLease, lease_is_free, try_lease
+from .schema import INFLIGHT_WHERE, TABLE, Head, OutboxStats, Row
+
+__all__ = ["DEFAULT_MAX_PENDING", "Outbox", "default_outbox_path"]
+
+log = logging.getLogger("outbox_analytics")
+
+DEFAULT_MAX_PENDING = 1_000_000
+# How stale the pending estimate may get: other processes append and
+# acknowledge too, and counting a large table on every call is too slow.
+_RECOUNT_INTERVAL = 1.0
+_RECOUNT_WHEN_FULL = 0.1  # a full outbox looks again sooner, to refuse no longer than needed
+# Recording a drop must not hold up the caller whose event was just refused.
+_DROP_RECORD_WAIT = 0.1
+
+
+def default_outbox_path(write_key: str, host: str) -> str:
+    """Where a client keeps its outbox when `outbox_path` is not given.
+
+    `$OUTBOX_ANALYTICS_PATH` when set; otherwise one file per (host, write key)
+    in the per-user state directory, so that a job restarted from another
+    working directory finds what its last run left pending. The write key is
+    hashed: it never appears in a file name.
+    """
+    override = os.environ.get("OUTBOX_ANALYTICS_PATH")
+    if override:
+        return override
+    digest = hashlib.sha256(f"{host}\n{write_key}".encode()).hexdigest()[:16]
+    return os.path.join(_user_state_dir(), "outbox-analytics", f"outbox-{digest}.sqlite3")
+
+
+def _user_state_dir() -> str:
+    home = os.path.expanduser("~")
+    if sys.platform == "win32":
+        return os.environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+    if sys.platform == "darwin":
+        return os.path.join(home, "Library", "Application Support")
+    return os.environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+
+
+class Outbox:
+    """A durable FIFO of messages in one SQLite file."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: bool = False,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        wait: float = 60.0,
+        readonly: bool = False,
+    ) -> None:
+        """Open (creating it if needed) the outbox at `path`.
+
+        `readonly=True` opens an existing outbox for reading only: nothing is
+        created or changed. A writer finding the file damaged moves it aside
+        and starts afresh with what can be salvaged; a reader only reports it.
+        """
+        self.path = _resolve(path)
+        self.fsync = fsync
+        self.max_pending = max_pending
+        self.wait = wait
+        self.readonly = readonly
+        self._local = threading.local()
+        self._unrecorded_drops = 0  # drops not yet written to the file
+        self._drops_lock = threading.Lock()
+        if readonly:
+            if not os.path.isfile(self.path):
+                raise OutboxUnavailable("no outbox file there", self.path)
+        else:
+            recovery.create_private_file(self.path)
+        try:
+            self._db = self._open()
+        except OutboxDamaged as damage:
+            if readonly:
+                raise
+            self._db = recovery.recover(self.path, damage, self._open)
+        self._pending_estimate = self._count_pending()
+        self._counted_at = self._exactly_counted_at = time.monotonic()
+        _live_outboxes.add(self)
+
+    def _open(self) -> Database:
+        """Connect, refuse what is not an outbox, and bring the schema up to date."""
+        db = Database(self.path, readonly=self.readonly, fsync=self.fsync, wait=self.wait)
+        try:
+            return self._prepare(db)
+        except BaseException:
+            db.abandon()  # the file may be moved aside next: never close a connection to it
+            raise
+
+    def _prepare(self, db: Database) -> Database:
+        try:
+            new = db.read(lambda conn: schema.inspect(conn, self.path), "open the outbox")
+        except OutboxDamaged as exc:
+            if not recovery.has_sqlite_header(db):
+                message = "not an outbox: the file is not an SQLite database"
+                raise NotAnOutbox(message, self.path) from exc
+            raise
+        if self.readonly:
+            if new or not db.read(schema.is_current):
+                raise NotAnOutbox("not an outbox written by outbox-analytics", self.path)
+            return db
+        if new:
+            for pragma in schema.NEW_FILE_PRAGMAS:
+                db.rows(pragma)
+        db.rows("PRAGMA journal_mode=WAL")
+        if not db.read(schema.is_current):
+            db.write(schema.migrate, "create the outbox's tables")
+        return db
+
+    def close(self) -> None:
+        """Close the connection. Still usable: a later call reopens it rather than lose an event."""
+        self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _follow_file(self) -> None:
+        """Reopen if the file at our path is no longer the one we have open (moved aside)."""
+        try:
+            moved = file_identity(self.path) != self._db.identity
+        except OutboxError:
+            moved = True
+        if moved and not self.readonly:
+            self._db.abandon()
+            recovery.create_private_file(self.path)
+            self._db = self._open()
+
+    # -- the file's owner ---------------------------------------------------------
+
+    def bind(self, write_key: str, host: str | None, *, force: bool = False) -> None:
+        """Check that this outbox belongs to `write_key` (and `host`); record them when new.
+
+        Raises OutboxMismatch naming which differs (the key is never shown).
+        Only salted hashes are stored, never the key. `host=None` (a client
+        that only stores) leaves the host to the first client that uploads;
+        `force=True` makes the given key and host the owners (a rotated key).
+        """
+        wanted = {"owner_key": write_key, "owner_host": host}
+
+        def check(conn: sqlite3.Connection) -> str | None:
+            salt = schema.read_meta(conn, "owner_salt")
+            if salt is None:
+                salt = "salt-" + secrets.token_hex(8)  # text that never looks like a number
+                schema.write_meta(conn, "owner_salt", salt)
+            for name, value in wanted.items():
+                if value is None:
+                    continue
+                stored = schema.read_meta(conn, name)
+                if stored is None or force:
+                    schema.write_meta(conn, name, _fingerprint(salt, value))
+                elif stored != _fingerprint(salt, value):
+                    return "write key" if name == "owner_key" else "host"
+            return None
+
+        differs = self._db.write(check, "record the outbox's owner")
+        if differs:
+            raise OutboxMismatch(
+                f"this outbox holds events for another {differs}; give each write key"
+                " and host an outbox file of its own",
+                self.path,
+            )
+
+    # -- appending ------------------------------------------------------------
+
+    def append(self, data: bytes) -> int | None:
+        """Store one message, encoded by `encode_message`, durably (committed before return).
+
+        Returns the row id. Inside `batch()` on this thread the message is only
+        buffered (and None returned), and committed with the rest of the
+        block. Raises OutboxFull (the drop is counted) when `max_pending`
+        messages are pending, OutboxError (also counted) when it cannot write.
+        """
+        buffered: list[tuple[bytes, float]] | None = getattr(self._local, "rows", None)
+        if buffered is not None:
+            self._reserve(1 + len(buffered))
+            buffered.append((data, time.time()))
+            return None
+        self._reserve(1)
+        return self._store([(data, time.time())])
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Buffer this thread's appends and commit them in one transaction at the end.
+
+        All or nothing: if the block raises (or the process dies inside it),
+        none of its messages are stored. Nested blocks join the outermost one.
+        """
+        if getattr(self._local, "rows", None) is not None:
+            yield
+            return
+        self._local.rows = []
+        try:
+            yield
+            rows = self._local.rows
+        finally:
+            self._local.rows = None
+        if rows:
+            self._store(rows)
+
+    def _store(self, rows: Sequence[tuple[bytes, float]]) -> int:
+        """Commit rows (and any drops not yet recorded) in one transaction; the last row id."""
+        drops = self._unrecorded_drops
+
+        def insert(conn: sqlite3.Connection) -> int:
+            if drops:
+                conn.execute(schema.ADD_DROPPED, (drops,))
+            if len(rows) == 1:
+                return int(conn.execute(schema.INSERT, rows[0]).lastrowid or 0)
+            conn.executemany(schema.INSERT, rows)
+            return int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+
+        try:
+            row_id = self._db.write(insert, "append to the outbox")
+        except OutboxError:
+            self._count_unrecorded_drops(len(rows))
+            raise
+        if drops:
+            self._count_unrecorded_drops(-drops)
+        self._pending_estimate += len(rows)
+        return row_id
+
+    def _count_unrecorded_drops(self, count: int) -> None:
+        with self._drops_lock:
+            self._unrecorded_drops += count
+
+    @property
+    def unrecorded_drops(self) -> int:
+        """Events this process dropped and could not yet count in the file."""
+        return self._unrecorded_drops
+
+    def _reserve(self, count: int) -> None:
+        """Raise OutboxFull unless `count` more pending rows fit under the cap.
+
+        The pending count is an estimate (the last count plus our appends
+        since), refreshed every `_RECOUNT_INTERVAL` seconds because other
+        processes append and acknowledge too. Refreshing reads the span of
+        pending ids, an upper bound that costs two index lookups; only when
+        that bound does not fit are the rows counted, at most once a second
+        (counting a million rows takes tens of milliseconds).
+        """
+        now = time.monotonic()
+        over = self._pending_estimate + count > self.max_pending
+        if now - self._counted_at <= (_RECOUNT_WHEN_FULL if over else _RECOUNT_INTERVAL):
+            if over:
+                self._refuse()
+            return
+        self._counted_at = now
+        self._follow_file()
+        span = int(self._db.scalar(schema.PENDING_SPAN) or 0)
+        if span + count <= self.max_pending:
+            self._pending_estimate = span
+        elif now - self._exactly_counted_at >= _RECOUNT_INTERVAL:
+            self._pending_estimate = self._count_pending()
+            self._exactly_counted_at = now
+        if self._pending_estimate + count > self.max_pending:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        full = OutboxFull(f"the outbox holds {self.max_pending} pending events: {self.path}")
+        try:
+            self._db.write(
+                lambda conn: conn.execute(schema.ADD_DROPPED, (1,)),
+                "count a drop",
+                _DROP_RECORD_WAIT,
+            )
+        except OutboxError:  # a full disk too: counted with the next write that succeeds
+            self._count_unrecorded_drops(1)
+        raise full
+
+    def _count_pending(self) -> int:
+        return int(self._db.scalar(schema.COUNT_PENDING))
+
+    # -- the upload lease -----------------------------------------------------
+
+    def try_lease(self) -> UploadLease | None:
+        """The upload lease, if no other process or client holds it (see lease.py)."""
+        self._follow_file()
+        return try_lease(self._db)
+
+    def lease_is_free(self) -> bool:
+        """Whether no uploader holds the lease right now (without taking it)."""
+        return lease_is_free(self._db)
+
+    # -- reading --------------------------------------------------------------
+
+    def head(self, limit: int) -> Head:
+        """What the uploader needs to decide whether to send now: cheap index reads."""
+
+        def read(conn: sqlite3.Connection) -> Head:
+            pending = conn.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE status < 2 LIMIT ?)", (limit,)
+            ).fetchone()[0]
+            first = conn.execute(
+                f"SELECT timestamp, next_attempt_at FROM {TABLE}"
+                " WHERE status < 2 ORDER BY _id LIMIT 1"
+            ).fetchone()
+            if first is None:
+                return Head(0, None, None)
+            return Head(int(pending), first[0], first[1])
+
+        return self._db.snapshot(read)
+
+    def last_id(self) -> int:
+        """The highest row id ever used (ids are never reused: AUTOINCREMENT)."""
+        seq = self._db.scalar(
+            "SELECT seq FROM sqlite_sequence WHERE name = ?", (schema.TABLE_NAME,)
+        )
+        return int(seq or 0)
+
+    def state_of(self, row_id: int) -> str | None:
+        """The row's state (pending, inflight or dead); None once delivered or never stored."""
+        status = self._db.scalar(f"SELECT status FROM {TABLE} WHERE _id = ?", (row_id,))
+        return None if status is None else schema.state_of(status)
+
+    def unfinished(self, up_to_id: int) -> bool:
+        """Whether any row with id <= `up_to_id` is still pending or in flight (cheap)."""
+        return bool(
+            self._db.scalar(
+                f"SELECT EXISTS (SELECT 1 FROM {TABLE} WHERE status < 2 AND _id <= ?)"
+                f" OR EXISTS (SELECT 1 FROM {TABLE} WHERE {INFLIGHT_WHERE} AND _id <= ?)",
+                (up_to_id, up_to_id),
+            )
+        )
+
+    def count_unfinished(self, up_to_id: int) -> int:
+        """How many rows with id <= `up_to_id` are still pending or in flight."""
+        return int(
+            self._db.scalar(
+                f"SELECT (SELECT count(*) FROM {TABLE} WHERE status < 2 AND _id <= ?)"
+                f" + (SELECT count(*) FROM {TABLE} WHERE {INFLIGHT_WHERE} AND _id <= ?)",
+                (up_to_id, up_to_id),
+            )
+        )
+
+    def stats(self) -> OutboxStats:
+        """Counts from one snapshot of the file, plus drops this process could not write yet."""
+
+        def read(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            pending = int(conn.execute(schema.COUNT_PENDING).fetchone()[0])
+            taken = dict(
+                conn.execute(
+                    f"SELECT status, count(*) FROM {TABLE} WHERE status >= 2 GROUP BY status"
+                ).fetchall()
+            )
+            head = conn.execute(
+                "SELECT timestamp, attempts, last_status, last_error, next_attempt_at"
+                f" FROM {TABLE} WHERE status < 2 ORDER BY _id LIMIT 1"
+            ).fetchone()
+            dropped = schema.read_meta(conn, "dropped")
+            return pending, taken, head, dropped
+
+        pending, taken, head, dropped = self._db.snapshot(read)
+        return OutboxStats(
+            pending=pending,
+            inflight=int(taken.get(schema.INFLIGHT, 0)),
+            dead=int(taken.get(schema.DEAD, 0)),
+            dropped=int(dropped or 0) + self._unrecorded_drops,
+            oldest_pending_age_s=max(0.0, time.time() - head[0]) if head else None,
+            file_bytes=file_bytes(self.path),
+            path=self.path,
+            head_attempts=head[1] or 0 if head else 0,
+            head_last_status=head[2] if head else None,
+            head_last_error=head[3] if head else None,
+            head_next_attempt_at=head[4] if head else None,
+        )
+
+    def rows(self, state: str = "pending", limit: int | None = None) -> Iterator[Row]:
+        """Yield stored rows of one state ("pending", "inflight", "dead" or "all") in order.
+
+        Streams in pages, so a million rows never sit in memory at once.
+        """
+        if state not in schema.STATE_WHERE:
+            raise ValueError(f"state must be one of {sorted(schema.STATE_WHERE)}, got {state!r}")
+        where = schema.STATE_WHERE[state]
+        after, remaining = 0, limit
+        while remaining is None or remaining > 0:
+            page = 500 if remaining is None else min(500, remaining)
+            raws = self._db.rows(
+                f"SELECT {schema.ROW_COLUMNS} FROM {TABLE}"
+                f" WHERE {where} AND _id > ? ORDER BY _id LIMIT ?",
+                (after, page),
+            )
+            for raw in raws:
+                yield schema.readable_row(raw)
+            if len(raws) < page:
+                return
+            after = raws[-1][0]
+            if remaining is not None:
+                remaining -= len(raws)
+
+    @property
+    def database(self) -> Database:
+        """The connection, for the storage package's maintenance functions."""
+        return self._db
+
+
+def _resolve(path: str | os.PathLike[str]) -> str:
+    """The real path of an outbox file; a clear error for paths that cannot be one."""
+    text = os.fspath(path)
+    if not text:
+        raise OutboxUnavailable("the outbox path is empty", repr(text))
+    resolved = os.path.realpath(text)
+    if os.path.isdir(resolved):
+        raise OutboxUnavailable("the outbox path is a directory", resolved)
+    return resolved
+
+
+def _fingerprint(salt: str, value: str) -> str:
+    return "sha256-" + hashlib.sha256(f"{salt}\n{value}".encode()).hexdigest()
+
+
+def file_bytes(path: str) -> int:
+    total = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(OSError):
+            total += os.path.getsize(path + suffix)
+    return total
+
+
+_live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Drops not yet recorded are the parent's to record; a child starts at zero.
+    for outbox in list(_live_outboxes):
+        outbox._unrecorded_drops = 0
+        outbox._drops_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
