@@ -237,12 +237,18 @@ class Outbox:
     def _store(self, rows: Sequence[tuple[bytes, float]]) -> int:
         """Commit rows (and any drops not yet recorded) in one transaction; the last row id."""
         drops = self._unrecorded_drops
+        if len(rows) == 1 and not drops:  # the common case: one statement, no transaction
+            try:
+                cursor = self._db.execute(schema.INSERT, rows[0], "append to the outbox")
+            except OutboxError:
+                self._count_unrecorded_drops(1)
+                raise
+            self._pending_estimate += 1
+            return int(cursor.lastrowid or 0)
 
         def insert(conn: sqlite3.Connection) -> int:
             if drops:
                 conn.execute(schema.ADD_DROPPED, (drops,))
-            if len(rows) == 1:
-                return int(conn.execute(schema.INSERT, rows[0]).lastrowid or 0)
             conn.executemany(schema.INSERT, rows)
             return int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
 
