@@ -114,8 +114,7 @@ class Database:
         self.fsync = fsync
         self.wait = wait
         self.identity = file_identity(path)
-        self._lock = _lock_for(self.identity)
-        self._owner: int | None = None  # the thread inside a call, to refuse re-entry
+        self._file = _lock_for(self.identity)
         self._conn: sqlite3.Connection | None = None
         _live_databases.add(self)
 
@@ -170,15 +169,16 @@ class Database:
         doing: str,
         wait: float,
     ) -> T:
-        if self._owner == threading.get_ident() and self._lock.locked():
+        file = self._file
+        if file.owner == threading.get_ident() and file.lock.locked():
             # A signal handler (or a callback) calling us while this thread is
-            # inside a call: waiting for our own lock would hang for good.
+            # inside a call on this file: waiting for the lock would hang for good.
             raise OutboxBusy(f"cannot {doing}: called again while a call is under way", self.path)
         deadline = None
         pause = 0.001
         while True:
-            with self._lock:
-                self._owner = threading.get_ident()
+            with file.lock:
+                file.owner = threading.get_ident()
                 try:
                     return self._attempt(work, begin)
                 except sqlite3.Error as exc:
@@ -187,7 +187,7 @@ class Database:
                     if not _is_busy(exc) or time.monotonic() >= deadline:
                         raise translate(exc, self.path, doing) from exc
                 finally:
-                    self._owner = None
+                    file.owner = None
                     self._end_transaction()
             # Busy: another process holds the lock. Wait without ours.
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
@@ -243,7 +243,7 @@ class Database:
         a WAL database deletes `<path>-wal` and `<path>-shm` by name, which
         by now are the fresh file's.
         """
-        with self._lock:
+        with self._file.lock:
             conn, self._conn = self._conn, None
             if conn is None:
                 return
@@ -257,7 +257,7 @@ class Database:
 
     def abandon(self) -> None:
         """Stop using this file without closing its connection (see `close`)."""
-        with self._lock:
+        with self._file.lock:
             self._drop_connection()
 
     def moved(self) -> bool:
@@ -268,8 +268,7 @@ class Database:
             return True
 
     def _after_fork_in_child(self) -> None:
-        self._lock = _lock_for(self.identity)
-        self._owner = None
+        self._file = _lock_for(self.identity)
         self._drop_connection()
 
 
@@ -279,14 +278,24 @@ _live_databases: weakref.WeakSet[Database] = weakref.WeakSet()
 # Connections we must never use (inherited across fork, or broken) and never
 # close or let the garbage collector close: see the module docstring.
 _abandoned: list[sqlite3.Connection] = []
-_locks: dict[Identity, threading.Lock] = {}
+
+
+class _FileLock:
+    """The per-process lock of one file, and the thread holding it (to refuse re-entry)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+
+
+_locks: dict[Identity, _FileLock] = {}
 _handles: dict[Identity, int] = {}
 _registry = threading.Lock()
 
 
-def _lock_for(identity: Identity) -> threading.Lock:
+def _lock_for(identity: Identity) -> _FileLock:
     with _registry:
-        return _locks.setdefault(identity, threading.Lock())
+        return _locks.setdefault(identity, _FileLock())
 
 
 def file_handle(path: str, identity: Identity) -> int:
@@ -312,22 +321,29 @@ def file_handle(path: str, identity: Identity) -> int:
 _stray_handles: list[int] = []
 
 
+_taken_for_fork: list[threading.Lock] = []
+# A thread holds a file lock for one SQLite call (milliseconds); the bound
+# only matters if fork() is called from a signal handler that interrupted a
+# call of ours on the same thread, which must not hang the program.
+_FORK_WAIT = 5.0
+
+
 def _before_fork() -> None:
-    _registry.acquire()
-    for lock in list(_locks.values()):
-        lock.acquire()
+    for lock in [_registry, *(file.lock for file in list(_locks.values()))]:
+        if lock.acquire(timeout=_FORK_WAIT):
+            _taken_for_fork.append(lock)
 
 
 def _after_fork_in_parent() -> None:
-    for lock in list(_locks.values()):
-        lock.release()
-    _registry.release()
+    while _taken_for_fork:
+        _taken_for_fork.pop().release()
 
 
 def _after_fork_in_child() -> None:
     global _registry
     _registry = threading.Lock()
     _locks.clear()
+    _taken_for_fork.clear()
     # The inherited descriptors share their open file descriptions (and the
     # upload lease's lock) with the parent; this process has no locks of its
     # own yet, so closing them here is safe and leaves the parent's lock alone.

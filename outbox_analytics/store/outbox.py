@@ -102,23 +102,26 @@ class Outbox:
                 raise OutboxUnavailable("no outbox file there", self.path)
         else:
             recovery.create_private_file(self.path)
-        try:
-            self._db = self._open()
-        except OutboxDamaged as damage:
-            if readonly:
-                raise
-            self._db = recovery.recover(self.path, damage, self._open)
+        self._db = self._open(recover=not readonly)
         self._pending_estimate = self._count_pending()
         self._counted_at = self._exactly_counted_at = time.monotonic()
         _live_outboxes.add(self)
 
-    def _open(self) -> Database:
-        """Connect, refuse what is not an outbox, and bring the schema up to date."""
+    def _open(self, recover: bool = False) -> Database:
+        """Connect, refuse what is not an outbox, and bring the schema up to date.
+
+        With `recover`, a damaged file is moved aside and replaced (see recovery.py).
+        """
         db = Database(self.path, readonly=self.readonly, fsync=self.fsync, wait=self.wait)
         try:
             return self._prepare(db)
+        except OutboxDamaged as damage:
+            db.abandon()  # the file is moved aside next: never close a connection to it
+            if not recover:
+                raise
+            return recovery.recover(self.path, damage, db.identity, self._open)
         except BaseException:
-            db.abandon()  # the file may be moved aside next: never close a connection to it
+            db.abandon()
             raise
 
     def _prepare(self, db: Database) -> Database:
@@ -160,7 +163,13 @@ class Outbox:
         if moved and not self.readonly:
             self._db.abandon()
             recovery.create_private_file(self.path)
-            self._db = self._open()
+            self._db = self._open(recover=True)
+
+    def _recover(self, damage: OutboxDamaged) -> None:
+        """The file turned out damaged while in use: move it aside and carry on with a fresh one."""
+        damaged = self._db
+        damaged.abandon()
+        self._db = recovery.recover(self.path, damage, damaged.identity, self._open)
 
     # -- the file's owner ---------------------------------------------------------
 
@@ -235,15 +244,27 @@ class Outbox:
             self._store(rows)
 
     def _store(self, rows: Sequence[tuple[bytes, float]]) -> int:
-        """Commit rows (and any drops not yet recorded) in one transaction; the last row id."""
+        """Commit rows durably; the last row id. A failure is counted as dropped rows."""
+        try:
+            # A stat per append (about a microsecond): if another process moved
+            # the file aside, writing on into it would strand the events there.
+            self._follow_file()
+            try:
+                row_id = self._commit(rows)
+            except OutboxDamaged as damage:
+                self._recover(damage)
+                row_id = self._commit(rows)
+        except OutboxError:
+            self._count_unrecorded_drops(len(rows))
+            raise
+        self._pending_estimate += len(rows)
+        return row_id
+
+    def _commit(self, rows: Sequence[tuple[bytes, float]]) -> int:
+        """Insert rows (and any drops not yet recorded) in one transaction; the last row id."""
         drops = self._unrecorded_drops
         if len(rows) == 1 and not drops:  # the common case: one statement, no transaction
-            try:
-                cursor = self._db.execute(schema.INSERT, rows[0], "append to the outbox")
-            except OutboxError:
-                self._count_unrecorded_drops(1)
-                raise
-            self._pending_estimate += 1
+            cursor = self._db.execute(schema.INSERT, rows[0], "append to the outbox")
             return int(cursor.lastrowid or 0)
 
         def insert(conn: sqlite3.Connection) -> int:
@@ -252,14 +273,9 @@ class Outbox:
             conn.executemany(schema.INSERT, rows)
             return int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
 
-        try:
-            row_id = self._db.write(insert, "append to the outbox")
-        except OutboxError:
-            self._count_unrecorded_drops(len(rows))
-            raise
+        row_id = self._db.write(insert, "append to the outbox")
         if drops:
             self._count_unrecorded_drops(-drops)
-        self._pending_estimate += len(rows)
         return row_id
 
     def _count_unrecorded_drops(self, count: int) -> None:
@@ -288,7 +304,6 @@ class Outbox:
                 self._refuse()
             return
         self._counted_at = now
-        self._follow_file()
         span = int(self._db.scalar(schema.PENDING_SPAN) or 0)
         if span + count <= self.max_pending:
             self._pending_estimate = span

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import OutboxDamaged, OutboxError, OutboxUnavailable
 from . import schema
-from .connection import Database, file_handle
+from .connection import Database, Identity, file_handle, file_identity
 
 try:
     import fcntl
@@ -66,8 +66,15 @@ def has_sqlite_header(db: Database) -> bool:
         return False
 
 
-def recover(path: str, damage: OutboxDamaged, reopen: Callable[[], Database]) -> Database:
-    """Move the damaged file at `path` aside, open a fresh outbox there, salvage into it."""
+def recover(
+    path: str, damage: OutboxDamaged, damaged: Identity, reopen: Callable[[], Database]
+) -> Database:
+    """Move the damaged file at `path` aside, open a fresh outbox there, salvage into it.
+
+    `damaged` is the identity of the file found damaged: if another file is
+    at the path by the time we hold the lock, another process recovered it,
+    and we open that one.
+    """
     directory = os.path.dirname(path)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutboxDamaged(
@@ -75,10 +82,8 @@ def recover(path: str, damage: OutboxDamaged, reopen: Callable[[], Database]) ->
             path,
         )
     with _directory_locked(directory, path):
-        try:
-            return reopen()  # another process may have recovered it while we waited
-        except OutboxDamaged:
-            pass
+        if _identity_at(path) != damaged:
+            return reopen()  # another process recovered it while we waited
         aside = _move_aside(path)
         create_private_file(path)
         fresh = reopen()
@@ -90,6 +95,13 @@ def recover(path: str, damage: OutboxDamaged, reopen: Callable[[], Database]) ->
         else "no rows unreadable",
     )  # fmt: skip
     return fresh
+
+
+def _identity_at(path: str) -> Identity | None:
+    try:
+        return file_identity(path)
+    except OutboxError:
+        return None
 
 
 @contextlib.contextmanager
