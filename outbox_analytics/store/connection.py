@@ -244,16 +244,19 @@ class Database:
         by now are the fresh file's.
         """
         with self._file.lock:
-            conn, self._conn = self._conn, None
-            if conn is None:
-                return
-            if self.moved():
-                _abandoned.append(conn)
-                return
-            try:
-                conn.close()
-            except sqlite3.Error:
-                _abandoned.append(conn)
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self.moved():
+            _abandoned.append(conn)
+            return
+        try:
+            conn.close()
+        except sqlite3.Error:
+            _abandoned.append(conn)
 
     def abandon(self) -> None:
         """Stop using this file without closing its connection (see `close`)."""
@@ -332,6 +335,12 @@ def _before_fork() -> None:
     for lock in [_registry, *(file.lock for file in list(_locks.values()))]:
         if lock.acquire(timeout=_FORK_WAIT):
             _taken_for_fork.append(lock)
+    # Close our connections too (each reopens on its next call): SQLite keeps
+    # per-file lock bookkeeping for the whole process, and a child that
+    # inherits it believes it holds locks that only the parent holds.
+    for database in list(_live_databases):
+        if database._file.lock in _taken_for_fork:
+            database._close_locked()
 
 
 def _after_fork_in_parent() -> None:
