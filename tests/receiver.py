@@ -155,7 +155,9 @@ class SenderSpans:
     """A responder that answers slowly and notes who sent each request, and when.
 
     `assert_one_at_a_time()` then checks that requests of different senders
-    (told apart by their write key) never overlapped: one uploader at a time.
+    never overlapped: one uploader at a time. Uploaders of one outbox share
+    its write key, so senders are told apart by their Content-Encoding: give
+    one `gzip=True` and the other not.
     """
 
     def __init__(self, delay: float) -> None:
@@ -163,7 +165,8 @@ class SenderSpans:
         self.spans: list[tuple[str, float, float]] = []
 
     def __call__(self, request: Received) -> Reply:
-        self.spans.append((request.body["writeKey"], request.at, request.at + self.delay))
+        sender = request.headers.get("Content-Encoding", "plain")
+        self.spans.append((sender, request.at, request.at + self.delay))
         return Reply(delay=self.delay)
 
     def assert_one_at_a_time(self) -> int:

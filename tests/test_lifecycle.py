@@ -23,7 +23,7 @@ from outbox_analytics import Client
 url, path, source, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 client = Client(
     "k", host=url, outbox_path=path, upload_size=10, upload_interval=0.05,
-    max_retries=3, retry_wait=tenacity.wait_fixed(0.05),
+    max_retries=3, retry_wait=tenacity.wait_fixed(0.05), gzip=source == "first",
 )
 for n in range(count):
     client.track("user", "Numbered", {"n": n, "source": source})

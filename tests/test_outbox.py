@@ -14,8 +14,13 @@ import persistqueue.serializers.msgpack
 import pytest
 
 from outbox_analytics import Client, OutboxError, OutboxFull
-from outbox_analytics.store import Outbox, UploadLease, default_outbox_path, encode_message
-from outbox_analytics.store import maintenance
+from outbox_analytics.store import (
+    Outbox,
+    UploadLease,
+    default_outbox_path,
+    encode_message,
+    maintenance,
+)
 
 
 def message(number: int) -> dict:

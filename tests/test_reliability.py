@@ -426,8 +426,8 @@ import sys, time, tenacity
 from outbox_analytics import Client
 
 client = Client(
-    sys.argv[3], host=sys.argv[1], outbox_path=sys.argv[2], upload_interval=0.02,
-    upload_size=20, retry_wait=tenacity.wait_fixed(0.02),
+    "k", host=sys.argv[1], outbox_path=sys.argv[2], upload_interval=0.02,
+    upload_size=20, retry_wait=tenacity.wait_fixed(0.02), gzip=sys.argv[3] == "gzip",
 )
 deadline = time.monotonic() + float(sys.argv[4])
 while time.monotonic() < deadline:
@@ -442,7 +442,8 @@ def test_many_processes_and_threads_share_one_file(receiver, outbox_file: Path) 
     receiver.responder = spans
     Client("k", outbox_path=str(outbox_file), upload=False).shutdown()  # create it first
     uploaders = [
-        start_python(FLUSHER, receiver.url, str(outbox_file), "k", "25") for _ in range(2)
+        start_python(FLUSHER, receiver.url, str(outbox_file), encoding, "25")
+        for encoding in ("gzip", "plain")
     ]
     producers = [start_python(THREADED_PRODUCER, str(outbox_file), f"p{i}") for i in range(3)]
     for producer in producers:
