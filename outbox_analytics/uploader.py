@@ -27,7 +27,7 @@ from typing import Any
 
 import tenacity
 
-from .errors import APIError, DeliveryError, RetryableError
+from .errors import APIError, DeliveryError, OutboxDamaged, RetryableError
 from .request import MAX_BATCH_BYTES, MAX_RETRY_AFTER, Requester, encode_batch
 from .store import Outbox, Row, UploadLease
 from .utils import RateLimitedLog, utc_now_iso
@@ -137,6 +137,9 @@ class Uploader:
         while not self._stopping.is_set():
             try:
                 delay = self.step()
+            except OutboxDamaged as damage:  # found by a claim or an ack: recover, go on
+                self._recover(damage)
+                delay = max(self.upload_interval, 0.1)
             except Exception:  # the loop outlives every failure; each one is counted
                 self.loop_errors += 1
                 suppressed = self._warn_loop.ready()  # and logged, at most every 10 s
@@ -152,6 +155,19 @@ class Uploader:
                 self._wake.wait(delay)
                 self._wake.clear()
         self._notify()
+
+    def _recover(self, damage: OutboxDamaged) -> None:
+        """The file is damaged: give up the lease, and let the outbox move it aside and salvage it.
+
+        Rows we had in flight are salvaged as pending: they are sent again
+        (at least once), with the same messageIds.
+        """
+        self._give_up_lease()
+        try:
+            self.outbox.recover(damage)
+        except Exception:
+            self.loop_errors += 1
+            log.exception("outbox-analytics: the outbox is damaged and could not be recovered")
 
     def _take_back_inflight(self) -> None:
         """After a failure mid-batch (a full disk, say), rows may be left in flight.

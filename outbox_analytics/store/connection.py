@@ -27,6 +27,7 @@ it is closed, which would pull SQLite's own locks from under its feet.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
@@ -308,9 +309,9 @@ def file_handle(path: str, identity: Identity) -> int:
         if fd is not None:
             return fd
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except PermissionError:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_descriptor(path)
+        except OSError as exc:
+            raise OutboxUnavailable(f"cannot open the outbox ({exc.strerror})", path) from exc
         info = os.fstat(fd)
         if (info.st_dev, info.st_ino) != identity:
             # Replaced since it was looked at: keep the descriptor (closing
@@ -322,6 +323,16 @@ def file_handle(path: str, identity: Identity) -> int:
 
 
 _stray_handles: list[int] = []
+
+
+def _open_descriptor(path: str) -> int:
+    """Read-write if we may (the lease's lock needs it), else read-only (a read-only mount)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 _taken_for_fork: list[threading.Lock] = []

@@ -18,8 +18,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from ..errors import (
     NotAnOutbox,
@@ -37,6 +37,7 @@ from .schema import INFLIGHT_WHERE, TABLE, Head, OutboxStats, Row
 __all__ = ["DEFAULT_MAX_PENDING", "Outbox", "default_outbox_path"]
 
 log = logging.getLogger("outbox_analytics")
+T = TypeVar("T")
 
 DEFAULT_MAX_PENDING = 1_000_000
 # How stale the pending estimate may get: other processes append and
@@ -103,32 +104,53 @@ class Outbox:
         else:
             recovery.create_private_file(self.path)
         self._db = self._open(recover=not readonly)
-        self._pending_estimate = self._count_pending()
+        self._pending_estimate = self._recovering(self._count_pending)
         self._counted_at = self._exactly_counted_at = time.monotonic()
         _live_outboxes.add(self)
 
     def _open(self, recover: bool = False) -> Database:
         """Connect, refuse what is not an outbox, and bring the schema up to date.
 
-        With `recover`, a damaged file is moved aside and replaced (see recovery.py).
+        With `recover`, a damaged file is moved aside and replaced (see
+        recovery.py); the opening then happens under a shared lock on the
+        directory, so it never falls between another process's moving the
+        file aside and its creating the fresh one.
         """
+        if not recover:
+            return self._connect()
+        with recovery.opening(self.path):
+            try:
+                return self._connect()
+            except OutboxDamaged as exc:
+                damage, damaged = exc, file_identity(self.path)
+        return recovery.recover(self.path, damage, damaged, self._connect)
+
+    def _connect(self) -> Database:
         db = Database(self.path, readonly=self.readonly, fsync=self.fsync, wait=self.wait)
         try:
             return self._prepare(db)
-        except OutboxDamaged as damage:
-            db.abandon()  # the file is moved aside next: never close a connection to it
-            if not recover:
-                raise
-            return recovery.recover(self.path, damage, db.identity, self._open)
-        except BaseException:
-            db.abandon()
+        except OutboxDamaged:
+            db.abandon()  # it is moved aside next: never close a connection to it
             raise
+        except BaseException:
+            db.close()  # (a connection kept open would be inherited by every fork)
+            raise
+
+    def _recovering(self, work: Callable[[], T]) -> T:
+        """Run `work`; if it finds the file damaged, recover (writers only) and run it again."""
+        try:
+            return work()
+        except OutboxDamaged as damage:
+            if self.readonly:
+                raise
+            self._recover(damage)
+            return work()
 
     def _prepare(self, db: Database) -> Database:
         try:
             new = db.read(lambda conn: schema.inspect(conn, self.path), "open the outbox")
         except OutboxDamaged as exc:
-            if not recovery.has_sqlite_header(db):
+            if not db.moved() and not recovery.has_sqlite_header(db):
                 message = "not an outbox: the file is not an SQLite database"
                 raise NotAnOutbox(message, self.path) from exc
             raise
@@ -142,6 +164,8 @@ class Outbox:
         db.rows("PRAGMA journal_mode=WAL")
         if not db.read(schema.is_current):
             db.write(schema.migrate, "create the outbox's tables")
+        # A write that changes nothing: a read-only file system or file fails here, at open.
+        db.execute(schema.ADD_DROPPED, (0,), "open the outbox for writing")
         return db
 
     def close(self) -> None:
@@ -169,7 +193,13 @@ class Outbox:
         """The file turned out damaged while in use: move it aside and carry on with a fresh one."""
         damaged = self._db
         damaged.abandon()
-        self._db = recovery.recover(self.path, damage, damaged.identity, self._open)
+        self._db = recovery.recover(self.path, damage, damaged.identity, self._connect)
+
+    def recover(self, damage: OutboxDamaged) -> None:
+        """For the uploader: its lease found the file damaged. Readers only re-raise."""
+        if self.readonly:
+            raise damage
+        self._recover(damage)
 
     # -- the file's owner ---------------------------------------------------------
 
@@ -198,7 +228,7 @@ class Outbox:
                     return "write key" if name == "owner_key" else "host"
             return None
 
-        differs = self._db.write(check, "record the outbox's owner")
+        differs = self._recovering(lambda: self._db.write(check, "record the outbox's owner"))
         if differs:
             raise OutboxMismatch(
                 f"this outbox holds events for another {differs}; give each write key"
@@ -249,11 +279,7 @@ class Outbox:
             # A stat per append (about a microsecond): if another process moved
             # the file aside, writing on into it would strand the events there.
             self._follow_file()
-            try:
-                row_id = self._commit(rows)
-            except OutboxDamaged as damage:
-                self._recover(damage)
-                row_id = self._commit(rows)
+            row_id = self._recovering(lambda: self._commit(rows))
         except OutboxError:
             self._count_unrecorded_drops(len(rows))
             raise
@@ -333,7 +359,7 @@ class Outbox:
     def try_lease(self) -> UploadLease | None:
         """The upload lease, if no other process or client holds it (see lease.py)."""
         self._follow_file()
-        return try_lease(self._db)
+        return self._recovering(lambda: try_lease(self._db))
 
     def lease_is_free(self) -> bool:
         """Whether no uploader holds the lease right now (without taking it)."""

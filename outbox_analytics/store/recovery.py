@@ -9,7 +9,9 @@ Many processes may meet the same damaged file at once. Recovery runs under
 an exclusive lock on the file's directory, and the first thing done under it
 is to look again: if another process already put a fresh outbox at the path,
 we simply open that. So exactly one process moves the file aside and
-salvages it, and every process ends up writing the same fresh outbox.
+salvages it, and every process ends up writing the same fresh outbox. Writers
+open the file under a shared lock on the directory, so none of them opens
+the path between the move and the fresh file.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ log = logging.getLogger("outbox_analytics")
 
 _SIDE_FILES = ("-wal", "-shm", "")  # the WAL first: a fresh file must never meet a stale one
 _SALVAGE_CHUNK = 500
+_SINGLE_STEPS = 64  # ids stepped over one at a time before the steps double
 
 
 def create_private_file(path: str) -> None:
@@ -104,9 +107,14 @@ def _identity_at(path: str) -> Identity | None:
         return None
 
 
+def opening(path: str) -> contextlib.AbstractContextManager[None]:
+    """A shared lock on the outbox's directory while a writer opens the file (see recover)."""
+    return _directory_locked(os.path.dirname(path), path, shared=True)
+
+
 @contextlib.contextmanager
-def _directory_locked(directory: str, path: str) -> Iterator[None]:
-    """An exclusive flock on the directory: one recovery at a time, across processes."""
+def _directory_locked(directory: str, path: str, shared: bool = False) -> Iterator[None]:
+    """An flock on the directory: exclusive for a recovery, shared for opening a file."""
     if fcntl is None:  # pragma: no cover
         yield
         return
@@ -117,7 +125,7 @@ def _directory_locked(directory: str, path: str) -> Iterator[None]:
             f"cannot lock the outbox's directory ({exc.strerror})", path
         ) from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # a directory: no SQLite lock lives on it
@@ -173,25 +181,33 @@ def salvage(damaged: str, into: Database) -> tuple[int, int]:
 def _copy_rows(source: Database, into: Database) -> tuple[int, int]:
     highest = _highest_id(source)
     copied = unreadable = 0
-    last, step = 0, 1
+    last, step, chunk = 0, 1, _SALVAGE_CHUNK
     columns = "_id, data, timestamp, status, attempts, last_status, last_error"
     while True:
         try:
             rows = source.rows(
                 f"SELECT {columns} FROM {schema.TABLE} WHERE _id > ? ORDER BY _id LIMIT ?",
-                (last, _SALVAGE_CHUNK),
+                (last, chunk),
             )
         except OutboxError:
+            if chunk > 1:  # the damage is somewhere in this chunk: go row by row up to it
+                chunk = 1
+                continue
             if last >= highest:
                 break
+            # Step over the damaged page: one id at a time at first (a leaf page
+            # holds a few dozen rows), then in doubling steps (a damaged interior
+            # page can hide a long range).
             skip = min(step, highest - last)
-            last, unreadable, step = last + skip, unreadable + skip, step * 2
+            last, unreadable = last + skip, unreadable + skip
+            step = 1 if unreadable < _SINGLE_STEPS else step * 2
             continue
         if not rows:
             break
         copied += len(rows)
         into.write(functools.partial(_insert, rows=rows), "salvage rows")
         last, step = rows[-1][0], 1
+        chunk = min(chunk * 2, _SALVAGE_CHUNK)  # past the damage: back to large reads
     return copied, unreadable
 
 
