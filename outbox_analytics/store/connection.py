@@ -170,16 +170,29 @@ class Database:
         doing: str,
         wait: float,
     ) -> T:
-        file = self._file
-        if file.owner == threading.get_ident() and file.lock.locked():
+        file, me = self._file, threading.get_ident()
+        if me in file.inside:
             # A signal handler (or a callback) calling us while this thread is
             # inside a call on this file: waiting for the lock would hang for good.
             raise OutboxBusy(f"cannot {doing}: called again while a call is under way", self.path)
+        try:
+            file.inside.add(me)  # in the try: an interrupt can never leave it set
+            return self._call_locked(file.lock, work, begin, doing, wait)
+        finally:
+            file.inside.discard(me)
+
+    def _call_locked(
+        self,
+        lock: threading.Lock,
+        work: Callable[[sqlite3.Connection], T],
+        begin: str | None,
+        doing: str,
+        wait: float,
+    ) -> T:
         deadline = None
         pause = 0.001
         while True:
-            with file.lock:
-                file.owner = threading.get_ident()
+            with lock:
                 try:
                     return self._attempt(work, begin)
                 except sqlite3.Error as exc:
@@ -188,7 +201,6 @@ class Database:
                     if not _is_busy(exc) or time.monotonic() >= deadline:
                         raise translate(exc, self.path, doing) from exc
                 finally:
-                    file.owner = None
                     self._end_transaction()
             # Busy: another process holds the lock. Wait without ours.
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
@@ -285,11 +297,11 @@ _abandoned: list[sqlite3.Connection] = []
 
 
 class _FileLock:
-    """The per-process lock of one file, and the thread holding it (to refuse re-entry)."""
+    """The per-process lock of one file, and the threads inside a call on it (refused re-entry)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.owner: int | None = None
+        self.inside: set[int] = set()
 
 
 _locks: dict[Identity, _FileLock] = {}

@@ -247,11 +247,10 @@ class Outbox:
         messages are pending, OutboxError (also counted) when it cannot write.
         """
         buffered: list[tuple[bytes, float]] | None = getattr(self._local, "rows", None)
+        self._reserve(1 + len(buffered) if buffered is not None else 1)
         if buffered is not None:
-            self._reserve(1 + len(buffered))
             buffered.append((data, time.time()))
             return None
-        self._reserve(1)
         return self._store([(data, time.time())])
 
     @contextlib.contextmanager
@@ -314,6 +313,16 @@ class Outbox:
         return self._unrecorded_drops
 
     def _reserve(self, count: int) -> None:
+        """Raise OutboxFull unless `count` more pending rows fit; any failure is a counted drop."""
+        try:
+            self._check_room(count)
+        except OutboxFull:
+            raise  # counted by _refuse
+        except OutboxError:
+            self._count_unrecorded_drops(1)
+            raise
+
+    def _check_room(self, count: int) -> None:
         """Raise OutboxFull unless `count` more pending rows fit under the cap.
 
         The pending count is an estimate (the last count plus our appends
