@@ -42,6 +42,32 @@ def start_python(code: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
+LOCK_HOLDER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+"""
+
+
+def hold_write_lock(path: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding the file's write lock for `seconds` (returns once it holds it)."""
+    holder = start_python(LOCK_HOLDER, str(path), str(seconds))
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def outbox_with(path: Path, count: int) -> None:
+    """A real outbox holding `count` pending events ("Stored", properties.n = 0..count-1)."""
+    client = Client("k", outbox_path=str(path), upload=False)
+    with client.batch():
+        for n in range(count):
+            client.track("u", "Stored", {"n": n, "pad": "p" * 200})
+    client.shutdown()
+
+
 @pytest.fixture
 def receiver():
     from .receiver import Receiver

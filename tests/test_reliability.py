@@ -23,7 +23,7 @@ from outbox_analytics import Client
 from outbox_analytics.collector import Collector
 from outbox_analytics.store import Outbox, encode_message, maintenance
 
-from .conftest import start_python
+from .conftest import outbox_with, start_python
 from .receiver import Received, Reply, SenderSpans
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -509,18 +509,10 @@ def test_a_full_disk_fails_cleanly_and_recovers(tmp_path: Path) -> None:
 # -- damaged files ---------------------------------------------------------------------
 
 
-def _outbox_with(path: Path, count: int) -> None:
-    client = Client("k", outbox_path=str(path), upload=False)
-    with client.batch():
-        for n in range(count):
-            client.track("u", "Stored", {"n": n, "pad": "p" * 200})
-    client.shutdown()
-
-
 def test_a_truncated_outbox_is_moved_aside_and_salvaged(
     outbox_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _outbox_with(outbox_file, 3000)
+    outbox_with(outbox_file, 3000)
     original = outbox_file.read_bytes()
     outbox_file.write_bytes(original[: len(original) // 2])  # a disk that lost the end
 

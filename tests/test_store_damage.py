@@ -37,6 +37,8 @@ import pytest
 import outbox_analytics
 from outbox_analytics import Client
 
+from .conftest import outbox_with
+
 # The checkout this process imported: other processes import the same one.
 CODE = Path(outbox_analytics.__file__).resolve().parents[1]
 
@@ -56,12 +58,7 @@ def _start_python(code: str, *args: str) -> subprocess.Popen[str]:
 
 
 def _outbox_with(path: Path, count: int) -> None:
-    """A real outbox holding `count` pending events ("Stored", properties.n = 0..count-1)."""
-    client = Client("k", outbox_path=str(path), upload=False)
-    with client.batch():
-        for n in range(count):
-            client.track("u", "Stored", {"n": n, "pad": "p" * 200})
-    client.shutdown()
+    outbox_with(path, count)
     # The last connection closed: every commit is in the main file, no WAL is left.
     assert not os.path.exists(f"{path}-wal")
 

@@ -18,22 +18,7 @@ from outbox_analytics import Client, OutboxBusy
 from outbox_analytics.cli import main
 from outbox_analytics.store import Outbox, encode_message, maintenance
 
-from .conftest import start_python
-
-LOCK_HOLDER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("ROLLBACK")
-"""
-
-
-def hold_write_lock(path: Path, seconds: float):
-    holder = start_python(LOCK_HOLDER, str(path), str(seconds))
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    return holder
+from .conftest import hold_write_lock, start_python
 
 
 def test_flush_and_stats_return_on_time_while_another_process_holds_the_write_lock(

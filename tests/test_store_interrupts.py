@@ -42,7 +42,7 @@ import pytest
 import outbox_analytics
 from outbox_analytics import Client
 
-from .conftest import start_python
+from .conftest import hold_write_lock, start_python
 
 PACKAGE_DIR = Path(outbox_analytics.__file__).parent
 # The storage code: the package outbox_analytics/store/ (or, before it was
@@ -374,16 +374,6 @@ def test_system_exit_at_every_other_point_of_a_batch_commit_stores_all_or_nothin
     assert_still_works(client, reader, outbox_file)
 
 
-LOCK_HOLDER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("ROLLBACK")
-"""
-
-
 def test_ctrl_c_while_a_batch_commit_waits_for_another_writer_loses_no_later_event(
     outbox_file: Path,
 ) -> None:
@@ -397,8 +387,7 @@ def test_ctrl_c_while_a_batch_commit_waits_for_another_writer_loses_no_later_eve
     previous = signal.signal(signal.SIGALRM, interrupt)
     try:
         assert client.track("user", "Before")[0]
-        holder = start_python(LOCK_HOLDER, str(outbox_file), "0.4")
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        holder = hold_write_lock(outbox_file, 0.4)
         interrupted = False
         started = time.monotonic()
         try:
