@@ -18,7 +18,7 @@ import tenacity
 
 from .errors import OutboxError, OutboxFull
 from .oauth import TokenManager, load_private_key
-from .request import Requester
+from .request import Requester, proxies_for
 from .store import (
     DEFAULT_MAX_PENDING,
     Outbox,
@@ -243,7 +243,8 @@ class Client:
                 self.oauth_scope,
                 session=requester.session,
                 timeout=self.timeout,
-                proxies=requester.proxies,
+                # The auth server's own: NO_PROXY may name it and not the API.
+                proxies=proxies_for(self.oauth_auth_server.rstrip("/") + "/token", self.proxies),
                 verify=requester.verify,
             )
         return requester

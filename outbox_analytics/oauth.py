@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .errors import RetryableError
-from .request import MAX_RETRY_AFTER, error_fields, parse_retry_after
+from .request import capped_wait, error_fields, parse_retry_after
 from .utils import RateLimitedLog
 
 __all__ = ["AuthError", "TokenManager", "load_private_key"]
@@ -169,7 +169,7 @@ class TokenManager:
             return
         try:
             self.clock_offset = parsedate_to_datetime(date_header).timestamp() - time.time()
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             log.debug("OAuth token server sent an unreadable Date header")
 
     def _error_for(self, response: requests.Response) -> RetryableError:
@@ -210,4 +210,4 @@ def _rate_limit_reset(value: str | None, now: float) -> float | None:
         number = number / 1000 - now
     elif number > 1e9:  # unix time in seconds
         number -= now
-    return min(max(number, 0.0), MAX_RETRY_AFTER) or None
+    return capped_wait(number)

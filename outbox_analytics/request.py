@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import gzip as gzip_module
 import json
+import logging
 import os
+import threading
 import time
 from datetime import timezone
 from email.utils import parsedate_to_datetime
@@ -26,6 +28,7 @@ __all__ = [
     "MAX_BATCH_BYTES",
     "MAX_RETRY_AFTER",
     "Requester",
+    "capped_wait",
     "encode_batch",
     "error_fields",
     "is_retryable_status",
@@ -41,8 +44,12 @@ class TokenSource(Protocol):
     def invalidate(self) -> None: ...
 
 
+log = logging.getLogger("outbox_analytics")
+
 MAX_BATCH_BYTES = 500_000  # Segment's limit on one request body, as JSON
 MAX_RETRY_AFTER = 300.0  # a server may ask us to wait; not for longer than this
+# A request's thread gets this much longer than `timeout` before we stop waiting.
+_DEADLINE_GRACE = 0.5
 
 # Statuses that say nothing about the events themselves, so that retrying the
 # same batch later can succeed. Segment 2.4.0's list (408, 410, 429, 460, 5xx
@@ -76,12 +83,17 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     except ValueError:
         try:
             when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+            if when.tzinfo is None:  # "-0000" gives a naive value; it means UTC
+                when = when.replace(tzinfo=timezone.utc)
+            seconds = when.timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):  # garbage, year 99999...
             return None
-        if when.tzinfo is None:  # "-0000" gives a naive value; it means UTC
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - now
-    if seconds != seconds or seconds <= 0:  # NaN or in the past
+    return capped_wait(seconds)
+
+
+def capped_wait(seconds: float) -> float | None:
+    """A server-given wait, at most MAX_RETRY_AFTER; None for NaN, zero or the past."""
+    if seconds != seconds or seconds <= 0:
         return None
     return min(seconds, MAX_RETRY_AFTER)
 
@@ -122,12 +134,10 @@ class Requester:
         self.timeout = timeout
         self.proxies = proxies
         self.verify: bool | str = True
+        self._own_session = session is None
         if session is None:
-            session = requests.Session()
-            # requests reads proxy and CA settings from the environment on every
-            # request (most of a millisecond here); read them once instead.
-            session.trust_env = False
-            self.proxies = {**requests.utils.get_environ_proxies(self.url), **(proxies or {})}
+            session = _new_session()
+            self.proxies = proxies_for(self.url, proxies)
             self.verify = _ca_bundle_from_environment() or True
         self.session = session
         self.token_manager = token_manager
@@ -155,19 +165,53 @@ class Requester:
             return
         if reply.status in (401, 403) and self.token_manager is not None:
             self.token_manager.invalidate()
-        raise _error_for(reply)
+        raise _error_for(reply, self.write_key)
 
     def _post(self, body: bytes, headers: dict[str, str]) -> Reply:
+        """The POST, with `timeout` as a deadline for all of it.
+
+        requests' timeout bounds each socket read only: a server that trickles
+        a byte a second would hold us for good. So the request runs on a
+        thread of its own and we wait for it at most `timeout` (plus a
+        moment); past that it is a failure to retry, and the late request is
+        left to finish on its own, with the session it used.
+        """
         if self.transport is not None:
             return self.transport.post(self.url, body, headers, self.timeout)
+        answer: list[Reply | BaseException] = []
+        done = threading.Event()
+        session = self.session
+
+        def post() -> None:
+            try:
+                answer.append(self._post_with(session, body, headers))
+            except BaseException as exc:  # handed to the waiting thread
+                answer.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=post, name="outbox-analytics-request", daemon=True).start()
+        if not done.wait(self.timeout + _DEADLINE_GRACE):
+            if self._own_session:
+                self.session = _new_session()  # the late request keeps the old one
+            raise RetryableError(f"no complete answer within {self.timeout}s (a slow server)")
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
+
+    def _post_with(self, session: requests.Session, body: bytes, headers: dict[str, str]) -> Reply:
         try:
-            response = self.session.post(
+            response = session.post(
                 self.url,
                 data=body,
                 headers=headers,
                 timeout=self.timeout,
                 proxies=self.proxies,
                 verify=self.verify,  # never False: TLS verification stays on
+                # Never: a redirect would turn the POST into a GET whose 2xx
+                # deletes undelivered events, or carry the body and its write
+                # key to another host.
+                allow_redirects=False,
             )
         except requests.RequestException as exc:
             raise RetryableError(f"request failed: {_describe(exc)}") from exc
@@ -177,14 +221,29 @@ class Requester:
         self.session.close()
 
 
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    # requests reads proxy and CA settings from the environment on every
+    # request (most of a millisecond here); they are read once instead.
+    session.trust_env = False
+    return session
+
+
+def proxies_for(url: str, proxies: dict[str, str] | None) -> dict[str, str]:
+    """The proxies for `url`: the environment's (HTTP(S)_PROXY, NO_PROXY), then ours on top."""
+    return {**requests.utils.get_environ_proxies(url), **(proxies or {})}
+
+
 def _ca_bundle_from_environment() -> str | None:
     """The CA bundle requests itself would take from the environment."""
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
 
 
-def _error_for(reply: Reply) -> RetryableError | APIError:
+def _error_for(reply: Reply, write_key: str) -> RetryableError | APIError:
     status = reply.status
     text = reply.text[:1000]
+    if 300 <= status < 400:
+        return _redirect(reply, write_key)
     code, message = error_fields(text, "code", "message")
     if is_retryable_status(status):
         headers = requests.structures.CaseInsensitiveDict(reply.headers)
@@ -196,6 +255,26 @@ def _error_for(reply: Reply) -> RetryableError | APIError:
             body=text,
         )
     return APIError(status, code, message or text or f"HTTP {status}", body=text)
+
+
+def _redirect(reply: Reply, write_key: str) -> RetryableError:
+    """A 3xx: a setting to fix (the host). The events stay pending; it is logged once per target."""
+    headers = requests.structures.CaseInsensitiveDict(reply.headers)
+    location = str(headers.get("Location", "(no Location)"))[:300]
+    if write_key:
+        location = location.replace(write_key, "<write key>")
+    error = RetryableError(
+        f"HTTP {reply.status}: the server redirects to {location}; redirects are never"
+        " followed (the events stay pending): set host to the API's real address",
+        status=reply.status,
+    )
+    if location not in _redirects_logged:
+        _redirects_logged.add(location)
+        log.error("%s", error)
+    return error
+
+
+_redirects_logged: set[str] = set()
 
 
 def error_fields(text: str, code_key: str, message_key: str) -> tuple[str, str]:

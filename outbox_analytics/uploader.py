@@ -97,6 +97,8 @@ class Uploader:
         self._lease: UploadLease | None = None  # the parent's lease is not ours
         self._requester: Requester | None = None
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._idle = False  # in a wait longer than upload_interval: new events wake it
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._progress = threading.Condition()
@@ -105,7 +107,7 @@ class Uploader:
         self._flush_started = 0.0
         self._consecutive_failures = 0
         self._longest_wait = 0.0  # of the retry policy, in the current batch
-        self.paused_until = 0.0  # unix time: a server's Retry-After pauses everything
+        self.paused_until = 0.0  # monotonic time: a server's Retry-After pauses everything
         self.gave_up_at = 0.0  # unix time retries last ran out
         self._warn_exhausted = RateLimitedLog()
         self._warn_dead = RateLimitedLog()
@@ -120,14 +122,26 @@ class Uploader:
     # -- the thread ---------------------------------------------------------------
 
     def ensure_running(self) -> None:
-        """Start the thread if it is not running (again in a forked child)."""
+        """Start the thread if it is not running: at first, in a forked child, after it died.
+
+        Under a lock: threads making a client's first calls together start one thread.
+        """
         if self._pid != os.getpid():
             self._reset_process_state()  # the parent's thread does not exist here
-        if self._thread is None and not self._stopping.is_set():
-            self._thread = threading.Thread(
-                target=self._loop, name="outbox-analytics-uploader", daemon=True
-            )
-            self._thread.start()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            if self._idle:
+                self._wake.set()  # new events: no need to sleep out a long wait
+            return
+        with self._start_lock:
+            thread = self._thread
+            if (thread is None or not thread.is_alive()) and not self._stopping.is_set():
+                if thread is not None:
+                    log.error("outbox-analytics uploader thread had ended; starting a new one")
+                self._thread = threading.Thread(
+                    target=self._loop, name="outbox-analytics-uploader", daemon=True
+                )
+                self._thread.start()
 
     @property
     def running(self) -> bool:
@@ -140,7 +154,7 @@ class Uploader:
             except OutboxDamaged as damage:  # found by a claim or an ack: recover, go on
                 self._recover(damage)
                 delay = max(self.upload_interval, 0.1)
-            except Exception:  # the loop outlives every failure; each one is counted
+            except BaseException:  # the loop outlives every failure; each one is counted
                 self.loop_errors += 1
                 suppressed = self._warn_loop.ready()  # and logged, at most every 10 s
                 if suppressed is not None:
@@ -152,7 +166,11 @@ class Uploader:
                 delay = max(self.upload_interval, 0.1)
                 self._take_back_inflight()
             if delay > 0:
-                self._wake.wait(delay)
+                # Bounded: a clock far ahead must never make a wait that
+                # overflows, or one that outlasts the longest backoff.
+                self._idle = delay > self.upload_interval
+                self._wake.wait(min(delay, MAX_RETRY_AFTER))
+                self._idle = False
                 self._wake.clear()
         self._notify()
 
@@ -223,18 +241,23 @@ class Uploader:
         """Send one batch if one is due; return how long to wait before the next step."""
         if self._take_lease() is None:
             return max(self.upload_interval, 0.5)  # another process uploads; check again later
+        paused = self.paused_until - time.monotonic()
+        if paused > 0:
+            return paused
         now = time.time()
-        if self.paused_until > now:
-            return self.paused_until - now
         head = self.outbox.head(self.upload_size)
         if head.pending == 0:
             return self.upload_interval  # wake up for rows that other processes append
         # A flush sends at once, and retries a head that failed before it began.
         flushing = self._urgent > 0
         retry_now = flushing and self.gave_up_at < self._flush_started
-        if head.next_attempt_at is not None and head.next_attempt_at > now and not retry_now:
-            return head.next_attempt_at - now
+        wait = _wall_clock_wait(head.next_attempt_at, now)
+        if wait > 0 and not retry_now:
+            return wait
+        # Rows stored while the clock was ahead look young: count them as old enough.
         age = now - (head.oldest_enqueued_at or now)
+        if age < 0:
+            age = self.upload_interval
         if head.pending < self.upload_size and age < self.upload_interval and not flushing:
             return self.upload_interval - age  # let the batch fill up
         self.run_once()
@@ -349,8 +372,8 @@ class Uploader:
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
-            self.paused_until = max(self.paused_until, time.time() + retry_after)
-        wait = max(wait, self.paused_until - time.time())
+            self.paused_until = max(self.paused_until, time.monotonic() + retry_after)
+        wait = max(wait, self.paused_until - time.monotonic())
         self._longest_wait = max(self._longest_wait, wait)
         return wait
 
@@ -437,7 +460,7 @@ class Uploader:
             return
         try:
             self.on_error(exc, [row.message for row in rows])
-        except Exception:  # the callback's failure must not stop delivery
+        except BaseException:  # even SystemExit: the callback must not stop delivery
             log.exception("on_error raised; delivery goes on")
 
     # -- flushing -----------------------------------------------------------------
@@ -517,6 +540,18 @@ def _by_attempts(batch: _Batch, ids: Sequence[int]) -> dict[int, list[int]]:
     for row_id in ids:
         groups.setdefault(batch.attempts[row_id], []).append(row_id)
     return groups
+
+
+def _wall_clock_wait(at: float | None, now: float) -> float:
+    """Seconds until a stored (wall-clock) retry time; 0 when due.
+
+    A time further ahead than the longest backoff can only come from a clock
+    that jumped back since it was stored (or a row from a clock ahead): it is
+    due now, rather than a wait of hours.
+    """
+    if at is None or at <= now or at - now > MAX_RETRY_AFTER:
+        return 0.0
+    return at - now
 
 
 def _stop_at(deadline: float) -> tenacity.stop.stop_base:
