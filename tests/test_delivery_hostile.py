@@ -26,6 +26,7 @@ from outbox_analytics.oauth import _rate_limit_reset
 from outbox_analytics.request import MAX_RETRY_AFTER, Requester, parse_retry_after
 from outbox_analytics.uploader import _wall_clock_wait
 
+from .conftest import start_python
 from .receiver import Reply, SenderSpans
 
 
@@ -338,3 +339,31 @@ def test_a_redirect_is_logged_at_error_level(make_client, receiver, caplog) -> N
     assert any(
         r.levelno == logging.ERROR and "redirects to" in r.getMessage() for r in caplog.records
     )
+
+
+RESTARTED_SERVICE = """
+import sys, time
+import outbox_analytics as analytics
+
+analytics.write_key = "test-write-key"
+analytics.host = sys.argv[1]
+analytics.outbox_path = sys.argv[2]
+analytics.stats()  # what the README says starts delivery; no event is tracked
+deadline = time.monotonic() + 10
+while analytics.stats().pending and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(analytics.stats().pending, flush=True)
+"""
+
+
+def test_a_restarted_service_sends_what_a_crashed_run_left_on_its_first_call(
+    receiver, outbox_file: Path
+) -> None:
+    earlier = Client("test-write-key", outbox_path=str(outbox_file), upload=False)
+    for n in range(5):
+        earlier.track("user", "Left by a crashed run", {"n": n})
+    earlier.shutdown()
+    service = start_python(RESTARTED_SERVICE, receiver.url, str(outbox_file))
+    out, err = service.communicate(timeout=30)
+    assert out.strip() == "0", err
+    assert [m["properties"]["n"] for m in receiver.accepted()] == [0, 1, 2, 3, 4]
