@@ -11,13 +11,15 @@ Module settings are read once, when the default client is first needed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .client import Client
+from .client import DEFAULT_HOST, Client
 from .errors import (
     APIError,
     DeliveryError,
@@ -153,6 +155,40 @@ def join(timeout: float | None = None) -> None:
 def shutdown(timeout: float | None = None) -> FlushResult:
     """Flush, stop and close the default client."""
     return _client().shutdown(timeout)
+
+
+@atexit.register
+def _deliver_what_workers_left() -> None:
+    """A process that set up the module-level API delivers its outbox's pending events at exit.
+
+    Its multiprocessing workers (fork, forkserver or spawn) may have tracked
+    everything while it tracked nothing; their events are in the outbox and
+    this is the last process of the job. Registered after the client
+    module's exit hook, so it runs before it: the client built here is
+    flushed within the same exit budget. Nothing is created: only an outbox
+    file that exists is opened.
+    """
+    if default_client is not None or not (write_key and send and upload):
+        return
+    try:
+        path = outbox_path or default_outbox_path(write_key, (host or DEFAULT_HOST).rstrip("/"))
+        if os.path.isfile(path):
+            _client()
+    except Exception:
+        logging.getLogger("outbox_analytics").exception(
+            "outbox-analytics: could not deliver what worker processes left pending"
+        )
+
+
+def _after_fork_in_child() -> None:
+    global _default_client_lock
+    # Held by another thread at fork() (building the default client), it
+    # would stay held in the child for good.
+    _default_client_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _client() -> Client:

@@ -8,6 +8,7 @@ import json
 import logging
 import numbers
 import os
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -222,6 +223,7 @@ class Client:
             )
             if not sync_mode:
                 _clients_to_flush_at_exit.add(self)
+                _flush_at_exit_in_pool_workers()
                 if self.outbox.head(1).pending:
                     self.uploader.ensure_running()  # replay what earlier runs left
 
@@ -582,7 +584,11 @@ class Client:
             return
         started = time.monotonic()
         try:
-            self.uploader.flush(budget)
+            # Another live process uploads this file: our events are on disk and
+            # it sends them. Waiting for it would only slow every exit (a pool
+            # of short-lived workers would pay a second each).
+            if self.uploader.holds_lease or self.outbox is None or self.outbox.lease_is_free():
+                self.uploader.flush(budget)
             self.uploader.stop(max(0.0, budget - (time.monotonic() - started)))
         except Exception:
             log.exception("outbox-analytics: flush at exit failed; events stay in the outbox")
@@ -601,6 +607,36 @@ def _flush_at_exit() -> None:
     deadline = time.monotonic() + EXIT_BUDGET
     for client in list(_clients_to_flush_at_exit):
         client._flush_at_exit(max(0.0, deadline - time.monotonic()))
+
+
+# multiprocessing's fork workers leave through os._exit(): atexit never runs
+# there, but multiprocessing's own finalizers do. In a forked child, the exit
+# flush is registered with them too (once per process).
+_forked_child = False
+_exit_flush_registered_in: int | None = None
+
+
+def _flush_at_exit_in_pool_workers() -> None:
+    global _exit_flush_registered_in
+    if not _forked_child or _exit_flush_registered_in == os.getpid():
+        return
+    if "multiprocessing.util" not in sys.modules:
+        return  # a plain fork: its atexit hooks run as usual, or it chose os._exit
+    import multiprocessing.util
+
+    _exit_flush_registered_in = os.getpid()
+    multiprocessing.util.Finalize(None, _flush_at_exit, exitpriority=100)
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+    if _clients_to_flush_at_exit:  # inherited clients deliver at the worker's exit too
+        _flush_at_exit_in_pool_workers()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _encode(msg: dict[str, Any]) -> bytes:

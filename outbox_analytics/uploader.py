@@ -98,6 +98,11 @@ class Uploader:
         self._requester: Requester | None = None
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        # Only the thread of the current generation loops, and one step at a
+        # time: a start interrupted halfway (KeyboardInterrupt) can leave a
+        # thread that looked dead when it was only starting.
+        self._generation = 0
+        self._step_lock = threading.Lock()
         self._idle = False  # in a wait longer than upload_interval: new events wake it
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -138,8 +143,12 @@ class Uploader:
             if (thread is None or not thread.is_alive()) and not self._stopping.is_set():
                 if thread is not None:
                     log.error("outbox-analytics uploader thread had ended; starting a new one")
+                self._generation += 1
                 self._thread = threading.Thread(
-                    target=self._loop, name="outbox-analytics-uploader", daemon=True
+                    target=self._loop,
+                    args=(self._generation,),
+                    name="outbox-analytics-uploader",
+                    daemon=True,
                 )
                 self._thread.start()
 
@@ -147,10 +156,13 @@ class Uploader:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._pid == os.getpid()
 
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
+    def _loop(self, generation: int) -> None:
+        while not self._stopping.is_set() and generation == self._generation:
             try:
-                delay = self.step()
+                with self._step_lock:
+                    if generation != self._generation:
+                        break  # a newer thread took over
+                    delay = self.step()
             except OutboxDamaged as damage:  # found by a claim or an ack: recover, go on
                 self._recover(damage)
                 delay = max(self.upload_interval, 0.1)

@@ -9,6 +9,8 @@ client's first call, and the OAuth token request's own proxies.
 from __future__ import annotations
 
 import logging
+import random
+import signal
 import socket
 import sqlite3
 import sys
@@ -367,3 +369,42 @@ def test_a_restarted_service_sends_what_a_crashed_run_left_on_its_first_call(
     out, err = service.communicate(timeout=30)
     assert out.strip() == "0", err
     assert [m["properties"]["n"] for m in receiver.accepted()] == [0, 1, 2, 3, 4]
+
+
+def test_interrupts_during_tracking_never_start_a_second_uploader(make_client, receiver) -> None:
+    """A KeyboardInterrupt can land inside the thread's start; one thread still sends, in order."""
+    client = make_client(upload_interval=0.01, upload_size=10)
+    armed = [False]
+
+    def interrupt(*_: object) -> None:
+        if armed[0]:  # only inside track(): the test's own lines are left alone
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    stored: list[int] = []
+    most_threads = 0
+    try:
+        deadline = time.monotonic() + 2.0
+        n = 0
+        while time.monotonic() < deadline:
+            signal.setitimer(signal.ITIMER_REAL, random.uniform(0, 0.002))
+            try:
+                armed[0] = True
+                if client.track("user", "Interrupted", {"n": n})[0]:
+                    stored.append(n)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                armed[0] = False
+            n += 1
+            live = [t for t in threading.enumerate() if t.name == "outbox-analytics-uploader"]
+            most_threads = max(most_threads, len([t for t in live if t.is_alive()]))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    client.flush(timeout=20)
+    sent = [m["properties"]["n"] for m in receiver.accepted()]
+    assert sent == sorted(sent)  # one sender at a time: commit order kept
+    assert set(stored) <= set(sent)
+    assert most_threads <= 2  # at most a superseded one, on its way out

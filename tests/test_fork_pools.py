@@ -1,0 +1,127 @@
+"""multiprocessing pools: what workers track is delivered by the time the job ends.
+
+Fork workers leave through os._exit() (no atexit); short-lived workers
+(maxtasksperchild=1) each start and stop; the parent may have tracked
+nothing. Real pools, real processes, the test receiver on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+JOB = """
+import sys
+import outbox_analytics as analytics
+
+def configure(url, path):
+    analytics.write_key = "test-write-key"
+    analytics.host = url
+    analytics.outbox_path = path
+
+def task(number):
+    for n in range(5):
+        ok, _ = analytics.track("worker", "Task", {"task": number, "n": n})
+        assert ok
+    return number
+
+def main(method, url, path, tasks, per_child, parent_tracks):
+    import multiprocessing
+    configure(url, path)
+    if parent_tracks:
+        analytics.track("parent", "Start")
+    context = multiprocessing.get_context(method)
+    pool = context.Pool(4, initializer=configure, initargs=(url, path),
+                        maxtasksperchild=per_child or None)
+    assert sorted(pool.map(task, range(tasks), chunksize=1)) == list(range(tasks))
+    pool.close()
+    pool.join()
+
+if __name__ == "__main__":
+    method, url, path, tasks, per_child, parent_tracks = sys.argv[1:]
+    main(method, url, path, int(tasks), int(per_child), parent_tracks == "yes")
+"""
+
+
+def run_job(tmp_path: Path, receiver_url: str, *args: str) -> None:
+    (tmp_path / "job.py").write_text(textwrap.dedent(JOB))
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{tmp_path}")
+    outbox = str(tmp_path / "outbox.sqlite3")
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "job.py"), args[0], receiver_url, outbox, *args[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def delivered(receiver) -> collections.Counter[tuple[int, int]]:
+    return collections.Counter(
+        (m["properties"]["task"], m["properties"]["n"])
+        for r in receiver.requests
+        for m in r.batch
+        if m["event"] == "Task"
+    )
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("parent_tracks", ["yes", "no"])
+def test_events_of_pool_workers_are_delivered_when_the_job_ends(
+    receiver, tmp_path: Path, method: str, parent_tracks: str
+) -> None:
+    run_job(tmp_path, receiver.url, method, "200", "0", parent_tracks)
+    counts = delivered(receiver)
+    assert set(counts) == {(task, n) for task in range(200) for n in range(5)}
+    ids = [m["messageId"] for r in receiver.requests for m in r.batch]
+    assert len(ids) == len(set(ids)) or max(collections.Counter(ids).values()) <= 2
+
+
+@pytest.mark.slow
+def test_short_lived_workers_start_no_storm(receiver, tmp_path: Path) -> None:
+    run_job(tmp_path, receiver.url, "fork", "2000", "1", "no")
+    counts = delivered(receiver)
+    assert set(counts) == {(task, n) for task in range(2000) for n in range(5)}
+    ids = collections.Counter(m["messageId"] for r in receiver.requests for m in r.batch)
+    assert max(ids.values()) <= 2, ids.most_common(3)
+
+
+FORK_WHILE_BUILDING = """
+import os, signal, sys, threading
+import outbox_analytics as analytics
+
+analytics.write_key = "test-write-key"
+analytics.host = sys.argv[1]
+analytics.outbox_path = sys.argv[2]
+# Another thread is inside the first module-level call, building the default
+# client, at the moment of the fork: it holds the module's lock.
+analytics._default_client_lock.acquire()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a hang would end the child with SIGALRM
+    ok = analytics.track("child", "First call in the child")[0]
+    analytics.flush(timeout=10)
+    os._exit(0 if ok else 1)
+analytics._default_client_lock.release()
+_, status = os.waitpid(pid, 0)
+print(status, flush=True)
+"""
+
+
+def test_a_child_forked_while_the_default_client_is_built_does_not_hang(
+    receiver, tmp_path: Path
+) -> None:
+    from .conftest import start_python
+
+    process = start_python(FORK_WHILE_BUILDING, receiver.url, str(tmp_path / "o.sqlite3"))
+    out, err = process.communicate(timeout=30)
+    assert out.strip() == "0", err  # exit status 0: no SIGALRM, the event stored
+    assert [m["event"] for m in receiver.accepted()] == ["First call in the child"]
