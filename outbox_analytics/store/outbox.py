@@ -181,8 +181,9 @@ class Outbox:
     def _follow_file(self) -> None:
         """Reopen if the file at our path is no longer the one we have open (moved aside)."""
         try:
-            moved = file_identity(self.path) != self._db.identity
-        except OutboxError:
+            info = os.stat(self.path)
+            moved = (info.st_dev, info.st_ino) != self._db.identity
+        except OSError:
             moved = True
         if moved and not self.readonly:
             self._db.abandon()
@@ -275,10 +276,16 @@ class Outbox:
     def _store(self, rows: Sequence[tuple[bytes, float]]) -> int:
         """Commit rows durably; the last row id. A failure is counted as dropped rows."""
         try:
-            # A stat per append (about a microsecond): if another process moved
+            # A stat per append (a few microseconds): if another process moved
             # the file aside, writing on into it would strand the events there.
             self._follow_file()
-            row_id = self._recovering(lambda: self._commit(rows))
+            try:
+                row_id = self._commit(rows)
+            except OutboxDamaged as damage:
+                if self.readonly:
+                    raise
+                self._recover(damage)
+                row_id = self._commit(rows)
         except OutboxError:
             self._count_unrecorded_drops(len(rows))
             raise
@@ -314,6 +321,9 @@ class Outbox:
 
     def _reserve(self, count: int) -> None:
         """Raise OutboxFull unless `count` more pending rows fit; any failure is a counted drop."""
+        fits = self._pending_estimate + count <= self.max_pending
+        if fits and time.monotonic() - self._counted_at <= _RECOUNT_INTERVAL:
+            return  # the common case, without reading the file
         try:
             self._check_room(count)
         except OutboxFull:
