@@ -581,3 +581,57 @@ def test_a_full_disk_never_raises_sqlite_errors(tmp_path: Path) -> None:
         _every_call_fails_cleanly(client)
         assert client.stats().pending == stored
         client.shutdown(timeout=1)
+
+
+STILL_WRITING = """
+import json, os, sys, time
+from outbox_analytics import Client
+
+client = Client("k", outbox_path=sys.argv[1], upload=False)
+stored = [client.track("u", "Before", {"n": n})[1]["messageId"] for n in range(10)]
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.005)
+deadline, n = time.monotonic() + 2, 0
+while time.monotonic() < deadline:
+    ok, message = client.track("u", "During", {"n": n})
+    if ok:
+        stored.append(message["messageId"])
+    n += 1
+    time.sleep(0.002)
+print(json.dumps(stored), flush=True)
+"""
+
+
+def test_a_process_still_writing_the_damaged_file_follows_it_to_the_fresh_one(
+    tmp_path: Path,
+) -> None:
+    """Damage its own appends never touch: another process recovers, and its events still land."""
+    path = tmp_path / "outbox.sqlite3"
+    _outbox_with(path, 50)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", STILL_WRITING, str(path), str(tmp_path / "go")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(CODE)),
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        # The index of in-flight and dead rows: appends never read it, a new uploader does.
+        interior, leaves = _btree_pages(path)["outbox_taken"]
+        _zero_pages(path, interior + leaves)
+        (tmp_path / "go").touch()
+        time.sleep(0.2)  # the writer is appending into the damaged file now
+        recovering = Client("k", outbox_path=str(path))  # its lease reclaims: finds the damage
+        out, err = writer.communicate(timeout=30)
+    finally:
+        writer.kill()
+    stored = json.loads(out.strip().splitlines()[-1])
+    assert len(stored) > 60, err
+    asides = [name for name in os.listdir(tmp_path) if re.search(r"\.corrupt-[^.]*$", name)]
+    assert len([name for name in asides if not name.endswith(("-wal", "-shm"))]) == 1
+    with outbox_analytics.store.Outbox(path, readonly=True) as fresh:
+        kept = {row.message["messageId"] for row in fresh.rows("all")}
+    assert set(stored) <= kept  # nothing stranded in the file put aside
+    recovering.shutdown(timeout=1)

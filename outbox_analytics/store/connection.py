@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from ..errors import OutboxBusy, OutboxDamaged, OutboxError, OutboxUnavailable
 
-__all__ = ["Database", "Identity", "file_identity", "is_damage", "result_code"]
+__all__ = ["Database", "FileMoved", "Identity", "file_identity", "is_damage", "result_code"]
 
 T = TypeVar("T")
 Identity = tuple[int, int]  # (st_dev, st_ino): the file itself, whatever path names it
@@ -55,6 +55,10 @@ _CODE_OF_TEXT = {
 # How long SQLite itself waits for a lock before we release ours and retry.
 _BUSY_SLICE = 0.01
 _LONGEST_PAUSE = 0.05
+
+
+class FileMoved(OutboxUnavailable):
+    """The file was moved away from the path while we waited to write it."""
 
 
 def result_code(exc: sqlite3.Error) -> int | None:
@@ -216,6 +220,9 @@ class Database:
                         deadline = time.monotonic() + wait
                     if not _is_busy(exc) or time.monotonic() >= deadline:
                         raise translate(exc, self.path, doing) from exc
+                    if self.moved():  # put aside by a recovery, which keeps writers out of it
+                        message = f"cannot {doing}: the file was moved aside"
+                        raise FileMoved(message, self.path) from exc
                 finally:
                     self._end_transaction()
             # Busy: another process holds the lock. Wait without ours.
@@ -286,6 +293,23 @@ class Database:
             conn.close()
         except sqlite3.Error:
             _abandoned.append(conn)
+
+    def keep_writers_out(self) -> None:
+        """Take the write lock and never give it back: the file is about to be moved aside.
+
+        Other connections still on it then fail to write (busy), see that the
+        file moved, and follow the path to the fresh one, instead of committing
+        into a file nobody reads any more. A file too damaged even for that is
+        left alone: writers then notice the move at their next recount.
+        """
+        with self._file.lock:
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error:
+                return
+            self._conn = None
+            _abandoned.append(conn)  # open for good, with its transaction: ends with the process
 
     def abandon(self) -> None:
         """Stop using this file without closing its connection (see `close`)."""

@@ -30,7 +30,7 @@ from ..errors import (
     OutboxUnavailable,
 )
 from . import recovery, schema
-from .connection import Database, file_identity
+from .connection import Database, FileMoved, file_identity
 from .lease import UploadLease, lease_is_free, try_lease
 from .schema import INFLIGHT_WHERE, TABLE, Head, OutboxStats, Row
 
@@ -276,10 +276,10 @@ class Outbox:
     def _store(self, rows: Sequence[tuple[bytes, float]]) -> int:
         """Commit rows durably; the last row id. A failure is counted as dropped rows."""
         try:
-            # A stat per append (a few microseconds): if another process moved
-            # the file aside, writing on into it would strand the events there.
-            self._follow_file()
             try:
+                row_id = self._commit(rows)
+            except FileMoved:  # another process put it aside: on to the fresh file
+                self._follow_file()
                 row_id = self._commit(rows)
             except OutboxDamaged as damage:
                 if self.readonly:
@@ -349,6 +349,7 @@ class Outbox:
                 self._refuse()
             return
         self._counted_at = now
+        self._follow_file()  # moved aside by another process's recovery?
         span = int(self._db.scalar(schema.PENDING_SPAN) or 0)
         if span + count <= self.max_pending:
             self._pending_estimate = span

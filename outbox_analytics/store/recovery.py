@@ -87,6 +87,7 @@ def recover(
     with _directory_locked(directory, path):
         if _identity_at(path) != damaged:
             return reopen()  # another process recovered it while we waited
+        Database(path, wait=1.0).keep_writers_out()
         aside = _move_aside(path)
         create_private_file(path)
         fresh = reopen()
