@@ -1,20 +1,20 @@
-"""Deadlines hold while another process writes: flush, stats, exit, and vacuum in steps.
+"""Deadlines hold while another process writes: flush, stats, exit, and vacuum.
 
 A writer waiting for another process's lock must never hold what `flush()`,
-`stats()` or the exit hook need; an operator's `vacuum` must never keep
-`track()` waiting for more than a moment.
+`stats()` or the exit hook need; an operator's `vacuum`, which rebuilds the
+file, refuses while another process could be kept waiting by it.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import json
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from outbox_analytics import Client, OutboxBusy
+from outbox_analytics import OutboxBusy
 from outbox_analytics.cli import main
 from outbox_analytics.store import Outbox, encode_message, maintenance
 
@@ -109,63 +109,37 @@ def fill_and_delete(path: Path, live: int, deleted: int) -> None:
         lease.close()
 
 
-VACUUM = """
+WRITER = """
 import sys, time
-from outbox_analytics.cli import main
-started = time.monotonic()
-code = main(["vacuum", sys.argv[1]])
-print(code, time.monotonic() - started, flush=True)
+from outbox_analytics import Client
+client = Client("k", outbox_path=sys.argv[1], upload=False)
+client.track("user", "A writer is here")
+print("open", flush=True)
+time.sleep(60)
 """
 
 
-def test_vacuum_keeps_track_waiting_only_moments(tmp_path: Path) -> None:
-    path = tmp_path / "big.sqlite3"
-    fill_and_delete(path, live=60_000, deleted=60_000)
-    client = Client("k", outbox_path=str(path), upload=False, max_queue_size=10**7)
-    latencies: list[float] = []
-    stop = threading.Event()
-
-    def track_until_stopped() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            assert client.track("user", "During vacuum")[0]
-            latencies.append(time.monotonic() - started)
-
-    tracker = threading.Thread(target=track_until_stopped)
-    tracker.start()
-    try:
-        vacuum = start_python(VACUUM, str(path))
-        out, err = vacuum.communicate(timeout=120)
-    finally:
-        stop.set()
-        tracker.join(10)
-    code, took = out.splitlines()[-1].split()
-    assert code == "0", err
-    # Old files were rebuilt in one transaction: track() waited for all of it.
-    # Now no wait comes near the length of the whole vacuum.
-    assert latencies and max(latencies) < min(0.5, float(took) / 3), (max(latencies), took)
-    with Outbox(path, readonly=True) as outbox:
-        assert outbox.stats().pending == 60_000 + len(latencies)
-        assert outbox.database.scalar("PRAGMA freelist_count") == 0
-    client.shutdown()
-
-
-def test_an_old_file_is_rebuilt_only_while_no_uploader_is_alive(
+def test_vacuum_refuses_while_another_process_writes_and_runs_when_none_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "old.sqlite3"
-    with sqlite3.connect(path) as conn:  # an outbox made before incremental vacuuming
-        conn.execute("PRAGMA journal_mode=WAL")
-    with Outbox(path) as outbox:
-        assert outbox.database.scalar("PRAGMA auto_vacuum") == 0
-        outbox.append(encode_message({"type": "track", "messageId": "m"}))
-        lease = outbox.try_lease()
-        assert lease is not None
-        with pytest.raises(OutboxBusy, match="stop the jobs"):
+    """A rebuild holds the write lock throughout: it must never make a writer wait for it."""
+    path = tmp_path / "big.sqlite3"
+    fill_and_delete(path, live=2_000, deleted=8_000)
+    writer = start_python(WRITER, str(path))
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "open"
+        before = path.read_bytes()
+        assert main(["vacuum", str(path)]) == 2
+        assert "open for writing" in capsys.readouterr().err
+        assert path.read_bytes() == before  # nothing rebuilt
+        with Outbox(path) as outbox, pytest.raises(OutboxBusy):
             maintenance.vacuum(outbox)
-        lease.close()
-    assert main(["vacuum", str(path)]) == 0
-    capsys.readouterr()
-    with Outbox(path) as outbox:
-        assert outbox.database.scalar("PRAGMA auto_vacuum") == 2  # incremental from now on
-        assert [row.message["messageId"] for row in outbox.rows()] == ["m"]
+    finally:
+        writer.kill()
+        writer.wait()
+    assert main(["vacuum", str(path)]) == 0  # the writer is gone: no one to keep waiting
+    result = json.loads(capsys.readouterr().out)
+    assert result["bytes_after"] < result["bytes_before"]
+    with Outbox(path, readonly=True) as outbox:
+        assert outbox.stats().pending == 2_001
+        assert outbox.database.scalar("PRAGMA freelist_count") == 0

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..errors import OutboxError
 from . import schema
 from .connection import Database, Identity, file_handle, file_identity
 from .schema import DEAD, INFLIGHT, INFLIGHT_WHERE, READY, ROW_COLUMNS, TABLE, Row
@@ -32,11 +33,19 @@ try:
 except ImportError:  # pragma: no cover - Windows: one process per file
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["UploadLease", "lease_is_free", "try_lease"]
+__all__ = [
+    "UploadLease",
+    "lease_is_free",
+    "mark_writer",
+    "other_writers",
+    "try_lease",
+    "unmark_writer",
+]
 
 _OFD = fcntl is not None and hasattr(fcntl, "F_OFD_SETLK")
-# SQLite locks bytes 0x40000000 to 0x400001FF; this one is far from them.
+# SQLite locks bytes 0x40000000 to 0x400001FF; these are far from them.
 _LEASE_BYTE = 1 << 40
+_WRITERS_BYTE = _LEASE_BYTE + 1
 _ID_CHUNK = 500  # stays far below SQLite's limit on bound parameters
 
 
@@ -252,8 +261,56 @@ def lease_is_free(db: Database) -> bool:
 _FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (0 for OFD)
 
 
-def _flock(kind: int) -> bytes:
-    return struct.pack(_FLOCK, kind, os.SEEK_SET, _LEASE_BYTE, 1, 0)
+def _flock(kind: int, byte: int = _LEASE_BYTE) -> bytes:
+    return struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0)
+
+
+# -- who writes the file ------------------------------------------------------------
+# Every process with the outbox open for writing holds a shared lock on the
+# byte after the lease's, for as long as it runs; an operator command that
+# would block writers (a full VACUUM) asks whether anyone else holds it.
+
+
+def mark_writer(db: Database) -> None:
+    """Say that this process has the file open for writing, until `unmark_writer` (Linux only)."""
+    if not _OFD or db.readonly:
+        return
+    with _guard:
+        _writers[db.identity] = _writers.get(db.identity, 0) + 1
+        try:
+            fd = file_handle(db.path, db.identity)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, _WRITERS_BYTE))
+        except (OSError, OutboxError):
+            pass  # a read-only descriptor: this process cannot write it anyway
+
+
+def unmark_writer(db: Database) -> None:
+    """The outbox was closed: when it was this process's last one on the file, say so."""
+    if not _OFD or db.readonly:
+        return
+    with _guard:
+        count = _writers.get(db.identity, 0) - 1
+        if count > 0:
+            _writers[db.identity] = count
+            return
+        _writers.pop(db.identity, None)
+        try:
+            fd = file_handle(db.path, db.identity)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, _WRITERS_BYTE))
+        except (OSError, OutboxError):
+            pass
+
+
+_writers: dict[Identity, int] = {}  # open writing outboxes of this process, per file
+
+
+def other_writers(db: Database) -> bool:
+    """Whether another process has this file open for writing (False where we cannot know)."""
+    if not _OFD:
+        return False  # pragma: no cover
+    fd = file_handle(db.path, db.identity)
+    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, _WRITERS_BYTE))
+    return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
 
 
 def _lock(db: Database) -> Any:
@@ -290,6 +347,7 @@ def _after_fork_in_child() -> None:
     global _guard
     _guard = threading.Lock()
     _held.clear()
+    _writers.clear()
 
 
 if hasattr(os, "register_at_fork"):

@@ -2,9 +2,8 @@
 
 Each function is one call on an open `Outbox`; the CLI parses, calls one of
 these and prints. None of them claims or acknowledges rows (that is the
-upload lease's alone), and none holds the write lock for long: `vacuum`
-works in small steps so that `track()` in another process waits only
-milliseconds for it.
+upload lease's alone), and none keeps a writer of another process waiting for
+long: `vacuum`, which must rebuild the file, refuses while one is open.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ from .schema import DEAD, DEAD_WHERE, READY, TABLE, Row
 __all__ = ["check", "find", "import_messages", "message_ids", "purge", "requeue", "vacuum"]
 
 _ID_CHUNK = 500
-_VACUUM_STEP_PAGES = 256  # pages freed per write transaction: about a millisecond each
-_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 
 
 def find(outbox: Outbox, key: str | int) -> Row | None:
@@ -114,28 +111,19 @@ def _by_ids(
 def vacuum(outbox: Outbox) -> tuple[int, int]:
     """Give the space of deleted rows back to the disk; (bytes before, after).
 
-    Files made by this version free their pages in small steps
-    (incremental auto-vacuum), each its own short write transaction, so
-    writers in other processes are never kept waiting for long. An older
-    file must be rebuilt once, which blocks every writer while it runs: that
-    is refused while an uploader is alive.
+    SQLite rebuilds the file, holding its write lock throughout: a writer in
+    another process would wait for all of it (seconds for a large file), so
+    this is refused while another process has the outbox open for writing.
     """
     db = outbox.database
     before = file_bytes(outbox.path)
-    if db.scalar("PRAGMA auto_vacuum") != _INCREMENTAL:
-        if not outbox.lease_is_free():
-            raise OutboxBusy(
-                "this outbox predates incremental vacuuming and must be rebuilt once, which"
-                " blocks every writer; stop the jobs that use it (an uploader is alive) and"
-                " run vacuum again",
-                outbox.path,
-            )
-        db.read(lambda conn: conn.execute("PRAGMA auto_vacuum=INCREMENTAL"), "vacuum")
-        db.read(lambda conn: conn.execute("VACUUM"), "vacuum")
-    else:
-        step = f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})"
-        while db.scalar("PRAGMA freelist_count"):
-            db.write(lambda conn: conn.execute(step).fetchall(), "vacuum", wait=5.0)
+    if outbox.other_writers():
+        raise OutboxBusy(
+            "another process has this outbox open for writing; vacuum rebuilds the file and"
+            " would make it wait until done: run it when the jobs that use the file have ended",
+            outbox.path,
+        )
+    db.read(lambda conn: conn.execute("VACUUM"), "vacuum")
     # Best effort: with a reader in another process the WAL keeps its size for now.
     db.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(), "vacuum")
     return before, file_bytes(outbox.path)

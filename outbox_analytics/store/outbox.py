@@ -31,7 +31,7 @@ from ..errors import (
 )
 from . import recovery, schema
 from .connection import Database, FileMoved, file_identity
-from .lease import UploadLease, lease_is_free, try_lease
+from .lease import UploadLease, lease_is_free, mark_writer, other_writers, try_lease, unmark_writer
 from .schema import INFLIGHT_WHERE, TABLE, Head, OutboxStats, Row
 
 __all__ = ["DEFAULT_MAX_PENDING", "Outbox", "default_outbox_path"]
@@ -104,6 +104,8 @@ class Outbox:
         else:
             recovery.create_private_file(self.path)
         self._db = self._open(recover=not readonly)
+        mark_writer(self._db)  # (a no-op for readers): vacuum asks who writes the file
+        self._marked = not readonly
         self._pending_estimate = self._recovering(self._count_pending)
         self._counted_at = self._exactly_counted_at = time.monotonic()
         _live_outboxes.add(self)
@@ -170,6 +172,9 @@ class Outbox:
 
     def close(self) -> None:
         """Close the connection. Still usable: a later call reopens it rather than lose an event."""
+        if self._marked:
+            self._marked = False
+            unmark_writer(self._db)
         self._db.close()
 
     def __enter__(self) -> Outbox:
@@ -189,12 +194,18 @@ class Outbox:
             self._db.abandon()
             recovery.create_private_file(self.path)
             self._db = self._open(recover=True)
+            self._remark()
 
     def _recover(self, damage: OutboxDamaged) -> None:
         """The file turned out damaged while in use: move it aside and carry on with a fresh one."""
         damaged = self._db
         damaged.abandon()
         self._db = recovery.recover(self.path, damage, damaged.identity, self._connect)
+        self._remark()
+
+    def _remark(self) -> None:
+        if self._marked:  # the file this outbox writes is now another one
+            mark_writer(self._db)
 
     def recover(self, damage: OutboxDamaged) -> None:
         """For the uploader: its lease found the file damaged. Readers only re-raise."""
@@ -384,6 +395,10 @@ class Outbox:
     def lease_is_free(self) -> bool:
         """Whether no uploader holds the lease right now (without taking it)."""
         return lease_is_free(self._db)
+
+    def other_writers(self) -> bool:
+        """Whether another process has this outbox open for writing."""
+        return other_writers(self._db)
 
     # -- reading --------------------------------------------------------------
 
