@@ -23,6 +23,7 @@ from .client import DEFAULT_HOST, Client
 from .errors import (
     APIError,
     DeliveryError,
+    EndpointRejected,
     NotAnOutbox,
     OutboxAnalyticsError,
     OutboxBusy,
@@ -44,6 +45,7 @@ __all__ = [
     "APIError",
     "Client",
     "DeliveryError",
+    "EndpointRejected",
     "FlushResult",
     "MemoryTransport",
     "NotAnOutbox",

@@ -15,6 +15,7 @@ behaves the same. Everything the library itself raises derives from
     ├── OutboxFull           max_queue_size events are pending
     └── DeliveryError        a batch was not delivered
         ├── RetryableError   network error, timeout, 5xx, 429...: may succeed later
+        │   └── EndpointRejected  every event rejected alike: the host, path or key is wrong
         └── APIError         the server rejected the events (Segment's name and fields)
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "APIError",
     "DeliveryError",
+    "EndpointRejected",
     "NotAnOutbox",
     "OutboxAnalyticsError",
     "OutboxBusy",
@@ -93,6 +95,16 @@ class RetryableError(DeliveryError):
         self.status = status
         self.retry_after = retry_after
         self.body = body
+
+
+class EndpointRejected(RetryableError):
+    """Every event of a batch was rejected alike: the rejection is about the endpoint.
+
+    A wrong host, path or write key answers 4xx to anything; dead-lettering the
+    backlog for it would serve nobody. The events stay pending, the head backs
+    off, and `on_error` receives this error, whose `status` and `body` are the
+    server's answer.
+    """
 
 
 class APIError(DeliveryError):

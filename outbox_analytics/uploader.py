@@ -12,22 +12,37 @@ Failures never leave the outbox:
   with their attempts and last error, and the head waits before the next try;
 - a rejection (400, 413...) splits the batch until the offending events are
   found; only they move to the dead-letter state, the rest is delivered in order.
+  When every event is rejected alike, the rejection is about the endpoint (a
+  wrong host, path or key), not the events: they stay pending (EndpointRejected).
+
+sync_mode works next to anything on the same file (threads, background
+clients, other processes): a caller sends when its process can hold the
+lease, one thread at a time, and otherwise sleeps while the holder sends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import tenacity
 
-from .errors import APIError, DeliveryError, OutboxDamaged, RetryableError
+from .errors import (
+    APIError,
+    DeliveryError,
+    EndpointRejected,
+    OutboxDamaged,
+    OutboxError,
+    RetryableError,
+)
 from .request import MAX_BATCH_BYTES, MAX_RETRY_AFTER, Requester, encode_batch
 from .store import Outbox, Row, UploadLease
 from .utils import RateLimitedLog, utc_now_iso
@@ -89,7 +104,12 @@ class Uploader:
         self.dead = 0  # rows this process moved to the dead-letter state
         self.failed_rounds = 0  # times retries ran out
         self.loop_errors = 0  # unexpected failures of a step (logged, then retried)
+        self.last_failure: RetryableError | None = None  # of the last round that gave up
+        # Rejections remembered to tell a wrong endpoint from bad events (see _deliver).
+        self._endpoint_rejection: tuple[tuple[int | None, str], int] | None = None
+        self._lone_rejection: tuple[int | None, str] | None = None
         self._reset_process_state()
+        _uploaders.add(self)
 
     def _reset_process_state(self) -> None:
         """Everything that must not cross a fork: thread, events, HTTP session."""
@@ -328,24 +348,65 @@ class Uploader:
                 return
 
     def _deliver(self, batch: _Batch, rows: Sequence[Row], deadline: float | None) -> None:
-        """Send `rows`; on a rejection, split them until the offending ones are found."""
-        if not rows:
+        """Send `rows`; on a rejection, split them until the offending ones are found.
+
+        Rejected rows are dead-lettered once the whole batch is done, and only
+        when the rejection is about them. Every row rejected alike means the
+        endpoint is wrong (a host, path or key answering 4xx to anything): the
+        rows stay pending and EndpointRejected is raised. A lone row cannot
+        tell; the second lone row in a row rejected alike can.
+        """
+        # The head that was rejected whole before: one answer alike says the
+        # endpoint still rejects everything, without splitting the batch again.
+        remembered = self._endpoint_rejection
+        same_head = remembered is not None and remembered[1] == rows[0].id
+        shortcut = remembered[0] if remembered is not None and same_head else None
+        rejected: list[tuple[Row, APIError]] = []
+        self._send_or_split(batch, rows, deadline, rejected, shortcut)
+        if not rejected:
             return
+        keys = {_rejection_key(exc) for _, exc in rejected}
+        if len(rejected) == len(rows) and len(keys) == 1:
+            key = keys.pop()
+            if len(rows) > 1 or key == self._lone_rejection:
+                self._endpoint_rejection = (key, rows[0].id)
+                raise _endpoint_error(rejected[0][1])
+            self._lone_rejection = key
+        for same in _by_rejection(rejected):
+            self._bury(batch, [row for row, _ in same], same[0][1])
+
+    def _send_or_split(
+        self,
+        batch: _Batch,
+        rows: Sequence[Row],
+        deadline: float | None,
+        rejected: list[tuple[Row, APIError]],
+        shortcut: tuple[int | None, str] | None = None,
+    ) -> None:
+        """Send `rows`; acknowledge them, or split a rejected batch, noting rejected rows."""
         try:
             self._send(batch, rows, deadline)
         except APIError as exc:
+            if shortcut is not None and _rejection_key(exc) == shortcut:
+                raise _endpoint_error(exc) from None
             if len(rows) == 1:
-                self._bury(batch, rows, exc)
+                rejected.append((rows[0], exc))
                 return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RetryableError(
+                    f"timed out while finding which events were rejected ({_error_text(exc)})",
+                    status=exc.status,
+                ) from None
             middle = len(rows) // 2
-            self._deliver(batch, rows[:middle], deadline)
-            self._deliver(batch, rows[middle:], deadline)
+            self._send_or_split(batch, rows[:middle], deadline, rejected)
+            self._send_or_split(batch, rows[middle:], deadline, rejected)
             return
         ids = [row.id for row in rows]
         batch.lease.ack(ids)
         batch.finished.update(ids)
         self.sent += len(ids)
         self._consecutive_failures = 0
+        self._endpoint_rejection = self._lone_rejection = None  # the endpoint accepts events
 
     def _send(self, batch: _Batch, rows: Sequence[Row], deadline: float | None) -> None:
         """One sub-batch, retried by tenacity until a 2xx, a rejection, or the budget ends."""
@@ -416,6 +477,7 @@ class Uploader:
         """Retries ran out: put the rows back, in place, and make the head wait."""
         self.failed_rounds += 1
         self._consecutive_failures += 1
+        self.last_failure = exc
         self.gave_up_at = time.time()
         too_old = [
             row
@@ -487,11 +549,7 @@ class Uploader:
         mark = self.outbox.last_id()
         started = time.time()
         sent, dead = self.sent, self.dead
-        with self._urgent_lock:
-            self._urgent += 1
-            self._flush_started = started
-        self._wake.set()
-        try:
+        with self._hurry(started):
             while self.outbox.unfinished(mark):
                 if not self.running or self.gave_up_at >= started or self._other_gave_up():
                     break
@@ -500,11 +558,21 @@ class Uploader:
                     break
                 with self._progress:
                     self._progress.wait(0.05 if left is None else min(0.05, left))
+        left = self.outbox.count_unfinished(mark)
+        return FlushResult(sent=self.sent - sent, dead=self.dead - dead, pending=left)
+
+    @contextlib.contextmanager
+    def _hurry(self, started: float) -> Iterator[None]:
+        """While inside: send at once (no fill wait); retry a head that failed before `started`."""
+        with self._urgent_lock:
+            self._urgent += 1
+            self._flush_started = started
+        self._wake.set()
+        try:
+            yield
         finally:
             with self._urgent_lock:
                 self._urgent -= 1
-        left = self.outbox.count_unfinished(mark)
-        return FlushResult(sent=self.sent - sent, dead=self.dead - dead, pending=left)
 
     def _other_gave_up(self) -> bool:
         """Another process uploads, and it is backing off: waiting here would not help."""
@@ -513,26 +581,118 @@ class Uploader:
         next_attempt = self.outbox.head(1).next_attempt_at
         return next_attempt is not None and next_attempt > time.time()
 
-    def deliver_now(self, row_id: int, timeout: float) -> None:
-        """sync_mode: deliver everything up to `row_id` on this thread, or raise.
+    # -- sync_mode ------------------------------------------------------------------
 
-        Raises DeliveryError when the row is not delivered within `timeout`
-        (it stays in the outbox, to be sent later).
+    def deliver_now(self, row_id: int, timeout: float) -> None:
+        """sync_mode: return once row `row_id` and every row before it are delivered.
+
+        Raises DeliveryError, and no other error, when that fails or takes
+        longer than `timeout`; the event then stays in the outbox. Whoever can
+        send does: this thread when its process can hold the file's lease (the
+        threads of a client take turns), else the holder (another client of
+        this process, hurried, or another process) while this thread sleeps.
+        The lease is given back after the call, so that background clients and
+        other processes can send between calls.
         """
         if self._pid != os.getpid():
             self._reset_process_state()
         deadline = time.monotonic() + timeout
-        if self._take_lease() is None:
-            raise RetryableError("another process is uploading from this outbox")
-        failures = self.failed_rounds
-        while self.outbox.unfinished(row_id):
-            if time.monotonic() >= deadline:
-                raise RetryableError(f"not delivered within {timeout}s")
-            self.run_once(deadline)
-            if self.failed_rounds != failures:
-                raise RetryableError("delivery failed; the event stays in the outbox")
-        if self.outbox.state_of(row_id) == "dead":
+        started = time.time()
+        try:
+            with contextlib.ExitStack() as hurried:
+                for other in _uploaders_of(self.outbox.path, but=self):
+                    hurried.enter_context(other._hurry(started))
+                self._wait_until_delivered(row_id, deadline, timeout, started)
+            dead = self.outbox.state_of(row_id) == "dead"
+        except DeliveryError:
+            raise
+        except OutboxError as exc:
+            raise RetryableError(f"{exc}; the event stays in the outbox") from exc
+        except Exception as exc:  # a bug of ours or of a transport: still a delivery failure
+            log.exception("outbox-analytics: sending in sync_mode failed")
+            raise RetryableError(f"delivery failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._let_go_of_lease()
+        if dead:
             raise APIError(400, "rejected", "the event was rejected and dead-lettered")
+
+    def _wait_until_delivered(
+        self, row_id: int, deadline: float, timeout: float, started: float
+    ) -> None:
+        pause = 0.002  # polls of the file while another sender works: sleeps, growing to 50 ms
+        while self.outbox.unfinished(row_id):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RetryableError(
+                    f"not delivered within {timeout}s; the event stays in the outbox"
+                )
+            if self._send_in_turn(row_id, deadline):
+                pause = 0.002
+                continue
+            self._raise_if_sender_failing(started)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+
+    def _send_in_turn(self, row_id: int, deadline: float) -> bool:
+        """Send one batch once the other threads of this client are done, if this process can."""
+        if not self._step_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            if not self.outbox.unfinished(row_id):
+                return True  # another thread's batch carried it
+            if self._take_lease() is None:
+                return False
+            failures = self.failed_rounds
+            if not self.run_once(deadline):
+                return False
+            if self.failed_rounds != failures and self.last_failure is not None:
+                raise _for_caller(self.last_failure)
+            return True
+        finally:
+            self._step_lock.release()
+
+    def _raise_if_sender_failing(self, started: float) -> None:
+        """Another client or process sends: stop waiting once its delivery fails."""
+        for other in _uploaders_of(self.outbox.path, but=self):
+            if other.holds_lease:
+                if other.gave_up_at >= started and other.last_failure is not None:
+                    raise _for_caller(other.last_failure)
+                return
+        head = self.outbox.head(1)
+        if _wall_clock_wait(head.next_attempt_at, time.time()) > 0:
+            first = next(self.outbox.rows("pending", limit=1), None)
+            error = first.last_error if first is not None else None
+            raise RetryableError(
+                f"not delivered: the uploading process is backing off ({error});"
+                " the event stays in the outbox",
+                status=first.last_status if first is not None else None,
+            )
+
+    def _let_go_of_lease(self) -> None:
+        """After a sync call: give the lease back unless another thread is sending with it."""
+        if self._step_lock.acquire(blocking=False):
+            try:
+                self._give_up_lease()
+            finally:
+                self._step_lock.release()
+
+
+_uploaders: weakref.WeakSet[Uploader] = weakref.WeakSet()  # every uploader of this process
+
+
+def _uploaders_of(path: str, but: Uploader) -> list[Uploader]:
+    """The other uploaders of this process that send from the file at `path`."""
+    return [other for other in list(_uploaders) if other is not but and other.outbox.path == path]
+
+
+def _for_caller(failure: RetryableError) -> RetryableError:
+    """The error a sync_mode caller gets for a failed round: same kind, its own object."""
+    kind = EndpointRejected if isinstance(failure, EndpointRejected) else RetryableError
+    return kind(
+        f"not delivered: {_error_text(failure)}; the event stays in the outbox",
+        status=failure.status,
+        body=failure.body,
+    )
 
 
 class _Batch:
@@ -552,6 +712,27 @@ def _by_attempts(batch: _Batch, ids: Sequence[int]) -> dict[int, list[int]]:
     for row_id in ids:
         groups.setdefault(batch.attempts[row_id], []).append(row_id)
     return groups
+
+
+def _rejection_key(exc: APIError) -> tuple[int | None, str]:
+    """What makes two rejections alike: the status and the server's words."""
+    return exc.status, exc.body or str(exc)
+
+
+def _by_rejection(rejected: list[tuple[Row, APIError]]) -> list[list[tuple[Row, APIError]]]:
+    groups: dict[tuple[int | None, str], list[tuple[Row, APIError]]] = {}
+    for row, exc in rejected:
+        groups.setdefault(_rejection_key(exc), []).append((row, exc))
+    return list(groups.values())
+
+
+def _endpoint_error(exc: APIError) -> EndpointRejected:
+    return EndpointRejected(
+        f"the server rejects every event alike ({_error_text(exc)}): check the host,"
+        " its path and the write key; the events stay pending",
+        status=exc.status,
+        body=exc.body,
+    )
 
 
 def _wall_clock_wait(at: float | None, now: float) -> float:
