@@ -1,13 +1,15 @@
 """Before and after: two source trees of this library, timed in one run, rounds interleaved.
 
     python benchmarks/versions.py OLD_TREE [NEW_TREE] [--rounds 7] [--events 5000]
+                                  [--kinds default,fsync,batch,drain,deliver]
 
 OLD_TREE is a checkout of an earlier commit (`git worktree add /tmp/old REV`);
 NEW_TREE defaults to this repository. Each round runs one fresh interpreter
 per tree and kind of work, so both meet the same machine noise; medians and
 new/old ratios are printed. Measured: `track()` into a fresh outbox (default,
 `fsync=True`, in `batch()`), a drain of pending rows to a local collector,
-and track-then-deliver end to end.
+and track-then-deliver end to end. The collector runs in a process of its
+own, as in deliver.py.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import receiver
+
 CHILD = r"""
-import io, json, sys, tempfile, threading, time
+import json, sys, tempfile, time
+from urllib.request import urlopen
 from outbox_analytics import Client
-from outbox_analytics.collector import Collector
 
 kind, n = sys.argv[1], int(sys.argv[2])
 P = {"order_id": "50314b8e9bcf000000000000", "total": 27.5, "currency": "USD",
@@ -50,23 +54,27 @@ elif kind == "batch":
             tracks(client, count)
     result = rate(in_batch, n)
 else:
-    collector = Collector("127.0.0.1", 0, out=io.StringIO())
-    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    # The receiver runs in a process of its own (started once by the parent):
+    # in this one it would compete for the GIL with what is measured.
+    url = sys.argv[3]
+    def received():
+        with urlopen(url + "/stats", timeout=10) as answer:
+            return json.load(answer)["received"]
     if kind == "drain":
         store = Client("bench-key", outbox_path=path, upload=False)
         with store.batch():
             tracks(store, n)
         store.shutdown()
-    client = Client("bench-key", host=collector.url, outbox_path=path)
+    target = received() + n  # before the client: it starts sending pending rows at once
+    client = Client("bench-key", host=url, outbox_path=path)
     def deliver(count):
         if kind == "deliver":
             tracks(client, count)
         client.flush()
-        while collector.counts()["received"] < count:
+        while received() < target:
             time.sleep(0.002)
     result = rate(deliver, n)
     client.shutdown()
-    collector.stop()
 import shutil; shutil.rmtree(folder, ignore_errors=True)
 print(json.dumps(result))
 """
@@ -80,14 +88,39 @@ def main() -> None:
     parser.add_argument("new", nargs="?", default=str(Path(__file__).resolve().parents[1]))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset")
     args = parser.parse_args()
+    kinds = [kind for kind in args.kinds.split(",") if kind]
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     trees = {"old": os.path.abspath(args.old), "new": os.path.abspath(args.new)}
     rates: dict[tuple[str, str], list[float]] = {}
-    for round_number in range(args.rounds):
-        for kind in KINDS:
+    receiver_process, url = receiver.start()
+    try:
+        measure(args.rounds, args.events, kinds, trees, url, rates)
+    finally:
+        receiver_process.kill()
+    print(f"\nmedian events/s over {args.rounds} rounds of {args.events} events")
+    for kind in kinds:
+        old = statistics.median(rates[(kind, "old")])
+        new = statistics.median(rates[(kind, "new")])
+        print(f"  {kind:8} old {old:10,.0f}  new {new:10,.0f}  new/old {new / old:5.2f}x")
+
+
+def measure(
+    rounds: int,
+    events: int,
+    kinds: list[str],
+    trees: dict[str, str],
+    url: str,
+    rates: dict[tuple[str, str], list[float]],
+) -> None:
+    for round_number in range(rounds):
+        for kind in kinds:
             for label, tree in trees.items():
                 done = subprocess.run(
-                    [sys.executable, "-c", CHILD, kind, str(args.events)],
+                    [sys.executable, "-c", CHILD, kind, str(events), url],
                     env=dict(os.environ, PYTHONPATH=tree),
                     cwd=tree,
                     capture_output=True,
@@ -95,12 +128,7 @@ def main() -> None:
                     check=True,
                 )
                 rates.setdefault((kind, label), []).append(json.loads(done.stdout))
-        print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
-    print(f"\nmedian events/s over {args.rounds} rounds of {args.events} events")
-    for kind in KINDS:
-        old = statistics.median(rates[(kind, "old")])
-        new = statistics.median(rates[(kind, "new")])
-        print(f"  {kind:8} old {old:10,.0f}  new {new:10,.0f}  new/old {new / old:5.2f}x")
+        print(f"round {round_number + 1}/{rounds} done", file=sys.stderr)
 
 
 if __name__ == "__main__":
