@@ -45,6 +45,7 @@ from .errors import (
 )
 from .request import MAX_BATCH_BYTES, MAX_RETRY_AFTER, Requester, encode_batch
 from .store import Outbox, Row, UploadLease
+from .store.maintenance import find
 from .utils import RateLimitedLog, utc_now_iso
 
 __all__ = ["DEFAULT_RETRY_WAIT", "FlushResult", "Uploader"]
@@ -603,7 +604,7 @@ class Uploader:
                 for other in _uploaders_of(self.outbox.path, but=self):
                     hurried.enter_context(other._hurry(started))
                 self._wait_until_delivered(row_id, deadline, timeout, started)
-            dead = self.outbox.state_of(row_id) == "dead"
+            dead = find(self.outbox, row_id)
         except DeliveryError:
             raise
         except OutboxError as exc:
@@ -613,8 +614,9 @@ class Uploader:
             raise RetryableError(f"delivery failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._let_go_of_lease()
-        if dead:
-            raise APIError(400, "rejected", "the event was rejected and dead-lettered")
+        if dead is not None and dead.state == "dead":
+            status = dead.last_status or 400
+            raise APIError(status, "rejected", f"the event was dead-lettered: {dead.last_error}")
 
     def _wait_until_delivered(
         self, row_id: int, deadline: float, timeout: float, started: float

@@ -266,8 +266,9 @@ def test_an_endpoint_that_rejects_everything_keeps_the_backlog_pending(
 def test_two_lone_events_rejected_alike_mean_the_endpoint(make_client, receiver) -> None:
     receiver.responder = lambda request: Reply(400, body='{"message": "rejected"}')
     client = make_client(sync_mode=True, max_retries=0)
-    with pytest.raises(APIError):
+    with pytest.raises(APIError) as first:
         client.track("u", "First")  # alone: about the event, as far as anyone can tell
+    assert first.value.status == 400 and '"rejected"' in str(first.value)  # the server's words
     with pytest.raises(EndpointRejected):
         client.track("u", "Second")  # rejected alike again: the endpoint
     stats = client.stats()
