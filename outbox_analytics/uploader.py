@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import tenacity
 
@@ -106,9 +106,7 @@ class Uploader:
         self.failed_rounds = 0  # times retries ran out
         self.loop_errors = 0  # unexpected failures of a step (logged, then retried)
         self.last_failure: RetryableError | None = None  # of the last round that gave up
-        # Rejections remembered to tell a wrong endpoint from bad events (see _deliver).
-        self._endpoint_rejection: tuple[tuple[int | None, str], int] | None = None
-        self._lone_rejection: tuple[int | None, str] | None = None
+        self._rejections = _rejections_of(outbox.path)  # shared by the file's clients here
         self._reset_process_state()
         _uploaders.add(self)
 
@@ -357,24 +355,65 @@ class Uploader:
         rows stay pending and EndpointRejected is raised. A lone row cannot
         tell; the second lone row in a row rejected alike can.
         """
-        # The head that was rejected whole before: one answer alike says the
-        # endpoint still rejects everything, without splitting the batch again.
-        remembered = self._endpoint_rejection
-        same_head = remembered is not None and remembered[1] == rows[0].id
-        shortcut = remembered[0] if remembered is not None and same_head else None
+        rows = list(rows)
+        memory = self._rejections
+        if memory.is_same_head(rows):
+            self._resend_same_head(batch, rows, deadline)
+            return
         rejected: list[tuple[Row, APIError]] = []
-        self._send_or_split(batch, rows, deadline, rejected, shortcut)
+        self._send_or_split(batch, rows, deadline, rejected)
         if not rejected:
             return
         keys = {_rejection_key(exc) for _, exc in rejected}
         if len(rejected) == len(rows) and len(keys) == 1:
             key = keys.pop()
-            if len(rows) > 1 or key == self._lone_rejection:
-                self._endpoint_rejection = (key, rows[0].id)
+            if len(rows) > 1 or key == memory.lone:
+                memory.endpoint = (key, rows[0].id, rows[-1].id)
                 raise _endpoint_error(rejected[0][1])
-            self._lone_rejection = key
+            memory.lone = key
         for same in _by_rejection(rejected):
             self._bury(batch, [row for row, _ in same], same[0][1])
+
+    def _resend_same_head(self, batch: _Batch, rows: list[Row], deadline: float | None) -> None:
+        """The rows that were each rejected alike last time: still so, and is the endpoint to blame?
+
+        Sent once, whole; rejected alike again, the next pending event is sent
+        alone. Accepted (or rejected otherwise), it proves the endpoint judges
+        events: the head's events, each rejected alone before, are bad and
+        move to the dead-letter state. Rejected alike, all stay pending.
+        """
+        assert self._rejections.endpoint is not None
+        key = self._rejections.endpoint[0]
+        try:
+            self._send(batch, rows, deadline)
+        except APIError as exc:
+            if _rejection_key(exc) != key:
+                self._rejections.endpoint = None  # the answer changed: find out anew
+                self._deliver(batch, rows, deadline)
+                return
+            self._ask_about_the_next_event(batch, rows, exc, deadline)
+            return
+        self._acknowledge(batch, rows)
+
+    def _ask_about_the_next_event(
+        self, batch: _Batch, head: list[Row], exc: APIError, deadline: float | None
+    ) -> None:
+        following = batch.lease.claim(1)
+        if not following:
+            raise _endpoint_error(exc)
+        probe = following[0]
+        batch.rows.append(probe)
+        batch.attempts[probe.id] = 0
+        try:
+            self._send(batch, [probe], deadline)
+        except APIError as other:
+            if _rejection_key(other) == _rejection_key(exc):
+                raise _endpoint_error(exc) from None
+            self._bury(batch, [probe], other)
+        else:
+            self._acknowledge(batch, [probe])
+        self._rejections.forget()
+        self._bury(batch, head, exc)
 
     def _send_or_split(
         self,
@@ -382,14 +421,11 @@ class Uploader:
         rows: Sequence[Row],
         deadline: float | None,
         rejected: list[tuple[Row, APIError]],
-        shortcut: tuple[int | None, str] | None = None,
     ) -> None:
         """Send `rows`; acknowledge them, or split a rejected batch, noting rejected rows."""
         try:
             self._send(batch, rows, deadline)
         except APIError as exc:
-            if shortcut is not None and _rejection_key(exc) == shortcut:
-                raise _endpoint_error(exc) from None
             if len(rows) == 1:
                 rejected.append((rows[0], exc))
                 return
@@ -402,12 +438,15 @@ class Uploader:
             self._send_or_split(batch, rows[:middle], deadline, rejected)
             self._send_or_split(batch, rows[middle:], deadline, rejected)
             return
+        self._acknowledge(batch, rows)
+
+    def _acknowledge(self, batch: _Batch, rows: Sequence[Row]) -> None:
         ids = [row.id for row in rows]
         batch.lease.ack(ids)
         batch.finished.update(ids)
         self.sent += len(ids)
         self._consecutive_failures = 0
-        self._endpoint_rejection = self._lone_rejection = None  # the endpoint accepts events
+        self._rejections.forget()  # the endpoint accepts events
 
     def _send(self, batch: _Batch, rows: Sequence[Row], deadline: float | None) -> None:
         """One sub-batch, retried by tenacity until a 2xx, a rejection, or the budget ends."""
@@ -716,13 +755,41 @@ def _by_attempts(batch: _Batch, ids: Sequence[int]) -> dict[int, list[int]]:
     return groups
 
 
-def _rejection_key(exc: APIError) -> tuple[int | None, str]:
+_RejectionKey = tuple[Optional[int], str]  # run time on 3.9: no `int | None` here
+
+
+@dataclasses.dataclass
+class _Rejections:
+    """What the endpoint answered lately, per file, to tell a wrong endpoint from bad events."""
+
+    # A head whose events were each rejected alike: (answer, first id, last id).
+    endpoint: tuple[_RejectionKey, int, int] | None = None
+    lone: _RejectionKey | None = None  # the last batch of one event, rejected
+
+    def is_same_head(self, rows: Sequence[Row]) -> bool:
+        """The batch is (part of) the remembered head: no event in it was judged since."""
+        if self.endpoint is None:
+            return False
+        return rows[0].id == self.endpoint[1] and rows[-1].id <= self.endpoint[2]
+
+    def forget(self) -> None:
+        self.endpoint = self.lone = None
+
+
+_rejections_by_file: dict[str, _Rejections] = {}
+
+
+def _rejections_of(path: str) -> _Rejections:
+    return _rejections_by_file.setdefault(path, _Rejections())
+
+
+def _rejection_key(exc: APIError) -> _RejectionKey:
     """What makes two rejections alike: the status and the server's words."""
     return exc.status, exc.body or str(exc)
 
 
 def _by_rejection(rejected: list[tuple[Row, APIError]]) -> list[list[tuple[Row, APIError]]]:
-    groups: dict[tuple[int | None, str], list[tuple[Row, APIError]]] = {}
+    groups: dict[_RejectionKey, list[tuple[Row, APIError]]] = {}
     for row, exc in rejected:
         groups.setdefault(_rejection_key(exc), []).append((row, exc))
     return list(groups.values())

@@ -308,3 +308,53 @@ def test_sync_mode_raises_nothing_but_delivery_errors(outbox_file: Path) -> None
         client.track("u", "Event")
     assert client.stats().pending == 1
     client.shutdown()
+
+
+def reject_bad(request: Received) -> Reply:
+    if any(m["properties"].get("bad") for m in request.batch):
+        return Reply(400, body='{"message": "invalid event"}')
+    return Reply()
+
+
+def test_lone_bad_events_never_block_the_good_ones_behind_them(make_client, receiver) -> None:
+    receiver.responder = reject_bad
+    client = make_client(max_retries=0)
+    for n in (1, 2):  # each alone in its batch: the second looks like a wrong endpoint
+        client.track("u", "Lone", {"n": n, "bad": True})
+        client.flush(timeout=5)
+    for n in range(3, 8):
+        client.track("u", "Lone", {"n": n})
+    for _ in range(3):  # each round is one flush: a few rounds, not a backoff of hours
+        client.flush(timeout=5)
+    assert [m["properties"]["n"] for m in receiver.accepted()] == [3, 4, 5, 6, 7]
+    assert (client.stats().pending, client.stats().dead) == (0, 2)
+
+
+def test_a_whole_batch_of_bad_events_at_the_head_is_told_from_a_wrong_endpoint(
+    make_client, receiver
+) -> None:
+    receiver.responder = reject_bad
+    client = make_client(upload_size=10, max_retries=0)
+    with client.batch():
+        for n in range(20):
+            client.track("u", "Head", {"n": n, "bad": n < 10})
+    first = client.flush(timeout=5)  # ten events, each rejected alike: maybe the endpoint
+    assert (first.sent, first.dead) == (0, 0)
+    for _ in range(3):  # the same head again, then the next event alone: it is accepted
+        client.flush(timeout=5)
+    assert [m["properties"]["n"] for m in receiver.accepted()] == list(range(10, 20))
+    assert (client.stats().pending, client.stats().dead) == (0, 10)
+
+
+def test_the_clients_of_one_file_share_what_the_endpoint_answered(make_client, receiver) -> None:
+    receiver.responder = lambda request: Reply(400, body='{"message": "wrong path"}')
+    clients = [make_client(sync_mode=True, max_retries=0) for _ in range(2)]
+    outcomes = []
+    for n in range(4):
+        try:
+            clients[n % 2].track("u", "Alternating", {"n": n})
+            outcomes.append("ok")
+        except DeliveryError as exc:
+            outcomes.append(type(exc).__name__)
+    assert outcomes == ["APIError"] + ["EndpointRejected"] * 3
+    assert (clients[0].stats().dead, clients[0].stats().pending) == (1, 3)
