@@ -148,8 +148,12 @@ class Requester:
             return self._basic
         return self.token_manager.authorization()
 
-    def send(self, body: bytes, retry_count: int = 0) -> None:
-        """POST one batch body. Returns on 2xx, raises RetryableError or APIError otherwise."""
+    def send(self, body: bytes, retry_count: int = 0, deadline: float | None = None) -> None:
+        """POST one batch body. Returns on 2xx, raises RetryableError or APIError otherwise.
+
+        `deadline` (monotonic time, for sync_mode) cuts the wait for the answer
+        shorter than `timeout` when it comes first.
+        """
         headers = {
             "Content-Type": "application/json",
             "User-Agent": f"outbox-analytics/{VERSION}",
@@ -160,14 +164,14 @@ class Requester:
         if self.gzip:
             headers["Content-Encoding"] = "gzip"
             body = gzip_module.compress(body, compresslevel=6)
-        reply = self._post(body, headers)
+        reply = self._post(body, headers, deadline)
         if 200 <= reply.status < 300:
             return
         if reply.status in (401, 403) and self.token_manager is not None:
             self.token_manager.invalidate()
         raise _error_for(reply, self.write_key)
 
-    def _post(self, body: bytes, headers: dict[str, str]) -> Reply:
+    def _post(self, body: bytes, headers: dict[str, str], deadline: float | None) -> Reply:
         """The POST, with `timeout` as a deadline for all of it.
 
         requests' timeout bounds each socket read only: a server that trickles
@@ -191,7 +195,10 @@ class Requester:
                 done.set()
 
         threading.Thread(target=post, name="outbox-analytics-request", daemon=True).start()
-        if not done.wait(self.timeout + _DEADLINE_GRACE):
+        wait = self.timeout + _DEADLINE_GRACE
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - time.monotonic()))
+        if not done.wait(wait):
             if self._own_session:
                 self.session = _new_session()  # the late request keeps the old one
             raise RetryableError(f"no complete answer within {self.timeout}s (a slow server)")

@@ -203,6 +203,10 @@ class Uploader:
                 self._wake.wait(min(delay, MAX_RETRY_AFTER))
                 self._idle = False
                 self._wake.clear()
+        if self._stopping.is_set():
+            # stop() may have stopped waiting for us (a request in flight):
+            # the lease goes back now, not when the process exits.
+            self._give_up_lease()
         self._notify()
 
     def _recover(self, damage: OutboxDamaged) -> None:
@@ -238,7 +242,7 @@ class Uploader:
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
-                return False  # a request still in flight: keep the lease until we exit
+                return False  # a request still in flight: the thread gives the lease back after it
         self._give_up_lease()
         if self._requester is not None:
             self._requester.close()
@@ -346,7 +350,13 @@ class Uploader:
                 batch.rows = batch.rows[:index]
                 return
 
-    def _deliver(self, batch: _Batch, rows: Sequence[Row], deadline: float | None) -> None:
+    def _deliver(
+        self,
+        batch: _Batch,
+        rows: Sequence[Row],
+        deadline: float | None,
+        endpoint_judges_events: bool = False,
+    ) -> None:
         """Send `rows`; on a rejection, split them until the offending ones are found.
 
         Rejected rows are dead-lettered once the whole batch is done, and only
@@ -354,10 +364,12 @@ class Uploader:
         endpoint is wrong (a host, path or key answering 4xx to anything): the
         rows stay pending and EndpointRejected is raised. A lone row cannot
         tell; the second lone row in a row rejected alike can.
+        `endpoint_judges_events`: another event was just accepted (or rejected
+        otherwise), so every rejection is about its event.
         """
         rows = list(rows)
         memory = self._rejections
-        if memory.is_same_head(rows):
+        if memory.is_same_head(rows) and not endpoint_judges_events:
             self._resend_same_head(batch, rows, deadline)
             return
         rejected: list[tuple[Row, APIError]] = []
@@ -365,7 +377,7 @@ class Uploader:
         if not rejected:
             return
         keys = {_rejection_key(exc) for _, exc in rejected}
-        if len(rejected) == len(rows) and len(keys) == 1:
+        if len(rejected) == len(rows) and len(keys) == 1 and not endpoint_judges_events:
             key = keys.pop()
             if len(rows) > 1 or key == memory.lone:
                 memory.endpoint = (key, rows[0].id, rows[-1].id)
@@ -379,8 +391,10 @@ class Uploader:
 
         Sent once, whole; rejected alike again, the next pending event is sent
         alone. Accepted (or rejected otherwise), it proves the endpoint judges
-        events: the head's events, each rejected alone before, are bad and
-        move to the dead-letter state. Rejected alike, all stay pending.
+        events: the head is split again, and only its events rejected now move
+        to the dead-letter state (the endpoint may have recovered meanwhile;
+        those then arrive after the one that was asked about). Rejected alike,
+        all stay pending.
         """
         assert self._rejections.endpoint is not None
         key = self._rejections.endpoint[0]
@@ -413,7 +427,7 @@ class Uploader:
         else:
             self._acknowledge(batch, [probe])
         self._rejections.forget()
-        self._bury(batch, head, exc)
+        self._deliver(batch, head, deadline, endpoint_judges_events=True)
 
     def _send_or_split(
         self,
@@ -471,13 +485,15 @@ class Uploader:
             with attempt:
                 if self._stopping.is_set() and deadline is None:
                     raise _Stopping()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RetryableError("the sync_mode timeout passed before the request")
                 for row in rows:
                     batch.attempts[row.id] += 1
                 number = attempt.retry_state.attempt_number
                 body = encode_batch(messages, utc_now_iso(), self.requester.write_key)
                 # The messages only: the body also holds the write key.
                 log.debug("sending %d messages (attempt %d): %s", len(rows), number, messages)
-                self.requester.send(body, retry_count=number - 1)
+                self.requester.send(body, retry_count=number - 1, deadline=deadline)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         """The retry policy's wait, floored by the server's Retry-After (which pauses all)."""
@@ -679,6 +695,8 @@ class Uploader:
         if not self._step_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return False
         try:
+            if time.monotonic() >= deadline:
+                return False  # our turn came too late: the caller raises its timeout
             if not self.outbox.unfinished(row_id):
                 return True  # another thread's batch carried it
             if self._take_lease() is None:

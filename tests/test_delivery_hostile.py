@@ -408,3 +408,16 @@ def test_interrupts_during_tracking_never_start_a_second_uploader(make_client, r
     assert sent == sorted(sent)  # one sender at a time: commit order kept
     assert set(stored) <= set(sent)
     assert most_threads <= 2  # at most a superseded one, on its way out
+
+
+def test_a_sync_call_keeps_its_timeout_against_a_trickling_server(
+    trickling_server: str, outbox_file: Path
+) -> None:
+    client = Client(
+        "k", host=trickling_server, outbox_path=str(outbox_file), sync_mode=True, timeout=0.4
+    )
+    started = time.monotonic()
+    with pytest.raises(RetryableError):
+        client.track("u", "Trickled")
+    assert time.monotonic() - started < 0.7  # not timeout plus the request thread's grace
+    client.shutdown(timeout=1)

@@ -358,3 +358,34 @@ def test_the_clients_of_one_file_share_what_the_endpoint_answered(make_client, r
             outcomes.append(type(exc).__name__)
     assert outcomes == ["APIError"] + ["EndpointRejected"] * 3
     assert (clients[0].stats().dead, clients[0].stats().pending) == (1, 3)
+
+
+def test_a_join_that_times_out_mid_request_gives_the_lease_back_after_it(
+    make_client, receiver
+) -> None:
+    receiver.script = [Reply(delay=1.0)]
+    first = make_client()
+    first.track("u", "Slow")
+    deadline = time.monotonic() + 5
+    while not receiver.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first.join(timeout=0.2)  # returns while the request is still in flight
+    second = make_client()
+    second.track("u", "Next")
+    assert second.flush(timeout=5).pending == 0  # the first thread let the lease go
+    assert [m["event"] for m in receiver.accepted()][-1] == "Next"
+
+
+def test_good_events_survive_an_endpoint_that_recovers_between_rounds(
+    make_client, receiver
+) -> None:
+    refusals = [Reply(400, body='{"message": "down for maintenance"}')] * 4
+    receiver.script = list(refusals)  # then every request is accepted
+    client = make_client(upload_size=2, max_retries=0)
+    with client.batch():
+        for n in range(6):
+            client.track("u", "Recovering", {"n": n})
+    for _ in range(4):
+        client.flush(timeout=5)
+    assert (client.stats().pending, client.stats().dead) == (0, 0)
+    assert sorted(m["properties"]["n"] for m in receiver.accepted()) == list(range(6))
