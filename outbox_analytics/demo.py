@@ -89,8 +89,7 @@ def _show_status(path: str, delivered: int) -> None:
         stats = outbox.stats()
     say(f"   its outbox now (outbox-analytics status {path}):")
     say(f"     delivered so far {delivered:6}")
-    say(f"     pending          {stats.pending:6}")
-    say(f"     in flight        {stats.inflight:6}   (the killed uploader's: reclaimed on restart)")
+    say(f"     pending          {stats.pending:6}   (with the killed uploader's batch in flight)")
     say(f"     dead             {stats.dead:6}")
 
 

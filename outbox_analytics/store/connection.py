@@ -30,6 +30,7 @@ import contextlib
 import errno
 import os
 import sqlite3
+import struct
 import threading
 import time
 import urllib.parse
@@ -38,6 +39,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import OutboxBusy, OutboxDamaged, OutboxError, OutboxUnavailable
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["Database", "FileMoved", "Identity", "file_identity", "is_damage", "result_code"]
 
@@ -112,15 +118,21 @@ class Database:
         readonly: bool = False,
         fsync: bool = False,
         wait: float = 60.0,
+        on_connect: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
-        """`path` must name an existing file; `wait` bounds how long a call waits for locks."""
+        """`path` must name an existing file; `wait` bounds how long a call waits for locks.
+
+        `on_connect(conn)` runs on each new connection (they are reopened after a fork).
+        """
         self.path = path
+        self.on_connect = on_connect
         self.readonly = readonly
         self.fsync = fsync
         self.wait = wait
         self.identity = file_identity(path)
         self._file = _lock_for(self.identity)
         self._conn: sqlite3.Connection | None = None
+        self._made_sidecars = False  # a reader whose opening made the -wal and -shm
         _live_databases.add(self)
 
     # -- the three kinds of call ------------------------------------------------
@@ -253,6 +265,14 @@ class Database:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             mode = "ro" if self.readonly else "rw"  # never "rwc": we create files ourselves
+            if self.readonly and self._sidecars_missing():
+                if _can_create_beside(self.path):
+                    self._made_sidecars = True  # SQLite makes them: removed at close()
+                else:
+                    # No process can write a WAL database whose -wal it cannot
+                    # create: the file cannot change under us, and SQLite need
+                    # not make (and fail to make) files beside it.
+                    mode += "&immutable=1"
             conn = sqlite3.connect(
                 f"file:{urllib.parse.quote(self.path)}?mode={mode}",
                 uri=True,
@@ -260,11 +280,55 @@ class Database:
                 isolation_level=None,  # we open transactions ourselves
                 check_same_thread=False,  # guarded by the file lock
             )
-            # NORMAL in WAL mode survives a crash or kill of the process; FULL
-            # also syncs the WAL on each commit, which survives power loss.
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+            try:
+                # NORMAL in WAL mode survives a crash or kill of the process; FULL
+                # also syncs the WAL on each commit, which survives power loss.
+                conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+                if self.readonly:  # views that fill in our columns live in memory
+                    conn.execute("PRAGMA temp_store=MEMORY")
+                if self.on_connect is not None:
+                    self.on_connect(conn)
+            except BaseException:
+                _abandoned.append(conn)  # (see close(): never closed while in doubt)
+                raise
             self._conn = conn
         return self._conn
+
+    def _sidecars_missing(self) -> bool:
+        """A WAL database with no -wal and -shm beside it (its last connection closed cleanly)."""
+        if any(os.path.exists(self.path + suffix) for suffix in _SIDECARS):
+            return False
+        try:
+            header = os.pread(file_handle(self.path, self.identity), 20, 0)
+        except OSError:
+            return False
+        return len(header) == 20 and header[18] == 2  # read version 2: WAL
+
+    def _remove_sidecars_we_made(self) -> None:
+        """After a reader closed: remove the -wal and -shm that SQLite made for it, if unused.
+
+        A reader must leave a directory as it found it. The files are removed
+        only while we hold the lock SQLite's own last connection takes to
+        remove them (an exclusive lock on its shared range), so no connection
+        uses them, and only when the -wal is empty: a writer that came and went
+        meanwhile may have left commits there, which are not ours to remove.
+        """
+        if not _OFD:
+            return  # pragma: no cover - elsewhere the files stay
+        fd = file_handle(self.path, self.identity)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _sqlite_shared_range(fcntl.F_WRLCK))
+        except OSError:
+            return  # another connection has the file open: the files are in use
+        try:
+            if os.path.getsize(self.path + "-wal") == 0:
+                for suffix in _SIDECARS:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path + suffix)
+        except OSError:
+            pass
+        finally:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _sqlite_shared_range(fcntl.F_UNLCK))
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -281,6 +345,9 @@ class Database:
         """
         with self._file.lock:
             self._close_locked()
+            if self._made_sidecars:
+                self._made_sidecars = False
+                self._remove_sidecars_we_made()
 
     def _close_locked(self) -> None:
         conn, self._conn = self._conn, None
@@ -326,6 +393,30 @@ class Database:
     def _after_fork_in_child(self) -> None:
         self._file = _lock_for(self.identity)
         self._drop_connection()
+
+
+_SIDECARS = ("-wal", "-shm")
+_OFD = fcntl is not None and hasattr(fcntl, "F_OFD_SETLK")
+# The bytes on which every SQLite connection to a WAL database holds a shared
+# lock while it is open (SHARED_FIRST and SHARED_SIZE in SQLite's os_unix.c).
+_SQLITE_SHARED_FIRST, _SQLITE_SHARED_SIZE = 0x40000002, 510
+
+
+FLOCK_FORMAT = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (0 for OFD)
+
+
+def flock_request(kind: int, start: int, length: int) -> bytes:
+    """A `struct flock` for fcntl's open-file-description locks."""
+    return struct.pack(FLOCK_FORMAT, kind, os.SEEK_SET, start, length, 0)
+
+
+def _sqlite_shared_range(kind: int) -> bytes:
+    return flock_request(kind, _SQLITE_SHARED_FIRST, _SQLITE_SHARED_SIZE)
+
+
+def _can_create_beside(path: str) -> bool:
+    """Whether files can be made in the file's directory (False on a read-only mount)."""
+    return os.access(os.path.dirname(path) or ".", os.W_OK)
 
 
 # -- per-file state of this process ---------------------------------------------

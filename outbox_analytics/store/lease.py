@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import OutboxError
 from . import schema
-from .connection import Database, Identity, file_handle, file_identity
+from .connection import FLOCK_FORMAT, Database, Identity, file_handle, file_identity, flock_request
 from .schema import DEAD, INFLIGHT, INFLIGHT_WHERE, READY, ROW_COLUMNS, TABLE, Row
 
 try:
@@ -250,7 +250,7 @@ def lease_is_free(db: Database) -> bool:
     if _OFD:
         fd = file_handle(db.path, db.identity)
         answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK))
-        return bool(struct.unpack(_FLOCK, answer)[0] == fcntl.F_UNLCK)
+        return bool(struct.unpack(FLOCK_FORMAT, answer)[0] == fcntl.F_UNLCK)
     release = _lock(db)  # pragma: no cover - other systems: try it and let go
     if release is None:  # pragma: no cover
         return False
@@ -258,11 +258,8 @@ def lease_is_free(db: Database) -> bool:
     return True  # pragma: no cover
 
 
-_FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (0 for OFD)
-
-
 def _flock(kind: int, byte: int = _LEASE_BYTE) -> bytes:
-    return struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0)
+    return flock_request(kind, byte, 1)
 
 
 # -- who writes the file ------------------------------------------------------------
@@ -310,7 +307,7 @@ def other_writers(db: Database) -> bool:
         return False  # pragma: no cover
     fd = file_handle(db.path, db.identity)
     answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, _WRITERS_BYTE))
-    return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
+    return bool(struct.unpack(FLOCK_FORMAT, answer)[0] != fcntl.F_UNLCK)
 
 
 def _lock(db: Database) -> Any:

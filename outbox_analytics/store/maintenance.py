@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import OutboxBusy, OutboxFull
 from . import schema
 from .outbox import Outbox, file_bytes
-from .schema import DEAD, DEAD_WHERE, READY, TABLE, Row
+from .schema import DEAD, DEAD_WHERE, INFLIGHT_WHERE, READY, TABLE, Row
 
 __all__ = ["check", "find", "import_messages", "message_ids", "purge", "requeue", "vacuum"]
 
@@ -157,7 +157,7 @@ def check(outbox: Outbox) -> list[str]:
         after = page[-1][0]
     if undecodable:
         problems.append(f"{undecodable} row(s) whose payload cannot be decoded")
-    if outbox.stats().inflight and outbox.lease_is_free():
+    if outbox.lease_is_free() and db.scalar(f"SELECT count(*) FROM {TABLE} WHERE {INFLIGHT_WHERE}"):
         problems.append("rows in flight with no uploader alive (the next uploader reclaims them)")
     return problems
 

@@ -128,7 +128,13 @@ class Outbox:
         return recovery.recover(self.path, damage, damaged, self._connect)
 
     def _connect(self) -> Database:
-        db = Database(self.path, readonly=self.readonly, fsync=self.fsync, wait=self.wait)
+        db = Database(
+            self.path,
+            readonly=self.readonly,
+            fsync=self.fsync,
+            wait=self.wait,
+            on_connect=schema.fill_in_for_reading if self.readonly else None,
+        )
         try:
             return self._prepare(db)
         except OutboxDamaged:
@@ -157,9 +163,9 @@ class Outbox:
                 raise NotAnOutbox(message, self.path) from exc
             raise
         if self.readonly:
-            if new or not db.read(schema.is_current):
-                raise NotAnOutbox("not an outbox written by outbox-analytics", self.path)
-            return db
+            if new:
+                raise NotAnOutbox("not an outbox: an empty database", self.path)
+            return db  # an older or persist-queue file is read through schema.fill_in_for_reading
         if new:
             for pragma in schema.NEW_FILE_PRAGMAS:
                 db.rows(pragma)
@@ -452,7 +458,14 @@ class Outbox:
         )
 
     def stats(self) -> OutboxStats:
-        """Counts from one snapshot of the file, plus drops this process could not write yet."""
+        """Counts from one snapshot of the file, plus drops this process could not write yet.
+
+        Rows in flight count as in flight only while their uploader lives;
+        rows left in flight by an uploader that died are sent again by the
+        next one, so they count as pending (and as the oldest pending).
+        """
+        alive = not self.lease_is_free()
+        head_columns = "_id, timestamp, attempts, last_status, last_error, next_attempt_at"
 
         def read(conn: sqlite3.Connection) -> tuple[Any, ...]:
             pending = int(conn.execute(schema.COUNT_PENDING).fetchone()[0])
@@ -461,26 +474,34 @@ class Outbox:
                     f"SELECT status, count(*) FROM {TABLE} WHERE status >= 2 GROUP BY status"
                 ).fetchall()
             )
-            head = conn.execute(
-                "SELECT timestamp, attempts, last_status, last_error, next_attempt_at"
-                f" FROM {TABLE} WHERE status < 2 ORDER BY _id LIMIT 1"
-            ).fetchone()
+            heads = conn.execute(
+                f"SELECT {head_columns} FROM {TABLE} WHERE status < 2 ORDER BY _id LIMIT 1"
+            ).fetchall()
+            if not alive:  # orphans come first: the next uploader reclaims them in place
+                heads += conn.execute(
+                    f"SELECT {head_columns} FROM {TABLE} WHERE {INFLIGHT_WHERE}"
+                    " ORDER BY _id LIMIT 1"
+                ).fetchall()
             dropped = schema.read_meta(conn, "dropped")
-            return pending, taken, head, dropped
+            return pending, taken, min(heads, default=None), dropped
 
         pending, taken, head, dropped = self._db.snapshot(read)
+        inflight = int(taken.get(schema.INFLIGHT, 0))
+        if not alive:
+            pending, inflight = pending + inflight, 0
         return OutboxStats(
             pending=pending,
-            inflight=int(taken.get(schema.INFLIGHT, 0)),
+            inflight=inflight,
             dead=int(taken.get(schema.DEAD, 0)),
             dropped=int(dropped or 0) + self._unrecorded_drops,
-            oldest_pending_age_s=max(0.0, time.time() - head[0]) if head else None,
+            oldest_pending_age_s=max(0.0, time.time() - head[1]) if head else None,
             file_bytes=file_bytes(self.path),
             path=self.path,
-            head_attempts=head[1] or 0 if head else 0,
-            head_last_status=head[2] if head else None,
-            head_last_error=head[3] if head else None,
-            head_next_attempt_at=head[4] if head else None,
+            uploader_alive=alive,
+            head_attempts=head[2] or 0 if head else 0,
+            head_last_status=head[3] if head else None,
+            head_last_error=head[4] if head else None,
+            head_next_attempt_at=head[5] if head else None,
         )
 
     def rows(self, state: str = "pending", limit: int | None = None) -> Iterator[Row]:

@@ -131,7 +131,11 @@ class Head:
 
 @dataclasses.dataclass(frozen=True)
 class OutboxStats:
-    """Counts read from the file itself, so every process sees the same numbers."""
+    """Counts read from the file itself, so every process sees the same numbers.
+
+    `pending` includes rows left in flight by an uploader that died (they are
+    sent again); `inflight` counts only rows a live uploader is sending.
+    """
 
     pending: int
     inflight: int
@@ -140,6 +144,8 @@ class OutboxStats:
     oldest_pending_age_s: float | None
     file_bytes: int
     path: str
+    # Whether a process holds the upload lease (rows in flight are its own).
+    uploader_alive: bool = False
     # The first pending row: if it is failing, how and until when it waits.
     head_attempts: int = 0
     head_last_status: int | None = None
@@ -185,6 +191,32 @@ def migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {decl}")
     for statement in _SCHEMA:
         conn.execute(statement)
+
+
+def fill_in_for_reading(conn: sqlite3.Connection) -> None:
+    """Let a read-only connection read a persist-queue or older file as if it were current.
+
+    The file is not changed: what it lacks (our columns, the metadata table)
+    is supplied by TEMP objects of this connection, in memory, which SQLite
+    finds before the file's own tables of the same name.
+    """
+    tables = {name for (name,) in conn.execute("SELECT name FROM main.sqlite_master")}
+    if TABLE_NAME not in tables:
+        return  # not an outbox: inspect() says so
+    present = _columns(conn)
+    if not set(EXTRA_COLUMNS) <= present:
+        columns = ["_id", "data", "timestamp", "status"] + [
+            name if name in present else f"{'0' if name == 'attempts' else 'NULL'} AS {name}"
+            for name in EXTRA_COLUMNS
+        ]
+        conn.execute(
+            f"CREATE TEMP VIEW IF NOT EXISTS {TABLE} AS"
+            f" SELECT {', '.join(columns)} FROM main.{TABLE}"
+        )
+    if "outbox_meta" not in tables:
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS outbox_meta (key TEXT PRIMARY KEY, value INTEGER)"
+        )
 
 
 def _columns(conn: sqlite3.Connection) -> set[str]:
