@@ -1,14 +1,17 @@
-"""The operator's command line: a thin layer over the library's public calls.
+"""The operator's command line: parse, make one library call, print.
 
-Data goes to stdout (tables for people, --json for programs), diagnostics to
-stderr. Exit codes:
+Data goes to stdout (tables for people, `--json` for programs: one JSON
+document; `--jsonl` where a stream of lines is wanted), diagnostics to
+stderr. Reading commands and `--dry-run` open the file read-only and change
+nothing. Exit codes:
 
-    0   success
-    1   a check failed: `status --check` over a threshold, `check` found
-        problems, `demo` lost events
-    2   bad usage or bad input: a path that is not an outbox, malformed JSON,
-        an unknown id; nothing was changed
-    75  `drain` left events pending after transient errors (EX_TEMPFAIL)
+    0    success
+    1    a check failed or a problem was found: `status --check` over a
+         threshold, `check` found problems, a damaged outbox, ids that are not
+         there, a declined prompt, `demo` lost events
+    2    bad usage or bad input: nothing was changed
+    75   try again later: `drain` left events pending, the file is busy
+    130  interrupted (SIGINT); 143 terminated (SIGTERM)
 """
 
 from __future__ import annotations
@@ -19,43 +22,68 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import IO, Any, NoReturn
 
-from .client import DEFAULT_HOST, Client
-from .errors import OutboxAnalyticsError, OutboxError
-from .store import Outbox, Row, maintenance
-from .utils import clean
+from .client import DEFAULT_HOST, MESSAGE_TYPES, Client, kill_switch_on, validate_message
+from .errors import OutboxAnalyticsError, OutboxBusy, OutboxDamaged
+from .metrics import prometheus_text
+from .store import Outbox, OutboxStats, Row, maintenance
+from .version import VERSION
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED_CHECK, EXIT_BAD_INPUT, EXIT_TEMPFAIL = 0, 1, 2, 75
+EXIT_OK, EXIT_PROBLEM, EXIT_BAD_INPUT, EXIT_TEMPFAIL = 0, 1, 2, 75
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 WRITE_KEY_ENV = "OUTBOX_ANALYTICS_WRITE_KEY"
-_CALLS = ("track", "identify", "page", "screen", "group", "alias")
+KILL_SWITCH_ENV = "OUTBOX_ANALYTICS_DISABLED"
 
 
 class UsageError(Exception):
-    """Bad input on the command line: one line on stderr, exit 2."""
+    """Bad input on the command line: one line on stderr, exit 2, nothing changed."""
+
+
+class Problem(Exception):
+    """Something the operator must know: one line on stderr, exit 1."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during `drain` (a BaseException, like KeyboardInterrupt)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (UsageError, OutboxAnalyticsError, ValueError, TypeError, AssertionError) as exc:
-        print(f"outbox-analytics: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as exc:
-        print(
-            f"outbox-analytics: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr
+    except (Problem, maintenance.NotDead) as exc:
+        return _fail(EXIT_PROBLEM, str(exc))
+    except OutboxDamaged as exc:
+        return _fail(
+            EXIT_PROBLEM,
+            f"{exc} (reading commands leave it as it is; the next client or writing command"
+            " moves it aside and salvages what it can)",
         )
-        return EXIT_BAD_INPUT
+    except OutboxBusy as exc:
+        return _fail(EXIT_TEMPFAIL, str(exc))
+    except (UsageError, OutboxAnalyticsError, ValueError, TypeError, AssertionError) as exc:
+        return _fail(EXIT_BAD_INPUT, str(exc))
+    except OSError as exc:
+        return _fail(EXIT_BAD_INPUT, f"{exc.strerror or exc}: {exc.filename or ''}")
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        return EXIT_TERMINATED
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"outbox-analytics: error: {message}", file=sys.stderr)
+    return code
 
 
 # -- the parser -------------------------------------------------------------------
@@ -72,8 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="outbox-analytics",
         description="Inspect, repair and drain outbox-analytics outbox files.",
-        epilog="Exit codes: 0 ok, 1 a check failed, 2 bad input, 75 drain left events pending.",
+        epilog="Exit codes: 0 ok, 1 a check failed or a problem was found, 2 bad input"
+        " (nothing changed), 75 try again later (drain left events pending),"
+        " 130/143 interrupted.",
     )
+    parser.add_argument("--version", action="version", version=f"outbox-analytics {VERSION}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
@@ -81,21 +112,15 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    status = command("status", _status, "counts of an outbox: pending, in flight, dead, dropped")
-    _path(status)
-    _json_flag(status)
-    status.add_argument("--check", action="store_true", help="exit 1 if a threshold is exceeded")
-    status.add_argument("--max-age", type=_duration, help="oldest pending event (e.g. 90s, 15m)")
-    status.add_argument("--max-pending", type=int, help="pending events")
-    status.add_argument("--max-dead", type=int, help="dead-lettered events")
+    _status_parser(command("status", _status, "counts of an outbox, for people and monitoring"))
 
     listing = command("list", _list, "the stored messages, as they will be sent")
     _path(listing)
     _state(listing)
-    listing.add_argument("--type", choices=_CALLS, help="only messages of this type")
+    listing.add_argument("--type", choices=MESSAGE_TYPES, help="only messages of this type")
     listing.add_argument("--event", help="only track events with this name")
-    listing.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
-    _json_flag(listing)
+    listing.add_argument("--limit", type=_positive_int, default=50, help="at most N (default 50)")
+    _json_flags(listing, lines=True)
 
     show = command("show", _show, "one message, by row id or messageId, as JSON")
     _path(show)
@@ -106,14 +131,14 @@ def _parser() -> argparse.ArgumentParser:
     _state(export, default="all")
     export.add_argument("-o", "--output", help="file to write (default: stdout)")
 
-    imports = command("import", _import, "enqueue exported messages, skipping those present")
-    _path(imports, must_exist=False)
+    imports = command("import", _import, "enqueue exported messages, all or none")
+    _path(imports)
     imports.add_argument("file", help="JSON Lines written by export ('-' for stdin)")
 
     requeue = command("requeue", _requeue, "move dead messages back to pending")
     _path(requeue)
     which = requeue.add_mutually_exclusive_group(required=True)
-    which.add_argument("--id", type=int, nargs="+", dest="ids", help="row ids")
+    which.add_argument("--id", type=_positive_int, nargs="+", dest="ids", help="row ids")
     which.add_argument("--all", action="store_true", help="every dead message")
     _destructive(requeue)
 
@@ -127,8 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     _path(drain)
     drain.add_argument("--write-key", help=f"the write key (default: ${WRITE_KEY_ENV})")
     drain.add_argument("--host", help="the API's base URL (default: Segment's)")
-    drain.add_argument("--timeout", type=float, help="give up after this many seconds")
-    drain.add_argument("--max-retries", type=int, default=3, help="per batch (default 3)")
+    drain.add_argument("--timeout", type=_seconds, help="give up after this many seconds in all")
+    drain.add_argument("--max-retries", type=_count, default=3, help="per batch (default 3)")
     drain.add_argument(
         "--force",
         action="store_true",
@@ -140,29 +165,54 @@ def _parser() -> argparse.ArgumentParser:
 
     check = command("check", _check, "SQLite's integrity check and the outbox's invariants")
     _path(check)
-    _json_flag(check)
+    _json_flags(check)
 
-    for call in _CALLS:
+    for call in MESSAGE_TYPES:
         _event_command(command(call, _append, f"store one {call} event durably (not sent)"), call)
 
     collector = command("collector", _collector, "a local Segment-compatible receiver")
     collector.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
-    collector.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    collector.add_argument("--port", type=_count, default=0, help="port (default: a free one)")
     collector.add_argument("--out", help="append messages as JSON Lines here (default stdout)")
 
     demo = command("demo", _demo, "a crash, a replay and a count: no account, no network")
-    demo.add_argument("--events", type=int, default=3000, help="events the job tracks")
+    demo.add_argument("--events", type=_demo_events, default=3000, help="events the job tracks")
     demo.add_argument("--dir", help="where to put the outbox (default: a new temporary dir)")
     return parser
 
 
-def _path(parser: argparse.ArgumentParser, must_exist: bool = True) -> None:
+def _status_parser(status: argparse.ArgumentParser) -> None:
+    _path(status)
+    output = status.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON document")
+    output.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="Prometheus text format (for node_exporter's textfile collector)",
+    )
+    output.add_argument(
+        "--watch",
+        type=_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until interrupted",
+    )
+    status.add_argument("--check", action="store_true", help="exit 1 if a threshold is exceeded")
+    status.add_argument("--max-age", type=_duration, help="oldest pending event (e.g. 90s, 15m)")
+    status.add_argument("--max-pending", type=_count, help="pending events")
+    status.add_argument("--max-dead", type=_count, help="dead-lettered events")
+
+
+def _path(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="the outbox file")
-    parser.set_defaults(must_exist=must_exist)
 
 
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="JSON for programs")
+def _json_flags(parser: argparse.ArgumentParser, lines: bool = False) -> None:
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON document")
+    if lines:
+        output.add_argument("--jsonl", action="store_true", help="one JSON object per line")
 
 
 def _state(parser: argparse.ArgumentParser, default: str = "pending") -> None:
@@ -182,19 +232,11 @@ def _destructive(parser: argparse.ArgumentParser) -> None:
 
 
 def _event_command(parser: argparse.ArgumentParser, call: str) -> None:
-    _path(parser, must_exist=False)
+    _path(parser)
     parser.add_argument("--write-key", help=f"the write key (default: ${WRITE_KEY_ENV})")
     parser.add_argument("--user-id")
     if call != "alias":
         parser.add_argument("--anonymous-id")
-    json_options = {
-        "track": ["properties"],
-        "identify": ["traits"],
-        "page": ["properties"],
-        "screen": ["properties"],
-        "group": ["traits"],
-        "alias": [],
-    }[call]
     if call == "track":
         parser.add_argument("--event", required=True)
     if call in ("page", "screen"):
@@ -204,7 +246,10 @@ def _event_command(parser: argparse.ArgumentParser, call: str) -> None:
         parser.add_argument("--group-id", required=True)
     if call == "alias":
         parser.add_argument("--previous-id", required=True)
-    for name in [*json_options, "context", "integrations"]:
+    objects = {"track": "properties", "page": "properties", "screen": "properties"}
+    objects.update(identify="traits", group="traits")
+    names = [objects[call]] if call in objects else []
+    for name in [*names, "context", "integrations"]:
         parser.add_argument(f"--{name}", type=_json_object, help="a JSON object")
     parser.add_argument("--timestamp", type=_timestamp, help="ISO 8601 (default: now)")
     parser.add_argument("--message-id")
@@ -219,6 +264,40 @@ def _duration(text: str) -> float:
     return float(match.group(1)) * factor
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text!r}")
+    return value
+
+
+def _demo_events(text: str) -> int:
+    value = _count(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"the demo needs at least 2 events, got {text!r}")
+    return value
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -229,9 +308,7 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _timestamp(text: str) -> Any:
-    from datetime import datetime
-
+def _timestamp(text: str) -> datetime:
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -241,75 +318,113 @@ def _timestamp(text: str) -> Any:
 # -- reading ----------------------------------------------------------------------
 
 
-def _open(args: argparse.Namespace, readonly: bool = True) -> Outbox:
-    if (readonly or args.must_exist) and not os.path.isfile(args.path):
-        raise UsageError(f"no outbox file at {args.path}")
-    return Outbox(args.path, readonly=readonly)
+def _reader(path: str) -> Outbox:
+    """The outbox, opened read-only: nothing is created, migrated or moved."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no outbox file at {path}")
+    return Outbox(path, readonly=True)
+
+
+def _read_stats(path: str) -> OutboxStats:
+    with _reader(path) as outbox:
+        return outbox.stats()
 
 
 def _status(args: argparse.Namespace) -> int:
-    with _open(args) as outbox:
-        stats = outbox.stats().as_dict()
-        stats["uploader_alive"] = not outbox.lease_is_free()
+    thresholds = (args.max_age, args.max_pending, args.max_dead)
+    if not args.check and any(value is not None for value in thresholds):
+        raise UsageError("--max-age, --max-pending and --max-dead need --check")
+    if args.watch is not None:
+        if args.check:
+            raise UsageError("--watch shows the status; --check is for a single look")
+        return _watch(args.path, args.watch)
+    stats = _read_stats(args.path)
     exceeded = _exceeded(args, stats) if args.check else []
-    if args.json:
-        print(json.dumps({**stats, "exceeded": exceeded} if args.check else stats, sort_keys=True))
+    if args.prometheus:
+        print(prometheus_text([stats]), end="")
+    elif args.json:
+        document = stats.as_dict()
+        if args.check:
+            document["exceeded"] = exceeded
+        print(json.dumps(document, sort_keys=True))
     else:
-        _print_status(stats)
+        print(_status_table(stats))
     for line in exceeded:
         print(f"outbox-analytics: {line}", file=sys.stderr)
-    return EXIT_FAILED_CHECK if exceeded else EXIT_OK
+    return EXIT_PROBLEM if exceeded else EXIT_OK
 
 
-def _exceeded(args: argparse.Namespace, stats: dict[str, Any]) -> list[str]:
+def _watch(path: str, every: float) -> int:
+    """Redraw the status every `every` seconds until interrupted (Ctrl-C ends it, exit 0)."""
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            table = _status_table(_read_stats(path))
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{clear}{stamp}  every {every:g}s, Ctrl-C to stop\n{table}\n", flush=True)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _exceeded(args: argparse.Namespace, stats: OutboxStats) -> list[str]:
     found = []
-    age = stats["oldest_pending_age_s"] or 0.0
+    age = stats.oldest_pending_age_s or 0.0
     if args.max_age is not None and age > args.max_age:
         found.append(f"oldest pending event is {age:.0f}s old (max {args.max_age:.0f}s)")
-    if args.max_pending is not None and stats["pending"] > args.max_pending:
-        found.append(f"{stats['pending']} events pending (max {args.max_pending})")
-    if args.max_dead is not None and stats["dead"] > args.max_dead:
-        found.append(f"{stats['dead']} events dead (max {args.max_dead})")
+    if args.max_pending is not None and stats.pending > args.max_pending:
+        found.append(f"{stats.pending} events pending (max {args.max_pending})")
+    if args.max_dead is not None and stats.dead > args.max_dead:
+        found.append(f"{stats.dead} events dead (max {args.max_dead})")
     return found
 
 
-def _print_status(stats: dict[str, Any]) -> None:
-    age = stats["oldest_pending_age_s"]
+def _status_table(stats: OutboxStats) -> str:
+    age = stats.oldest_pending_age_s
     lines = [
-        ("file", stats["path"]),
-        ("size", f"{stats['file_bytes']:,} bytes"),
-        ("pending", stats["pending"]),
-        ("in flight", stats["inflight"]),
-        ("dead", stats["dead"]),
-        ("dropped", stats["dropped"]),
+        ("file", stats.path),
+        ("size", f"{stats.file_bytes:,} bytes"),
+        ("pending", stats.pending),
+        ("in flight", stats.inflight),
+        ("dead", stats.dead),
+        ("dropped", stats.dropped),
         ("oldest pending", "-" if age is None else f"{age:.1f}s ago"),
-        ("uploader alive", "yes" if stats["uploader_alive"] else "no"),
+        ("uploader alive", "yes" if stats.uploader_alive else "no"),
     ]
-    if stats["head_last_error"]:
-        retry = stats["head_next_attempt_at"]
-        lines.append(("head failing", f"{stats['head_attempts']} attempts"))
-        lines.append(("last error", _one_line(stats["head_last_error"], 200)))
+    if stats.head_last_error:
+        lines.append(("head failing", f"{stats.head_attempts} attempts"))
+        lines.append(("last error", _one_line(stats.head_last_error, 200)))
+        retry = stats.head_next_attempt_at
         if retry:
             lines.append(("next retry", f"in {max(0.0, retry - time.time()):.0f}s"))
-    for name, value in lines:
-        print(f"{name:16} {value}")
+    return "\n".join(f"{name:16} {value}" for name, value in lines)
 
 
 def _list(args: argparse.Namespace) -> int:
-    with _open(args) as outbox:
-        rows = _matching(outbox.rows(args.state), args.type, args.event)
-        if args.json:
-            for row in _limited(rows, args.limit):
-                print(json.dumps(_exported(row)))
-            return EXIT_OK
+    with _reader(args.path) as outbox:
+        matching = _matching(outbox.rows(args.state), args.type, args.event)
+        rows = [row for _, row in zip(range(args.limit + 1), matching)]
+    more = len(rows) > args.limit
+    rows = rows[: args.limit]
+    if args.json:
+        print(json.dumps([_exported(row) for row in rows], indent=2))
+    elif args.jsonl:
+        for row in rows:
+            print(json.dumps(_exported(row)))
+    else:
         print(f"{'id':>8}  {'state':8} {'type':8} {'event/name':24} {'attempts':>8}  last error")
-        for row in _limited(rows, args.limit):
+        for row in rows:
             message = row.message
-            what = message.get("event") or message.get("name") or ""
+            what = str(message.get("event") or message.get("name") or "")
             print(
-                f"{row.id:>8}  {row.state:8} {message.get('type', '?'):8} {what[:24]:24}"
+                f"{row.id:>8}  {row.state:8} {message.get('type', '?')!s:8} {what[:24]:24}"
                 f" {row.attempts:>8}  {_one_line(row.last_error or '', 60)}"
             )
+    if more:
+        print(
+            f"outbox-analytics: showing the first {args.limit}; more match (raise --limit)",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -322,24 +437,17 @@ def _matching(rows: Iterator[Row], kind: str | None, event: str | None) -> Itera
         yield row
 
 
-def _limited(rows: Iterator[Row], limit: int) -> Iterator[Row]:
-    for count, row in enumerate(rows):
-        if count >= limit:
-            return
-        yield row
-
-
 def _show(args: argparse.Namespace) -> int:
-    with _open(args) as outbox:
+    with _reader(args.path) as outbox:
         row = maintenance.find(outbox, args.key)
     if row is None:
-        raise UsageError(f"no message {args.key!r} in {args.path}")
+        raise Problem(f"no message {args.key!r} in {args.path}")
     print(json.dumps(_exported(row), indent=2))
     return EXIT_OK
 
 
 def _export(args: argparse.Namespace) -> int:
-    with _open(args) as outbox:
+    with _reader(args.path) as outbox:
         target: IO[str] = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
         try:
             count = 0
@@ -370,86 +478,86 @@ def _exported(row: Row) -> dict[str, Any]:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        with _open(args) as outbox:
+        with _reader(args.path) as outbox:
             problems = maintenance.check(outbox)
-    except OutboxError as exc:  # damaged beyond opening: that is the finding
+    except OutboxDamaged as exc:  # damaged beyond opening: that is the finding
         problems = [str(exc)]
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems}))
     else:
         print("ok" if not problems else "\n".join(problems))
-    return EXIT_FAILED_CHECK if problems else EXIT_OK
+    return EXIT_PROBLEM if problems else EXIT_OK
 
 
 # -- changing -------------------------------------------------------------------
 
 
-def _confirm(args: argparse.Namespace, question: str) -> bool:
+def _confirm(args: argparse.Namespace, question: str) -> None:
+    """Go on only if the operator says yes (or gave --yes); otherwise exit 1, nothing changed."""
     if args.yes:
-        return True
+        return
     if not sys.stdin.isatty():
         raise UsageError("not on a terminal: add --yes to confirm, or --dry-run to look first")
-    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)  # stdout is for data
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise Problem("not confirmed; nothing was changed")
 
 
 def _requeue(args: argparse.Namespace) -> int:
-    with _open(args, readonly=False) as outbox:
-        dead = [row.id for row in outbox.rows("dead")]
-        chosen = dead if args.all else [row_id for row_id in args.ids if row_id in set(dead)]
-        if not args.all and len(chosen) < len(args.ids):
-            others = sorted(set(args.ids) - set(chosen))
-            print(f"outbox-analytics: not dead, left alone: {others}", file=sys.stderr)
-        if args.dry_run:
-            print(json.dumps({"would_requeue": len(chosen)}))
-            return EXIT_OK
-        if chosen and not _confirm(args, f"Move {len(chosen)} dead message(s) back to pending?"):
-            return EXIT_OK
-        moved = maintenance.requeue(outbox, chosen) if chosen else 0
+    ids = None if args.all else args.ids
+    with _reader(args.path) as outbox:
+        count = maintenance.count_dead(outbox, ids)  # NotDead names missing ids: exit 1
+    if args.dry_run:
+        print(json.dumps({"would_requeue": count}))
+        return EXIT_OK
+    moved = 0
+    if count:
+        _confirm(args, f"Move {count} dead message(s) back to pending?")
+        with Outbox(args.path) as outbox:
+            moved = maintenance.requeue(outbox, ids)
     print(json.dumps({"requeued": moved}))
     return EXIT_OK
 
 
 def _purge(args: argparse.Namespace) -> int:
-    with _open(args, readonly=False) as outbox:
+    with _reader(args.path) as outbox:
         count = maintenance.purge(outbox, older_than=args.older_than, dry_run=True)
-        if args.dry_run:
-            print(json.dumps({"would_purge": count}))
-            return EXIT_OK
-        if count and not _confirm(args, f"Delete {count} dead message(s) for good?"):
-            return EXIT_OK
-        deleted = maintenance.purge(outbox, older_than=args.older_than) if count else 0
+    if args.dry_run:
+        print(json.dumps({"would_purge": count}))
+        return EXIT_OK
+    deleted = 0
+    if count:
+        _confirm(args, f"Delete {count} dead message(s) for good?")
+        with Outbox(args.path) as outbox:
+            deleted = maintenance.purge(outbox, older_than=args.older_than)
     print(json.dumps({"purged": deleted}))
     return EXIT_OK
 
 
 def _vacuum(args: argparse.Namespace) -> int:
-    with _open(args, readonly=False) as outbox:
+    with Outbox(_existing(args.path)) as outbox:
         before, after = maintenance.vacuum(outbox)
     print(json.dumps({"bytes_before": before, "bytes_after": after}))
     return EXIT_OK
 
 
+def _existing(path: str) -> str:
+    if not os.path.isfile(path):
+        raise UsageError(f"no outbox file at {path}")
+    return path
+
+
 def _import(args: argparse.Namespace) -> int:
-    """Two streamed passes: validate every line, then store; memory holds only messageIds."""
+    """Validate every line first (nothing is opened before), then store all in one transaction."""
     with _seekable(args.file) as source:
-        for _ in _read_messages(source, args.file):  # a bad line stops us before any write
+        for _ in _read_messages(source, args.file):
             pass
         source.seek(0)
         with Outbox(args.path) as outbox:
-            present = maintenance.message_ids(outbox)
-            counts = {"imported": 0, "skipped": 0}
-
-            def fresh() -> Iterator[dict[str, Any]]:
-                for message in _read_messages(source, args.file):
-                    if message["messageId"] in present:
-                        counts["skipped"] += 1
-                        continue
-                    present.add(message["messageId"])
-                    counts["imported"] += 1
-                    yield message
-
-            maintenance.import_messages(outbox, fresh())
-    print(json.dumps(counts))
+            imported, skipped = maintenance.import_messages(
+                outbox, _read_messages(source, args.file)
+            )
+    print(json.dumps({"imported": imported, "skipped": skipped}))
     return EXIT_OK
 
 
@@ -474,19 +582,12 @@ def _read_messages(source: IO[str], name: str) -> Iterator[dict[str, Any]]:
             message = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{name}:{number}: not JSON ({exc.msg})") from None
-        yield _importable(message, f"{name}:{number}")
-
-
-def _importable(message: Any, where: str) -> dict[str, Any]:
-    if not isinstance(message, dict):
-        raise UsageError(f"{where}: not a JSON object")
-    message.pop("_outbox", None)
-    if message.get("type") not in _CALLS:
-        raise UsageError(f"{where}: type must be one of {', '.join(_CALLS)}")
-    if not isinstance(message.get("messageId"), str) or not message["messageId"]:
-        raise UsageError(f"{where}: no messageId")
-    cleaned: dict[str, Any] = clean(message)
-    return cleaned
+        if isinstance(message, dict):
+            message.pop("_outbox", None)  # what export adds
+        try:
+            yield validate_message(message)
+        except ValueError as exc:
+            raise UsageError(f"{name}:{number}: {exc}") from None
 
 
 def _append(args: argparse.Namespace) -> int:
@@ -501,7 +602,9 @@ def _append(args: argparse.Namespace) -> int:
     }  # fmt: skip
     ok, message = getattr(client, args.call)(message_id=args.message_id, **options)
     client.shutdown()
-    if not ok:
+    if client.disabled:
+        print(f"outbox-analytics: {KILL_SWITCH_ENV} is set: nothing was stored", file=sys.stderr)
+    elif not ok:
         print("outbox-analytics: the outbox is full; the event was not stored", file=sys.stderr)
         return EXIT_TEMPFAIL
     print(json.dumps(message))
@@ -519,69 +622,108 @@ def _write_key(args: argparse.Namespace) -> str:
 
 
 def _drain(args: argparse.Namespace) -> int:
-    if not os.path.isfile(args.path):
-        raise UsageError(f"no outbox file at {args.path}")
-    key = _write_key(args)
+    if kill_switch_on():
+        raise UsageError(f"{KILL_SWITCH_ENV} is set, so nothing can be sent: unset it to drain")
+    path, key = _existing(args.path), _write_key(args)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     if args.force:  # the operator says these events are this key's now (a rotated key)
-        with Outbox(args.path) as outbox:
+        with Outbox(path) as outbox:
             outbox.bind(key, (args.host or DEFAULT_HOST).rstrip("/"), force=True)
-    with Outbox(args.path, readonly=True) as outbox:  # before our uploader starts
-        before = outbox.stats()
     client = Client(
         key,
         host=args.host,
-        outbox_path=args.path,
+        outbox_path=path,
         max_retries=args.max_retries,
-        upload_interval=0.05,
+        sync_mode=True,  # no background thread: drain() sends on this one
+        timeout=min(15.0, args.timeout or 15.0),
     )
-    total = before.pending + before.inflight
-    progress = _Progress(client, total) if sys.stderr.isatty() else None
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    sent = dead = 0
-    try:
-        while True:
+    with _signals_raise(), _progress(client):
+        try:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            result = client.flush(left)
-            sent, dead = sent + result.sent, dead + result.dead
-            if result.pending == 0 or result.sent + result.dead == 0 or left == 0.0:
-                break  # done, stuck (retries ran out), or out of time
+            client.drain(left)
+        except (KeyboardInterrupt, Terminated) as exc:
+            pending = _print_drained(client)  # what got through; the rest is pending again
+            why = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            print(f"outbox-analytics: {why}; {pending} events pending", file=sys.stderr)
+            raise
+        finally:
+            client.shutdown(timeout=0)
+    pending = _print_drained(client)
+    if pending:
+        print(f"outbox-analytics: {pending} events still pending: {_why(client)}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    return EXIT_OK
+
+
+def _print_drained(client: Client) -> int:
+    """Print {"sent", "dead", "pending"}; the pending count."""
+    assert client.uploader is not None and client.outbox_path is not None
+    stats = _read_stats(client.outbox_path)
+    pending = stats.pending + stats.inflight
+    sent, dead = client.uploader.sent, client.uploader.dead
+    print(json.dumps({"sent": sent, "dead": dead, "pending": pending}), flush=True)
+    return pending
+
+
+def _why(client: Client) -> str:
+    """Why events are still pending, in the server's or the network's words."""
+    failure = client.uploader.last_failure if client.uploader else None
+    if failure is not None:
+        body = failure.body if failure.body and failure.body not in str(failure) else ""
+        return f"{failure}: {body}" if body else str(failure)
+    assert client.outbox_path is not None
+    stats = _read_stats(client.outbox_path)
+    if stats.uploader_alive:
+        return "another process holds the upload lease and is sending them"
+    return stats.head_last_error or "the time ran out"
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While inside, SIGTERM raises Terminated (SIGINT already raises KeyboardInterrupt)."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
     finally:
-        if progress:
-            progress.stop()
-        client.shutdown(timeout=1)
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _progress(client: Client) -> Iterator[None]:
+    """A progress line on stderr while a drain runs, on a terminal only."""
+    if not sys.stderr.isatty() or client.uploader is None:
+        yield
+        return
+    uploader = client.uploader
     stats = client.stats()
-    pending = stats.pending + stats.inflight if stats else 0
-    print(json.dumps({"sent": sent, "dead": dead, "pending": pending}))
-    return EXIT_OK if pending == 0 else EXIT_TEMPFAIL
+    total = stats.pending if stats else 0
+    done = threading.Event()
 
-
-class _Progress:
-    """A progress line on stderr while a drain runs (only on a terminal)."""
-
-    def __init__(self, client: Client, total: int) -> None:
-        self.client = client
-        self.total = total
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            self._show()
-            if self._done.wait(0.2):
-                return
-
-    def _show(self) -> None:
-        sent = self.client.uploader.sent if self.client.uploader else 0
+    def show() -> None:
         width = 30
-        filled = min(width, int(width * sent / self.total)) if self.total else width
+        filled = min(width, int(width * uploader.sent / total)) if total else width
         bar = "#" * filled + "." * (width - filled)
-        print(f"\r[{bar}] {sent}/{self.total}", end="", file=sys.stderr, flush=True)
+        print(f"\r[{bar}] {uploader.sent}/{total}", end="", file=sys.stderr, flush=True)
 
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-        self._show()  # the final count, whatever the last tick showed
+    def run() -> None:
+        while not done.wait(0.2):
+            show()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        show()  # the final count, whatever the last tick showed
         print(file=sys.stderr)
 
 
@@ -606,7 +748,9 @@ def _collector(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return EXIT_OK if run_demo(args.events, args.dir) else EXIT_FAILED_CHECK
+    if args.dir is not None and os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise UsageError(f"--dir must be a directory: {args.dir}")
+    return EXIT_OK if run_demo(args.events, args.dir) else EXIT_PROBLEM
 
 
 def _one_line(text: str, width: int) -> str:

@@ -43,7 +43,14 @@ from .version import VERSION
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-__all__ = ["Client", "DEFAULT_HOST", "EXIT_BUDGET", "MAX_MESSAGE_BYTES"]
+__all__ = [
+    "Client",
+    "DEFAULT_HOST",
+    "EXIT_BUDGET",
+    "MAX_MESSAGE_BYTES",
+    "kill_switch_on",
+    "validate_message",
+]
 
 DEFAULT_HOST = "https://api.segment.io"
 MAX_MESSAGE_BYTES = 32 << 10  # Segment's limit on one message as JSON
@@ -139,7 +146,7 @@ class Client:
     ) -> None:
         # The kill switch, and a test capturing events: validate and build
         # messages, store and send nothing, open no file, start no thread.
-        self.disabled = _kill_switch_on()
+        self.disabled = kill_switch_on()
         offline = self.disabled or _capture is not None
         if not offline or write_key is not None:
             require("write_key", write_key, str)
@@ -559,6 +566,19 @@ class Client:
             return self._nothing_sent()
         return self.uploader.flush(timeout)
 
+    def drain(self, timeout: float | None = None) -> FlushResult:
+        """Send what is pending now on the calling thread, and return counts, like flush().
+
+        For programs that exist to deliver (`outbox-analytics drain`): no
+        background thread is needed, `timeout` bounds the whole call (a
+        request in flight included), and an interruption (KeyboardInterrupt,
+        a signal handler raising) hands the rows in flight back to pending
+        before it propagates.
+        """
+        if self.uploader is None:
+            return self._nothing_sent()
+        return self.uploader.drain(timeout)
+
     def _nothing_sent(self) -> FlushResult:
         stats = self.stats()
         return FlushResult(0, 0, stats.pending + stats.inflight if stats else 0)
@@ -639,6 +659,67 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+MESSAGE_TYPES = ("track", "identify", "page", "screen", "group", "alias")
+# What each type needs beyond messageId and timestamp: all of the names in a
+# tuple's first item, and one of those in its second (empty: none needed).
+_NEEDED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "track": (("event",), ("userId", "anonymousId")),
+    "identify": ((), ("userId", "anonymousId")),
+    "page": ((), ("userId", "anonymousId")),
+    "screen": ((), ("userId", "anonymousId")),
+    "group": (("groupId",), ("userId", "anonymousId")),
+    "alias": (("previousId", "userId"), ()),
+}
+_OBJECTS = ("properties", "traits", "context", "integrations")
+
+
+def validate_message(message: Any) -> dict[str, Any]:
+    """A built message (as `export` writes it) checked as a client would have built it.
+
+    Returns it cleaned; raises ValueError saying what is wrong: its type, a
+    missing id, event or messageId, a timestamp that is not ISO 8601 with a
+    time zone, a field that should be an object, or a size over Segment's limit.
+    """
+    if not isinstance(message, dict):
+        raise ValueError("not a JSON object")
+    kind = message.get("type")
+    if kind not in MESSAGE_TYPES:
+        raise ValueError(f"type must be one of {', '.join(MESSAGE_TYPES)}, got {kind!r}")
+    all_of, one_of = _NEEDED[kind]
+    a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} message"
+    for name in ("messageId", *all_of):
+        if not _given(message.get(name)):
+            raise ValueError(f"{a_kind} needs {name}")
+    if one_of and not any(_given(message.get(name)) for name in one_of):
+        raise ValueError(f"{a_kind} needs {' or '.join(one_of)}")
+    _check_timestamp(message.get("timestamp"))
+    for name in _OBJECTS:
+        if name in message and not isinstance(message[name], dict):
+            raise ValueError(f"{name} must be a JSON object")
+    cleaned: dict[str, Any] = clean(message)
+    size = len(json.dumps(cleaned))
+    if size > MAX_MESSAGE_BYTES:
+        raise ValueError(f"{size} bytes of JSON, over the {MAX_MESSAGE_BYTES // 1024} KB limit")
+    return cleaned
+
+
+def _given(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, str) and value != "") or isinstance(value, numbers.Number)
+
+
+def _check_timestamp(value: Any) -> None:
+    if not isinstance(value, str):
+        raise ValueError("timestamp must be an ISO 8601 text")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"timestamp is not ISO 8601: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise ValueError(f"timestamp has no time zone: {value!r}")
+
+
 def _encode(msg: dict[str, Any]) -> bytes:
     """The stored form of a message; RuntimeError, as in Segment, if it is over 32 KB."""
     data = encode_message(msg)
@@ -653,7 +734,8 @@ def _encode(msg: dict[str, Any]) -> bytes:
     return data
 
 
-def _kill_switch_on() -> bool:
+def kill_switch_on() -> bool:
+    """Whether $OUTBOX_ANALYTICS_DISABLED turns every client into send=False."""
     return os.environ.get("OUTBOX_ANALYTICS_DISABLED", "").strip().lower() in (
         "1", "true", "yes", "on",
     )  # fmt: skip

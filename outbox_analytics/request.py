@@ -12,8 +12,10 @@ import gzip as gzip_module
 import json
 import logging
 import os
+import socket
 import threading
 import time
+import urllib.parse
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -221,7 +223,7 @@ class Requester:
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            raise RetryableError(f"request failed: {_describe(exc)}") from exc
+            raise RetryableError(f"request failed: {_describe(exc, self.url)}") from exc
         return Reply(response.status_code, dict(response.headers), response.text)
 
     def close(self) -> None:
@@ -298,6 +300,38 @@ def error_fields(text: str, code_key: str, message_key: str) -> tuple[str, str]:
     return str(payload.get(code_key, "unknown")), str(payload.get(message_key, ""))
 
 
-def _describe(exc: requests.RequestException) -> str:
-    # requests' messages can be long chains; the class name says what happened.
+def _describe(exc: requests.RequestException, url: str) -> str:
+    """What went wrong, in a few words an operator can act on (requests' own are long chains)."""
+    where = urllib.parse.urlsplit(url).netloc
+    cause = _os_error_under(exc)
+    if isinstance(cause, ConnectionRefusedError):
+        return f"connection refused by {where}"
+    if isinstance(cause, socket.gaierror):
+        return f"cannot resolve the host of {where} ({cause.strerror})"
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return f"the proxy failed for {where}: {str(exc)[:200]}"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"TLS failed with {where}: {str(exc)[:200]}"
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return f"timed out connecting to {where}"
+    if isinstance(exc, requests.Timeout):
+        return f"timed out waiting for {where} to answer"
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"{cause.strerror.lower()} ({where})"
     return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _os_error_under(exc: BaseException) -> OSError | None:
+    """The operating system's error at the root of requests' and urllib3's wrappers, if any."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current  # (requests' and urllib3's own errors carry no errno)
+        todo.extend([current.__cause__, current.__context__, getattr(current, "reason", None)])
+        todo.extend(current.args)
+    return None

@@ -617,6 +617,49 @@ class Uploader:
         left = self.outbox.count_unfinished(mark)
         return FlushResult(sent=self.sent - sent, dead=self.dead - dead, pending=left)
 
+    def drain(self, timeout: float | None = None) -> FlushResult:
+        """Send what is pending now from the calling thread; return when done or stuck.
+
+        Returns when every row pending at the call is delivered or dead, when
+        a round of retries ran out, or at `timeout` (no request outlives it).
+        While another process holds the lease, waits for it instead, as flush()
+        does. However it ends (KeyboardInterrupt included), this thread's rows
+        in flight go back to pending and, unless the background thread goes
+        on with it, the lease is given back.
+        """
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mark = self.outbox.last_id()
+        started = time.time()
+        sent, dead = self.sent, self.dead
+        try:
+            while self.outbox.unfinished(mark) and self.gave_up_at < started:
+                wait = self._drain_step(deadline)
+                left = None if deadline is None else deadline - time.monotonic()
+                if wait is None or (left is not None and wait >= left):
+                    break  # the other uploader is backing off, or a pause outlasts the timeout
+                time.sleep(wait)
+        finally:
+            if not self.running:
+                self._take_back_inflight()
+                self._give_up_lease()
+        left = self.outbox.count_unfinished(mark)
+        return FlushResult(sent=self.sent - sent, dead=self.dead - dead, pending=left)
+
+    def _drain_step(self, deadline: float | None) -> float | None:
+        """Send one batch if this process can; else how long to wait (None: stop waiting)."""
+        with self._step_lock:
+            if deadline is not None and time.monotonic() >= deadline:
+                return 0.0  # the caller sees the timeout
+            if self._take_lease() is None:
+                return None if self._other_gave_up() else 0.05
+            paused = self.paused_until - time.monotonic()
+            if paused > 0:
+                return paused  # a server's Retry-After
+            self.run_once(deadline)
+            return 0.0
+
     @contextlib.contextmanager
     def _hurry(self, started: float) -> Iterator[None]:
         """While inside: send at once (no fill wait); retry a head that failed before `started`."""

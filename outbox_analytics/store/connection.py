@@ -289,7 +289,11 @@ class Database:
                 if self.on_connect is not None:
                     self.on_connect(conn)
             except BaseException:
-                _abandoned.append(conn)  # (see close(): never closed while in doubt)
+                if self.readonly:  # a reader changed nothing: closing it is safe
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+                else:
+                    _abandoned.append(conn)  # (see close(): never closed while in doubt)
                 raise
             self._conn = conn
         return self._conn
@@ -345,7 +349,7 @@ class Database:
         """
         with self._file.lock:
             self._close_locked()
-            if self._made_sidecars:
+            if self._made_sidecars and not self.moved():  # (a fresh file's are not ours)
                 self._made_sidecars = False
                 self._remove_sidecars_we_made()
 

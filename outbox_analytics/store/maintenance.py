@@ -18,7 +18,16 @@ from . import schema
 from .outbox import Outbox, file_bytes
 from .schema import DEAD, DEAD_WHERE, INFLIGHT_WHERE, READY, TABLE, Row
 
-__all__ = ["check", "find", "import_messages", "message_ids", "purge", "requeue", "vacuum"]
+__all__ = [
+    "NotDead",
+    "check",
+    "count_dead",
+    "find",
+    "import_messages",
+    "purge",
+    "requeue",
+    "vacuum",
+]
 
 _ID_CHUNK = 500
 
@@ -33,13 +42,20 @@ def find(outbox: Outbox, key: str | int) -> Row | None:
     return next((row for row in outbox.rows("all") if row.message.get("messageId") == key), None)
 
 
-def message_ids(outbox: Outbox) -> set[str]:
-    """Every stored messageId (streamed from the file)."""
-    return {str(row.message.get("messageId")) for row in outbox.rows("all")}
+class NotDead(LookupError):
+    """Rows asked for by id that are not in the dead-letter state (or not there at all)."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        super().__init__(f"not dead-lettered (or not in the outbox): {list(ids)}")
+        self.ids = list(ids)
 
 
 def requeue(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
-    """Move dead rows (all of them, or those given) back to pending, as fresh rows."""
+    """Move dead rows (all of them, or those given) back to pending, as fresh rows.
+
+    With `ids`, all or nothing: if any of them is not a dead row, NotDead
+    names them and nothing changes.
+    """
     assignments = (
         f"status = {READY}, attempts = 0, last_status = NULL, last_error = NULL,"
         " next_attempt_at = NULL, first_attempt_at = NULL"
@@ -47,13 +63,36 @@ def requeue(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
     if ids is None:
         sql = f"UPDATE {TABLE} SET {assignments} WHERE {DEAD_WHERE}"
         return int(outbox.database.write(lambda conn: conn.execute(sql).rowcount, "requeue"))
-    chosen = list(ids)
-    return int(
-        outbox.database.write(
-            lambda conn: _by_ids(conn, f"UPDATE {TABLE} SET {assignments}", chosen, DEAD_WHERE),
-            "requeue",
-        )
-    )
+    chosen = sorted(set(ids))
+
+    def move(conn: sqlite3.Connection) -> int:
+        missing = _not_dead(conn, chosen)
+        if missing:
+            raise NotDead(missing)
+        return _by_ids(conn, f"UPDATE {TABLE} SET {assignments}", chosen, DEAD_WHERE)
+
+    return int(outbox.database.write(move, "requeue"))
+
+
+def count_dead(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
+    """How many rows `requeue` would move (NotDead if some of `ids` are not dead)."""
+    if ids is None:
+        return int(outbox.database.scalar(f"SELECT count(*) FROM {TABLE} WHERE {DEAD_WHERE}"))
+    chosen = sorted(set(ids))
+    missing = outbox.database.read(lambda conn: _not_dead(conn, chosen))
+    if missing:
+        raise NotDead(missing)
+    return len(chosen)
+
+
+def _not_dead(conn: sqlite3.Connection, ids: Sequence[int]) -> list[int]:
+    found: set[int] = set()
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = ids[start : start + _ID_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT _id FROM {TABLE} WHERE _id IN ({marks}) AND {DEAD_WHERE}"
+        found.update(row_id for (row_id,) in conn.execute(sql, chunk))
+    return [row_id for row_id in ids if row_id not in found]
 
 
 def purge(
@@ -162,24 +201,42 @@ def check(outbox: Outbox) -> list[str]:
     return problems
 
 
-def import_messages(outbox: Outbox, messages: Iterable[dict[str, Any]]) -> int:
+def import_messages(outbox: Outbox, messages: Iterable[dict[str, Any]]) -> tuple[int, int]:
     """Store already-built messages as they are (keeping messageId and timestamp).
 
-    One transaction: all of them are stored, or none. The cap applies.
+    Messages whose messageId the outbox already holds, or that came earlier in
+    `messages`, are skipped. One transaction: all of them are stored, or none
+    (an exception raised while iterating `messages` undoes the import). The
+    cap applies. Returns (imported, skipped).
     """
 
-    def insert(conn: sqlite3.Connection) -> int:
+    def insert(conn: sqlite3.Connection) -> tuple[int, int]:
+        present = _stored_message_ids(conn)
+        imported = skipped = 0
         now = time.time()
-        rows = ((schema.encode_message(message), now) for message in messages)
-        before = conn.total_changes
-        conn.executemany(schema.INSERT, rows)
-        count = conn.total_changes - before
+        for message in messages:
+            if message["messageId"] in present:
+                skipped += 1
+                continue
+            present.add(message["messageId"])
+            conn.execute(schema.INSERT, (schema.encode_message(message), now))
+            imported += 1
         pending = conn.execute(schema.COUNT_PENDING).fetchone()[0]
         if pending > outbox.max_pending:
             raise OutboxFull(
-                f"importing {count} messages would hold {pending} pending events, over"
+                f"importing {imported} messages would hold {pending} pending events, over"
                 f" max_queue_size {outbox.max_pending}: {outbox.path}"
             )
-        return count
+        return imported, skipped
 
-    return int(outbox.database.write(insert, "import messages"))
+    return outbox.database.write(insert, "import messages")
+
+
+def _stored_message_ids(conn: sqlite3.Connection) -> set[str]:
+    found = set()
+    for row_id, data in conn.execute(f"SELECT _id, data FROM {TABLE}"):
+        try:
+            found.add(str(schema.decode_message(row_id, data).get("messageId")))
+        except ValueError:
+            continue  # an undecodable row has no messageId to compare
+    return found

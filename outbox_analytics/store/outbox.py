@@ -138,7 +138,10 @@ class Outbox:
         try:
             return self._prepare(db)
         except OutboxDamaged:
-            db.abandon()  # it is moved aside next: never close a connection to it
+            if self.readonly:
+                db.close()  # a reader moves nothing aside: it leaves the directory as it was
+            else:
+                db.abandon()  # it is moved aside next: never close a connection to it
             raise
         except BaseException:
             db.close()  # (a connection kept open would be inherited by every fork)
