@@ -13,6 +13,7 @@ Needs `pip install -e ".[bench]"`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -27,6 +28,7 @@ from segment.analytics import Client as SegmentClient
 from outbox_analytics import Client
 
 PROPERTIES = {"order_id": "50314b8e9bcf", "total": 27.5, "currency": "USD", "items": 3}
+_round_numbers = itertools.count()
 
 
 def wait_received(url: str, target: int, timeout: float = 600) -> None:
@@ -51,7 +53,7 @@ def timed_round(client: Client | SegmentClient, url: str, events: int) -> float:
 
 
 def round_ours(url: str, events: int, gzip: bool, work: str) -> float:
-    path = tempfile.mktemp(dir=work, suffix=".db")
+    path = os.path.join(work, f"round-{next(_round_numbers)}.db")  # a fresh outbox per round
     client = Client("bench-key", host=url, outbox_path=path, gzip=gzip, upload_size=100)
     return timed_round(client, url, events)
 
@@ -89,14 +91,16 @@ client.shutdown()
 def drain(url: str, rows: int, work: str) -> dict[str, float]:
     path = os.path.join(work, "drain.db")
     filler = Client("bench-key", outbox_path=path, upload=False, max_queue_size=rows * 2)
-    done = 0
-    while done < rows:
-        chunk = min(20_000, rows - done)
-        with filler.batch():
-            for n in range(done, done + chunk):
-                filler.track("user-1", "Order Completed", {**PROPERTIES, "n": n})
-        done += chunk
-    filler.shutdown()
+    try:
+        done = 0
+        while done < rows:
+            chunk = min(20_000, rows - done)
+            with filler.batch():
+                for n in range(done, done + chunk):
+                    filler.track("user-1", "Order Completed", {**PROPERTIES, "n": n})
+            done += chunk
+    finally:
+        filler.shutdown()
     out = subprocess.run(
         [sys.executable, "-c", DRAINER, url, path], capture_output=True, text=True, check=True
     ).stdout
@@ -110,7 +114,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--drain", type=int, default=1_000_000, help="rows to drain (0: skip)")
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="outbox-deliver-")
+    # Every outbox of the run (the drain's holds --drain rows) is under `work`,
+    # removed when the run ends, however it ends (an error, Ctrl-C).
+    with tempfile.TemporaryDirectory(prefix="outbox-deliver-") as work:
+        run(args, work)
+
+
+def run(args: argparse.Namespace, work: str) -> None:
     receiver_process, url = receiver.start()
     try:
         rates: dict[str, list[float]] = {}

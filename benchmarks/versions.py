@@ -17,22 +17,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import receiver
 
 CHILD = r"""
-import json, sys, tempfile, time
+import json, sys, time
 from urllib.request import urlopen
 from outbox_analytics import Client
 
-kind, n = sys.argv[1], int(sys.argv[2])
+# `folder`: made, and removed however this process ends, by the parent.
+kind, n, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 P = {"order_id": "50314b8e9bcf000000000000", "total": 27.5, "currency": "USD",
      "products": [{"sku": "45790-32", "name": "Monopoly", "price": 19.0, "quantity": 1}]}
-folder = tempfile.mkdtemp(prefix="outbox-versions-")
 path = folder + "/o.db"
 
 def rate(run, count):
@@ -56,7 +58,7 @@ elif kind == "batch":
 else:
     # The receiver runs in a process of its own (started once by the parent):
     # in this one it would compete for the GIL with what is measured.
-    url = sys.argv[3]
+    url = sys.argv[4]
     def received():
         with urlopen(url + "/stats", timeout=10) as answer:
             return json.load(answer)["received"]
@@ -75,7 +77,6 @@ else:
             time.sleep(0.002)
     result = rate(deliver, n)
     client.shutdown()
-import shutil; shutil.rmtree(folder, ignore_errors=True)
 print(json.dumps(result))
 """
 
@@ -96,11 +97,15 @@ def main() -> None:
         parser.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     trees = {"old": os.path.abspath(args.old), "new": os.path.abspath(args.new)}
     rates: dict[tuple[str, str], list[float]] = {}
-    receiver_process, url = receiver.start()
-    try:
-        measure(args.rounds, args.events, kinds, trees, url, rates)
-    finally:
-        receiver_process.kill()
+    # The children's outboxes are under `work`, removed when the run ends,
+    # however it ends (a child failing, Ctrl-C).
+    with tempfile.TemporaryDirectory(prefix="outbox-versions-") as work:
+        receiver_process, url = receiver.start()
+        try:
+            measure(args.rounds, args.events, kinds, trees, url, rates, work)
+        finally:
+            receiver_process.kill()
+            receiver_process.wait()
     print(f"\nmedian events/s over {args.rounds} rounds of {args.events} events")
     for kind in kinds:
         old = statistics.median(rates[(kind, "old")])
@@ -115,18 +120,26 @@ def measure(
     trees: dict[str, str],
     url: str,
     rates: dict[tuple[str, str], list[float]],
+    work: str,
 ) -> None:
     for round_number in range(rounds):
         for kind in kinds:
             for label, tree in trees.items():
-                done = subprocess.run(
-                    [sys.executable, "-c", CHILD, kind, str(events), url],
-                    env=dict(os.environ, PYTHONPATH=tree),
-                    cwd=tree,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
+                # A folder per child for its outbox, removed as soon as the
+                # child ends; its TMPDIR too, so that whatever a tree writes
+                # to temporary files is removed with it.
+                folder = tempfile.mkdtemp(prefix=f"{kind}-{label}-", dir=work)
+                try:
+                    done = subprocess.run(
+                        [sys.executable, "-c", CHILD, kind, str(events), folder, url],
+                        env=dict(os.environ, PYTHONPATH=tree, TMPDIR=folder),
+                        cwd=tree,
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
                 rates.setdefault((kind, label), []).append(json.loads(done.stdout))
         print(f"round {round_number + 1}/{rounds} done", file=sys.stderr)
 

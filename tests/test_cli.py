@@ -415,8 +415,8 @@ class read_only:
         assert not os.access(self.folder, os.W_OK)
 
     def __exit__(self, *exc: object) -> None:
-        if os.geteuid() == 0:
-            subprocess.run(["umount", str(self.folder)], check=True)
+        if os.geteuid() == 0:  # lazily: a descriptor still open must not keep it mounted
+            subprocess.run(["umount", "--lazy", str(self.folder)], check=True)
         else:
             self.folder.chmod(0o700)
 

@@ -396,3 +396,88 @@ def test_a_message_too_large_for_any_batch_is_dead_and_blocks_nothing(
     assert [m["messageId"] for m in receiver.accepted()] == ["m0", "m1", "m2"]
     (dead,) = list(client.outbox.rows("dead"))
     assert dead.last_status == 413 and "larger than the batch limit" in dead.last_error
+
+
+# -- client.drain(): sending on the caller's thread ---------------------------------
+
+
+def stored(outbox_file, count: int) -> None:
+    from outbox_analytics import Client
+
+    client = Client("test-write-key", outbox_path=str(outbox_file), upload=False)
+    with client.batch():
+        track_numbered(client, count)
+    client.shutdown()
+
+
+def in_flight(outbox_file) -> int:
+    from outbox_analytics.store import Outbox
+
+    with Outbox(outbox_file, readonly=True) as outbox:
+        return sum(1 for _ in outbox.rows("inflight"))
+
+
+def test_drain_sends_on_the_callers_thread_in_order(make_client, receiver, outbox_file) -> None:
+    stored(outbox_file, 250)
+    client = make_client(sync_mode=True)  # sync_mode: no background thread at all
+    result = client.drain()
+    assert (result.sent, result.dead, result.pending) == (250, 0, 0)
+    assert numbers(receiver.accepted()) == list(range(250))
+    assert not client.uploader.running
+    assert client.outbox.try_lease() is not None  # the lease was given back
+
+
+def test_drain_returns_when_a_round_of_retries_ran_out(make_client, receiver, outbox_file):
+    stored(outbox_file, 5)
+    receiver.responder = lambda request: Reply(503)
+    client = make_client(sync_mode=True, max_retries=2)
+    result = client.drain(timeout=30)
+    assert (result.sent, result.pending) == (0, 5)
+    assert len(receiver.requests) == 3
+    assert in_flight(outbox_file) == 0
+
+
+def test_drain_timeout_bounds_a_request_in_flight(make_client, receiver, outbox_file) -> None:
+    stored(outbox_file, 5)
+    receiver.responder = lambda request: Reply(delay=20)
+    client = make_client(sync_mode=True)
+    started = time.monotonic()
+    result = client.drain(timeout=0.5)
+    assert time.monotonic() - started < 1.5
+    assert result.pending == 5 and in_flight(outbox_file) == 0
+
+
+def test_an_interrupted_drain_puts_its_rows_back(make_client, receiver, outbox_file) -> None:
+    import signal
+
+    stored(outbox_file, 5)
+    receiver.responder = lambda request: Reply(delay=20)
+    client = make_client(sync_mode=True)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.drain()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert receiver.requests  # it was inside a request when interrupted
+    assert in_flight(outbox_file) == 0 and client.stats().pending == 5
+    assert client.outbox.try_lease() is not None  # and the lease is free
+
+
+def test_drain_waits_for_the_client_that_holds_the_lease(make_client, receiver) -> None:
+    sender = make_client()
+    track_numbered(sender, 20)
+    assert sender.uploader.running
+    deadline = time.monotonic() + 5
+    while not sender.uploader.holds_lease and time.monotonic() < deadline:
+        time.sleep(0.01)
+    drainer = make_client(sync_mode=True)
+    result = drainer.drain(timeout=10)
+    assert result.pending == 0
+    assert numbers(receiver.accepted()) == list(range(20))
