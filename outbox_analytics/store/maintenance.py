@@ -69,7 +69,7 @@ def requeue(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
         missing = _not_dead(conn, chosen)
         if missing:
             raise NotDead(missing)
-        return _by_ids(conn, f"UPDATE {TABLE} SET {assignments}", chosen, DEAD_WHERE)
+        return _update_by_ids(conn, assignments, chosen, DEAD_WHERE)
 
     return int(outbox.database.write(move, "requeue"))
 
@@ -95,55 +95,32 @@ def _not_dead(conn: sqlite3.Connection, ids: Sequence[int]) -> list[int]:
     return [row_id for row_id in ids if row_id not in found]
 
 
-def purge(
-    outbox: Outbox,
-    *,
-    ids: Iterable[int] | None = None,
-    older_than: float | None = None,
-    dry_run: bool = False,
-) -> int:
-    """Delete dead rows (those given, or all; enqueued over `older_than` seconds ago)."""
+def purge(outbox: Outbox, *, older_than: float | None = None, dry_run: bool = False) -> int:
+    """Delete dead rows (those enqueued over `older_than` seconds ago); how many.
+
+    With `dry_run`, only count them (a read-only outbox will do).
+    """
     where: str = DEAD_WHERE
     params: tuple[Any, ...] = ()
     if older_than is not None:
         where += " AND timestamp < ?"
         params = (time.time() - older_than,)
     if dry_run:
-        if ids is None:
-            return int(
-                outbox.database.scalar(f"SELECT count(*) FROM {TABLE} WHERE {where}", params)
-            )
-        chosen = list(ids)
-        return int(
-            outbox.database.read(
-                lambda conn: _by_ids(conn, f"SELECT _id FROM {TABLE}", chosen, where, params)
-            )
-        )
-    if ids is None:
-        sql = f"DELETE FROM {TABLE} WHERE {where}"
-        return int(outbox.database.write(lambda conn: conn.execute(sql, params).rowcount, "purge"))
-    chosen = list(ids)
-    return int(
-        outbox.database.write(
-            lambda conn: _by_ids(conn, f"DELETE FROM {TABLE}", chosen, where, params), "purge"
-        )
-    )
+        return int(outbox.database.scalar(f"SELECT count(*) FROM {TABLE} WHERE {where}", params))
+    sql = f"DELETE FROM {TABLE} WHERE {where}"
+    return int(outbox.database.write(lambda conn: conn.execute(sql, params).rowcount, "purge"))
 
 
-def _by_ids(
-    conn: sqlite3.Connection,
-    statement: str,
-    ids: Sequence[int],
-    where: str,
-    params: tuple[Any, ...] = (),
+def _update_by_ids(
+    conn: sqlite3.Connection, assignments: str, ids: Sequence[int], where: str
 ) -> int:
-    """Run `statement WHERE _id IN (...) AND where` over `ids` in chunks; rows affected or found."""
+    """UPDATE the rows among `ids` that match `where`, in chunks; how many changed."""
     total = 0
     for start in range(0, len(ids), _ID_CHUNK):
         chunk = ids[start : start + _ID_CHUNK]
-        sql = f"{statement} WHERE _id IN ({','.join('?' * len(chunk))}) AND {where}"
-        cursor = conn.execute(sql, (*chunk, *params))
-        total += len(cursor.fetchall()) if statement.startswith("SELECT") else cursor.rowcount
+        marks = ",".join("?" * len(chunk))
+        sql = f"UPDATE {TABLE} SET {assignments} WHERE _id IN ({marks}) AND {where}"
+        total += conn.execute(sql, chunk).rowcount
     return total
 
 
