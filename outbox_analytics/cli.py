@@ -27,20 +27,30 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TypeVar
 
-from .client import DEFAULT_HOST, MESSAGE_TYPES, Client, kill_switch_on, validate_message
-from .errors import OutboxAnalyticsError, OutboxBusy, OutboxDamaged
+from .client import (
+    DEFAULT_HOST,
+    MESSAGE_TYPES,
+    Client,
+    check_host,
+    kill_switch_on,
+    validate_message,
+)
+from .errors import OutboxAnalyticsError, OutboxBusy, OutboxDamaged, OutboxMismatch
 from .metrics import prometheus_text
 from .store import Outbox, OutboxStats, Row, maintenance
 from .version import VERSION
 
 __all__ = ["main"]
 
+T = TypeVar("T")
+
 EXIT_OK, EXIT_PROBLEM, EXIT_BAD_INPUT, EXIT_TEMPFAIL = 0, 1, 2, 75
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
 WRITE_KEY_ENV = "OUTBOX_ANALYTICS_WRITE_KEY"
 KILL_SWITCH_ENV = "OUTBOX_ANALYTICS_DISABLED"
 
@@ -73,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_TEMPFAIL, str(exc))
     except (UsageError, OutboxAnalyticsError, ValueError, TypeError, AssertionError) as exc:
         return _fail(EXIT_BAD_INPUT, str(exc))
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         return _fail(EXIT_BAD_INPUT, f"{exc.strerror or exc}: {exc.filename or ''}")
     except KeyboardInterrupt:
@@ -274,25 +288,29 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _count(text: str) -> int:
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = _count(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {text!r}")
     return value
 
 
 def _demo_events(text: str) -> int:
-    value = _count(text)
+    value = _whole(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"the demo needs at least 2 events, got {text!r}")
     return value
@@ -505,40 +523,64 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
 
 def _requeue(args: argparse.Namespace) -> int:
     ids = None if args.all else args.ids
-    with _reader(args.path) as outbox:
-        count = maintenance.count_dead(outbox, ids)  # NotDead names missing ids: exit 1
+    # NotDead names missing ids: exit 1
+    count = _count_before_change(args, lambda outbox: maintenance.count_dead(outbox, ids))
     if args.dry_run:
         print(json.dumps({"would_requeue": count}))
         return EXIT_OK
     moved = 0
     if count:
         _confirm(args, f"Move {count} dead message(s) back to pending?")
-        with Outbox(args.path) as outbox:
-            moved = maintenance.requeue(outbox, ids)
+        moved = _writing(args.path, lambda outbox: maintenance.requeue(outbox, ids))
     print(json.dumps({"requeued": moved}))
     return EXIT_OK
 
 
 def _purge(args: argparse.Namespace) -> int:
-    with _reader(args.path) as outbox:
-        count = maintenance.purge(outbox, older_than=args.older_than, dry_run=True)
+    count = _count_before_change(
+        args, lambda outbox: maintenance.purge(outbox, older_than=args.older_than, dry_run=True)
+    )
     if args.dry_run:
         print(json.dumps({"would_purge": count}))
         return EXIT_OK
     deleted = 0
     if count:
         _confirm(args, f"Delete {count} dead message(s) for good?")
-        with Outbox(args.path) as outbox:
-            deleted = maintenance.purge(outbox, older_than=args.older_than)
+        deleted = _writing(
+            args.path, lambda outbox: maintenance.purge(outbox, older_than=args.older_than)
+        )
     print(json.dumps({"purged": deleted}))
     return EXIT_OK
 
 
 def _vacuum(args: argparse.Namespace) -> int:
-    with Outbox(_existing(args.path)) as outbox:
-        before, after = maintenance.vacuum(outbox)
+    before, after = _writing(args.path, maintenance.vacuum)
     print(json.dumps({"bytes_before": before, "bytes_after": after}))
     return EXIT_OK
+
+
+def _count_before_change(args: argparse.Namespace, count: Callable[[Outbox], int]) -> int:
+    """Count what would change, read-only; a damaged file is first salvaged unless --dry-run."""
+    try:
+        with _reader(args.path) as outbox:
+            return count(outbox)
+    except OutboxDamaged:
+        if args.dry_run:
+            raise
+    print("outbox-analytics: the outbox is damaged: salvaging it first", file=sys.stderr)
+    _writing(args.path, count)
+    with _reader(args.path) as outbox:
+        return count(outbox)
+
+
+def _writing(path: str, work: Callable[[Outbox], T], create: bool = False) -> T:
+    """Run `work` on the outbox opened for writing; a damaged file is salvaged, as a client does."""
+    with Outbox(path if create else _existing(path)) as outbox:
+        try:
+            return work(outbox)
+        except OutboxDamaged as damage:
+            outbox.recover(damage)  # moved aside, its readable rows copied to a fresh file
+            return work(outbox)
 
 
 def _existing(path: str) -> str:
@@ -552,11 +594,12 @@ def _import(args: argparse.Namespace) -> int:
     with _seekable(args.file) as source:
         for _ in _read_messages(source, args.file):
             pass
-        source.seek(0)
-        with Outbox(args.path) as outbox:
-            imported, skipped = maintenance.import_messages(
-                outbox, _read_messages(source, args.file)
-            )
+
+        def store(outbox: Outbox) -> tuple[int, int]:
+            source.seek(0)  # (again, if a damaged file was salvaged in between)
+            return maintenance.import_messages(outbox, _read_messages(source, args.file))
+
+        imported, skipped = _writing(args.path, store, create=True)
     print(json.dumps({"imported": imported, "skipped": skipped}))
     return EXIT_OK
 
@@ -626,17 +669,15 @@ def _drain(args: argparse.Namespace) -> int:
         raise UsageError(f"{KILL_SWITCH_ENV} is set, so nothing can be sent: unset it to drain")
     path, key = _existing(args.path), _write_key(args)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    if args.host is not None:
+        check_host(args.host)  # before --force records it as the file's owner
     if args.force:  # the operator says these events are this key's now (a rotated key)
         with Outbox(path) as outbox:
             outbox.bind(key, (args.host or DEFAULT_HOST).rstrip("/"), force=True)
-    client = Client(
-        key,
-        host=args.host,
-        outbox_path=path,
-        max_retries=args.max_retries,
-        sync_mode=True,  # no background thread: drain() sends on this one
-        timeout=min(15.0, args.timeout or 15.0),
-    )
+    try:
+        client = _drain_client(args, path, key)
+    except OutboxMismatch as exc:
+        raise UsageError(f"{exc} (drain --force makes this key and host its owners)") from None
     with _signals_raise(), _progress(client):
         try:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -653,6 +694,17 @@ def _drain(args: argparse.Namespace) -> int:
         print(f"outbox-analytics: {pending} events still pending: {_why(client)}", file=sys.stderr)
         return EXIT_TEMPFAIL
     return EXIT_OK
+
+
+def _drain_client(args: argparse.Namespace, path: str, key: str) -> Client:
+    return Client(
+        key,
+        host=args.host,
+        outbox_path=path,
+        max_retries=args.max_retries,
+        sync_mode=True,  # no background thread: drain() sends on this one
+        timeout=min(15.0, args.timeout or 15.0),
+    )
 
 
 def _print_drained(client: Client) -> int:

@@ -10,6 +10,7 @@ import numbers
 import os
 import sys
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -164,6 +165,7 @@ class Client:
             raise TypeError(f"on_error must be callable, got {on_error!r}")
         if host is not None:
             require("host", host, str)
+            check_host(host)
         if proxies is not None:
             require("proxies", proxies, dict)
         if outbox_path is not None:
@@ -685,6 +687,8 @@ def validate_message(message: Any) -> dict[str, Any]:
     kind = message.get("type")
     if kind not in MESSAGE_TYPES:
         raise ValueError(f"type must be one of {', '.join(MESSAGE_TYPES)}, got {kind!r}")
+    if not isinstance(message.get("messageId"), str):
+        raise ValueError("messageId must be a non-empty text")
     all_of, one_of = _NEEDED[kind]
     a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} message"
     for name in ("messageId", *all_of):
@@ -697,10 +701,24 @@ def validate_message(message: Any) -> dict[str, Any]:
         if name in message and not isinstance(message[name], dict):
             raise ValueError(f"{name} must be a JSON object")
     cleaned: dict[str, Any] = clean(message)
+    for name in ("userId", "anonymousId", "groupId", "previousId"):
+        if name in cleaned:  # ids are text, as the client sends them
+            cleaned[name] = stringify_id(cleaned[name])
     size = len(json.dumps(cleaned))
     if size > MAX_MESSAGE_BYTES:
         raise ValueError(f"{size} bytes of JSON, over the {MAX_MESSAGE_BYTES // 1024} KB limit")
     return cleaned
+
+
+def check_host(host: str) -> None:
+    """A host that can never work fails here, before it is recorded as the outbox's owner."""
+    try:
+        parts = urllib.parse.urlsplit(host)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ValueError(f"host is not a valid URL ({exc}): {host!r}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"host must be an http(s) URL such as {DEFAULT_HOST}, got {host!r}")
 
 
 def _given(value: Any) -> bool:

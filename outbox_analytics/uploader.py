@@ -481,19 +481,25 @@ class Uploader:
             before_sleep=_log_retry,
             reraise=True,
         )
+        last_failure: RetryableError | None = None
         for attempt in retrying:
             with attempt:
                 if self._stopping.is_set() and deadline is None:
                     raise _Stopping()
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise RetryableError("the sync_mode timeout passed before the request")
+                    # The cause to report is the last real failure, not the deadline.
+                    raise last_failure or RetryableError("the deadline passed before the request")
                 for row in rows:
                     batch.attempts[row.id] += 1
                 number = attempt.retry_state.attempt_number
                 body = encode_batch(messages, utc_now_iso(), self.requester.write_key)
                 # The messages only: the body also holds the write key.
                 log.debug("sending %d messages (attempt %d): %s", len(rows), number, messages)
-                self.requester.send(body, retry_count=number - 1, deadline=deadline)
+                try:
+                    self.requester.send(body, retry_count=number - 1, deadline=deadline)
+                except RetryableError as failure:
+                    last_failure = failure
+                    raise
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         """The retry policy's wait, floored by the server's Retry-After (which pauses all)."""
@@ -657,7 +663,10 @@ class Uploader:
             paused = self.paused_until - time.monotonic()
             if paused > 0:
                 return paused  # a server's Retry-After
-            self.run_once(deadline)
+            try:
+                self.run_once(deadline)
+            except OutboxDamaged as damage:  # as the thread does: move it aside, salvage, go on
+                self._recover(damage)
             return 0.0
 
     @contextlib.contextmanager

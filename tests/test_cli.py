@@ -791,3 +791,95 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lost                       0" in result.stdout
     assert str(tmp_path / "outbox.sqlite3") in result.stdout
+
+
+# -- found by a tester who had only the README ----------------------------------------
+
+
+def damage_page(path: Path, page: int) -> None:
+    with open(path, "r+b") as file:
+        file.seek(2048 * page)
+        file.write(b"\xde\xad" * 1024)
+
+
+@pytest.fixture
+def bigger(outbox_file: Path) -> Path:
+    client = Client("k", outbox_path=str(outbox_file), upload=False)
+    for n in range(300):
+        client.track("user", "E", {"n": n, "pad": "p" * 40})
+    client.shutdown()
+    return outbox_file
+
+
+def test_drain_salvages_a_file_with_a_bad_data_page(cli, bigger: Path, receiver) -> None:
+    damage_page(bigger, 10)
+    result = drain(cli, bigger, receiver.url)
+    assert result.code in (0, 75), result.err
+    delivered = {m["messageId"] for m in receiver.accepted()}
+    assert len(delivered) > 250  # everything that could still be read
+    assert list(bigger.parent.glob("*.corrupt-*"))  # the damaged file, kept aside
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("requeue", "--all", "--yes"), ("purge", "--state", "dead", "--yes"), ("vacuum",)],
+)
+def test_writing_commands_salvage_a_damaged_file(cli, bigger: Path, command) -> None:
+    damage_page(bigger, 3)
+    result = cli(command[0], bigger, *command[1:])
+    assert result.code == 0, result.err
+    assert list(bigger.parent.glob("*.corrupt-*"))
+    assert cli("check", bigger).code == 0
+
+
+@pytest.mark.parametrize("page", [1, 3, 5, 10])
+def test_reading_a_damaged_page_leaves_no_sidecars(cli, bigger: Path, page: int) -> None:
+    damage_page(bigger, page)
+    before = snapshot(bigger.parent)
+    for command in READING:
+        assert cli(command[0], bigger, *command[1:]).code in (0, 1, 2), command
+    assert snapshot(bigger.parent) == before
+
+
+def test_a_deadline_keeps_the_real_cause(cli, populated: Path, receiver) -> None:
+    receiver.responder = lambda r: Reply(301, headers={"Location": "http://127.0.0.1:9/login"})
+    result = drain(cli, populated, receiver.url, "--timeout", "1.5")
+    assert result.code == 75
+    assert "301" in result.err and "http://127.0.0.1:9/login" in result.err
+    assert "301" in cli("status", populated).out
+
+
+@pytest.mark.parametrize(
+    "host", ["http://[::1", "127.0.0.1:18200", "ftp://127.0.0.1", "", "http://", "http://h:99999"]
+)
+def test_a_bad_host_is_refused_and_changes_nothing(cli, populated: Path, host: str) -> None:
+    before = snapshot(populated.parent)
+    for force in ((), ("--force",)):
+        result = drain(cli, populated, host, *force)
+        assert result.code == 2 and "host" in result.err, result
+    assert snapshot(populated.parent) == before
+
+
+def test_import_wants_text_ids(cli, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({**GOOD, "messageId": 12345}) + "\n")
+    result = cli("import", tmp_path / "o.db", source)
+    assert result.code == 2 and "messageId must be" in result.err
+    source.write_text(json.dumps({**GOOD, "userId": 5}) + "\n")
+    assert cli("import", tmp_path / "o.db", source).json() == {"imported": 1, "skipped": 0}
+    assert cli("list", tmp_path / "o.db", "--json").json()[0]["userId"] == "5"
+
+
+def test_a_closed_pipe_ends_export_quietly(bigger: Path) -> None:
+    export = subprocess.Popen(
+        [sys.executable, "-m", "outbox_analytics", "export", str(bigger)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert export.stdout is not None and export.stderr is not None
+    export.stdout.read(10)
+    export.stdout.close()  # as `| head -c 10` does
+    err = export.stderr.read().decode()
+    assert export.wait(timeout=30) == 141
+    assert "Traceback" not in err and "error" not in err

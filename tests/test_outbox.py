@@ -222,6 +222,7 @@ def test_a_missing_directory_is_created(tmp_path: Path) -> None:
     client = Client("k", outbox_path=str(path), upload=False)
     assert client.track("u", "E")[0]
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path.parent.parent).st_mode) == 0o700  # every one it made
     client.shutdown()
 
 

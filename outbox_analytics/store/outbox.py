@@ -106,7 +106,12 @@ class Outbox:
         self._db = self._open(recover=not readonly)
         mark_writer(self._db)  # (a no-op for readers): vacuum asks who writes the file
         self._marked = not readonly
-        self._pending_estimate = self._recovering(self._count_pending)
+        try:
+            self._pending_estimate = self._recovering(self._count_pending)
+        except BaseException:
+            if readonly:  # damage past the schema: a reader still leaves no -wal or -shm
+                self._db.close()
+            raise
         self._counted_at = self._exactly_counted_at = time.monotonic()
         _live_outboxes.add(self)
 

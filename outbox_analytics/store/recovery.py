@@ -50,7 +50,7 @@ def create_private_file(path: str) -> None:
     they are private too. An existing file is never truncated or replaced.
     """
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _make_private_dirs(os.path.dirname(path))
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
         os.close(fd)  # a new, empty file: SQLite holds no lock on it yet
     except FileExistsError:
@@ -58,6 +58,17 @@ def create_private_file(path: str) -> None:
             raise OutboxUnavailable("the outbox path is a directory", path) from None
     except OSError as exc:
         raise OutboxUnavailable(f"cannot create the outbox ({exc.strerror})", path) from exc
+
+
+def _make_private_dirs(folder: str) -> None:
+    """Create `folder` and its missing parents, each 0700 (os.makedirs gives parents 0777)."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for each in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+            os.mkdir(each, 0o700)
 
 
 def has_sqlite_header(db: Database) -> bool:
