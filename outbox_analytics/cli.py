@@ -523,33 +523,44 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
 
 def _requeue(args: argparse.Namespace) -> int:
     ids = None if args.all else args.ids
-    # NotDead names missing ids: exit 1
-    count = _count_before_change(args, lambda outbox: maintenance.count_dead(outbox, ids))
-    if args.dry_run:
-        print(json.dumps({"would_requeue": count}))
-        return EXIT_OK
-    moved = 0
-    if count:
-        _confirm(args, f"Move {count} dead message(s) back to pending?")
-        moved = _writing(args.path, lambda outbox: maintenance.requeue(outbox, ids))
-    print(json.dumps({"requeued": moved}))
-    return EXIT_OK
+    return _change_dead_rows(
+        args,
+        "requeue",
+        count=lambda outbox: maintenance.count_dead(outbox, ids),  # NotDead: exit 1
+        change=lambda outbox: maintenance.requeue(outbox, ids),
+        question="Move {} dead message(s) back to pending?",
+    )
 
 
 def _purge(args: argparse.Namespace) -> int:
-    count = _count_before_change(
-        args, lambda outbox: maintenance.purge(outbox, older_than=args.older_than, dry_run=True)
+    older_than = args.older_than
+    return _change_dead_rows(
+        args,
+        "purge",
+        count=lambda outbox: maintenance.purge(outbox, older_than=older_than, dry_run=True),
+        change=lambda outbox: maintenance.purge(outbox, older_than=older_than),
+        question="Delete {} dead message(s) for good?",
     )
+
+
+def _change_dead_rows(
+    args: argparse.Namespace,
+    verb: str,
+    *,
+    count: Callable[[Outbox], int],
+    change: Callable[[Outbox], int],
+    question: str,
+) -> int:
+    """Count read-only, print what --dry-run would do or ask, then change; prints the result."""
+    found = _count_before_change(args, count)
     if args.dry_run:
-        print(json.dumps({"would_purge": count}))
+        print(json.dumps({f"would_{verb}": found}))
         return EXIT_OK
-    deleted = 0
-    if count:
-        _confirm(args, f"Delete {count} dead message(s) for good?")
-        deleted = _writing(
-            args.path, lambda outbox: maintenance.purge(outbox, older_than=args.older_than)
-        )
-    print(json.dumps({"purged": deleted}))
+    changed = 0
+    if found:
+        _confirm(args, question.format(found))
+        changed = _writing(args.path, change)
+    print(json.dumps({f"{verb}d": changed}))
     return EXIT_OK
 
 
