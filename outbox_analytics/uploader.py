@@ -57,6 +57,8 @@ log = logging.getLogger("outbox_analytics")
 DEFAULT_RETRY_WAIT: tenacity.wait.wait_base = tenacity.wait_exponential(
     multiplier=0.5, max=60
 ) + tenacity.wait_random(0, 1)
+# How often an idle uploader looks for pending rows behind the claim cursor.
+_STRANDED_CHECK_INTERVAL = 60.0
 # The body without its messages: {"batch":[],"sentAt":"...","writeKey":...}.
 _BODY_OVERHEAD = 64
 
@@ -105,6 +107,7 @@ class Uploader:
         self.dead = 0  # rows this process moved to the dead-letter state
         self.failed_rounds = 0  # times retries ran out
         self.loop_errors = 0  # unexpected failures of a step (logged, then retried)
+        self.stranded_found = 0  # times pending rows were found behind the claim cursor
         self.last_failure: RetryableError | None = None  # of the last round that gave up
         self._rejections = _rejections_of(outbox.path)  # shared by the file's clients here
         self._reset_process_state()
@@ -282,6 +285,8 @@ class Uploader:
         now = time.time()
         head = self.outbox.head(self.upload_size)
         if head.pending == 0:
+            if self._found_stranded_rows():
+                return 0.0
             return self.upload_interval  # wake up for rows that other processes append
         # A flush sends at once, and retries a head that failed before it began.
         flushing = self._urgent > 0
@@ -297,6 +302,29 @@ class Uploader:
             return self.upload_interval - age  # let the batch fill up
         self.run_once()
         return 0.0
+
+    def _found_stranded_rows(self) -> bool:
+        """With nothing to send: whether pending rows hid below the claim cursor (now found).
+
+        Only another program can put them there (see UploadLease.find_stranded);
+        looking reads every row below the cursor, so it is done when idle:
+        once per lease, then at most once a minute.
+        """
+        lease = self._lease
+        now = time.monotonic()
+        if lease is None or now < lease.next_stranded_check:
+            return False
+        lease.next_stranded_check = now + _STRANDED_CHECK_INTERVAL
+        first = lease.find_stranded()
+        if first is None:
+            return False
+        self.stranded_found += 1
+        log.warning(
+            "outbox-analytics: pending rows from id %d were behind the claim cursor (another"
+            " program changed the outbox); sending them now",
+            first,
+        )
+        return True
 
     def run_once(self, deadline: float | None = None) -> int:
         """Claim the oldest rows and deliver them. Returns how many rows were claimed.

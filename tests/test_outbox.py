@@ -157,7 +157,21 @@ def test_acked_rows_leave_the_table(outbox_file: Path) -> None:
         while rows := lease.claim(30):
             lease.ack(row.id for row in rows)
     with sqlite3.connect(outbox_file) as conn:
-        assert conn.execute("SELECT count(*) FROM ack_queue_default").fetchone()[0] == 0
+        # Only a payload-less tombstone is left, keeping the highest id used.
+        left = conn.execute("SELECT _id, data, status FROM ack_queue_default").fetchall()
+    assert left == [(100, None, 5)]
+
+
+def test_ids_never_go_back_once_the_highest_row_is_delivered(outbox_file: Path) -> None:
+    with Outbox(outbox_file) as outbox:
+        lease = lease_of(outbox)
+        for round_number in range(3):
+            fill(outbox, 5)
+            lease.ack(row.id for row in lease.claim(10))
+            assert outbox.last_id() == 5 * (round_number + 1)
+        assert outbox.append(encode_message({"messageId": "next"})) == 16
+        assert outbox.stats().pending == 1
+        assert outbox.state_of(15) is None  # the tombstone is no row of any state
 
 
 def test_stats_are_the_same_from_another_connection(outbox_file: Path) -> None:

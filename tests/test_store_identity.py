@@ -604,15 +604,26 @@ def test_a_path_on_a_read_only_disk_fails(tmp_path: Path) -> None:
 # -- persist-queue's table ---------------------------------------------------------
 
 
-def test_the_table_is_created_as_persist_queue_creates_it() -> None:
-    from outbox_analytics.store import schema
+def test_the_table_has_persist_queues_columns_without_autoincrement(tmp_path: Path) -> None:
+    from outbox_analytics.store import Outbox, schema
 
     queue_class = persistqueue.SQLiteAckQueue
     table = f"`{queue_class._TABLE_NAME}_default`"  # persist-queue quotes its table names
     assert table == schema.TABLE
     assert queue_class._KEY_COLUMN == "_id"
-    expected = queue_class._SQL_CREATE.format(table_name=table, key_column="_id")
-    assert expected == schema.CREATE_TABLE
+    theirs = sqlite3.connect(":memory:")
+    theirs.execute(queue_class._SQL_CREATE.format(table_name=table, key_column="_id"))
+    Outbox(tmp_path / "ours.sqlite3").close()
+    ours = sqlite3.connect(tmp_path / "ours.sqlite3")
+
+    def columns(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+        info = conn.execute(f"PRAGMA table_info({table})").fetchall()
+        return [(name, kind, pk) for _, name, kind, _, _, pk in info]
+
+    assert columns(ours)[:4] == columns(theirs)  # then our own columns
+    # A plain rowid key: appends do not write sqlite_sequence (ids are kept by a tombstone).
+    create = ours.execute("SELECT sql FROM sqlite_master WHERE name = ?", (schema.TABLE_NAME,))
+    assert "AUTOINCREMENT" not in create.fetchone()[0].upper()
 
 
 def test_the_status_codes_are_persist_queues() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import OutboxError
 from . import schema
 from .connection import FLOCK_FORMAT, Database, Identity, file_handle, file_identity, flock_request
-from .schema import DEAD, INFLIGHT, INFLIGHT_WHERE, READY, ROW_COLUMNS, TABLE, Row
+from .schema import DEAD, INFLIGHT, INFLIGHT_WHERE, ROW_COLUMNS, TABLE, Row
 
 try:
     import fcntl
@@ -57,6 +57,8 @@ class UploadLease:
         self._release_lock = release_lock
         self._pid = os.getpid()
         self._closed = False
+        # Monotonic time of the uploader's next look for stranded rows (see find_stranded).
+        self.next_stranded_check = 0.0
 
     @property
     def valid(self) -> bool:
@@ -95,8 +97,7 @@ class UploadLease:
 
         def take(conn: Any) -> list[Any]:
             candidates = conn.execute(
-                f"SELECT {ROW_COLUMNS} FROM {TABLE} WHERE status < 2 ORDER BY _id LIMIT ?",
-                (max_count,),
+                f"SELECT {ROW_COLUMNS} {schema.FIRST_PENDING} LIMIT ?", (max_count,)
             ).fetchall()
             chosen: list[Any] = []
             total = 0
@@ -107,6 +108,9 @@ class UploadLease:
                 total += raw[9]
             ids = [raw[0] for raw in chosen]
             _update(conn, f"status = {INFLIGHT}", (), ids, only=schema.PENDING_WHERE)
+            if ids:  # every row up to the last one taken is now in flight, dead or gone
+                schema.move_cursor(conn, ids[-1] + 1)
+                schema.record_highest_id(conn)
             return chosen
 
         chosen = self._db.write(take, "claim rows")
@@ -132,9 +136,8 @@ class UploadLease:
             deleted = 0
             for chunk in _chunks(chosen):
                 marks = ",".join("?" * len(chunk))
-                deleted += conn.execute(
-                    f"DELETE FROM {TABLE} WHERE _id IN ({marks}) AND status = {INFLIGHT}", chunk
-                ).rowcount
+                where = f"_id IN ({marks}) AND status = {INFLIGHT}"
+                deleted += schema.delete_rows(conn, where, chunk)
             return deleted
 
         return self._db.write(delete, "acknowledge rows")
@@ -156,16 +159,21 @@ class UploadLease:
         """
         chosen = list(ids)
         params: tuple[Any, ...] = ()
-        if attempts == 0:
-            assignments = f"status = {READY}"
-        else:
+        assignments = ""
+        if attempts:
             assignments = (
-                f"status = {READY}, attempts = attempts + ?,"
+                ", attempts = attempts + ?,"
                 " last_status = coalesce(?, last_status), last_error = coalesce(?, last_error),"
                 " next_attempt_at = ?, first_attempt_at = coalesce(first_attempt_at, ?)"
             )
             params = (attempts, status, error, next_attempt_at, first_attempt_at or time.time())
-        self._db.write(lambda conn: _update(conn, assignments, params, chosen), "release rows")
+
+        def make_pending(conn: Any) -> None:
+            for chunk in _chunks(chosen):
+                where = f"_id IN ({','.join('?' * len(chunk))}) AND status = {INFLIGHT}"
+                schema.make_pending(conn, where, chunk, assignments, params)
+
+        self._db.write(make_pending, "release rows")
 
     def dead_letter(
         self,
@@ -187,8 +195,20 @@ class UploadLease:
 
     def reclaim(self) -> int:
         """Make every in-flight row pending again: with the lease held, they are all ours."""
-        sql = f"UPDATE {TABLE} SET status = {READY} WHERE {INFLIGHT_WHERE}"
-        return int(self._db.write(lambda conn: conn.execute(sql).rowcount, "reclaim rows"))
+        return int(
+            self._db.write(lambda conn: schema.make_pending(conn, INFLIGHT_WHERE), "reclaim rows")
+        )
+
+    def find_stranded(self) -> int | None:
+        """Make claims reach pending rows below the claim cursor; the first such row, or None.
+
+        Only another program can strand rows there (see schema.first_stranded);
+        the uploader looks when it has nothing to send, at most once a minute.
+        """
+        first = self._db.read(schema.first_stranded, "look for stranded rows")
+        if first is not None:
+            self._db.write(lambda conn: schema.lower_cursor(conn, first), "move the claim cursor")
+        return first
 
 
 def _update(

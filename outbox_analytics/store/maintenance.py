@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import OutboxBusy, OutboxFull
 from . import schema
 from .outbox import Outbox, file_bytes
-from .schema import DEAD, DEAD_WHERE, INFLIGHT_WHERE, READY, TABLE, Row
+from .schema import DEAD, DEAD_WHERE, INFLIGHT_WHERE, TABLE, Row
 
 __all__ = [
     "NotDead",
@@ -36,7 +36,9 @@ def find(outbox: Outbox, key: str | int) -> Row | None:
     """A row by id, or by messageId (a scan: for operators, not hot paths)."""
     if isinstance(key, int) or key.isdigit():
         raws = outbox.database.rows(
-            f"SELECT {schema.ROW_COLUMNS} FROM {TABLE} WHERE _id = ?", (int(key),)
+            f"SELECT {schema.ROW_COLUMNS} FROM {TABLE}"
+            f" WHERE _id = ? AND {schema.STATE_WHERE['all']}",
+            (int(key),),
         )
         return schema.readable_row(raws[0]) if raws else None
     return next((row for row in outbox.rows("all") if row.message.get("messageId") == key), None)
@@ -56,20 +58,28 @@ def requeue(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
     With `ids`, all or nothing: if any of them is not a dead row, NotDead
     names them and nothing changes.
     """
-    assignments = (
-        f"status = {READY}, attempts = 0, last_status = NULL, last_error = NULL,"
+    fresh = (
+        ", attempts = 0, last_status = NULL, last_error = NULL,"
         " next_attempt_at = NULL, first_attempt_at = NULL"
     )
     if ids is None:
-        sql = f"UPDATE {TABLE} SET {assignments} WHERE {DEAD_WHERE}"
-        return int(outbox.database.write(lambda conn: conn.execute(sql).rowcount, "requeue"))
+        return int(
+            outbox.database.write(
+                lambda conn: schema.make_pending(conn, DEAD_WHERE, (), fresh), "requeue"
+            )
+        )
     chosen = sorted(set(ids))
 
     def move(conn: sqlite3.Connection) -> int:
         missing = _not_dead(conn, chosen)
         if missing:
             raise NotDead(missing)
-        return _update_by_ids(conn, assignments, chosen, DEAD_WHERE)
+        moved = 0
+        for start in range(0, len(chosen), _ID_CHUNK):
+            chunk = chosen[start : start + _ID_CHUNK]
+            where = f"_id IN ({','.join('?' * len(chunk))}) AND {DEAD_WHERE}"
+            moved += schema.make_pending(conn, where, chunk, fresh)
+        return moved
 
     return int(outbox.database.write(move, "requeue"))
 
@@ -107,21 +117,7 @@ def purge(outbox: Outbox, *, older_than: float | None = None, dry_run: bool = Fa
         params = (time.time() - older_than,)
     if dry_run:
         return int(outbox.database.scalar(f"SELECT count(*) FROM {TABLE} WHERE {where}", params))
-    sql = f"DELETE FROM {TABLE} WHERE {where}"
-    return int(outbox.database.write(lambda conn: conn.execute(sql, params).rowcount, "purge"))
-
-
-def _update_by_ids(
-    conn: sqlite3.Connection, assignments: str, ids: Sequence[int], where: str
-) -> int:
-    """UPDATE the rows among `ids` that match `where`, in chunks; how many changed."""
-    total = 0
-    for start in range(0, len(ids), _ID_CHUNK):
-        chunk = ids[start : start + _ID_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        sql = f"UPDATE {TABLE} SET {assignments} WHERE _id IN ({marks}) AND {where}"
-        total += conn.execute(sql, chunk).rowcount
-    return total
+    return int(outbox.database.write(lambda conn: schema.delete_rows(conn, where, params), "purge"))
 
 
 def vacuum(outbox: Outbox) -> tuple[int, int]:
@@ -151,14 +147,23 @@ def check(outbox: Outbox) -> list[str]:
     problems = [f"sqlite: {line}" for (line,) in db.rows("PRAGMA integrity_check") if line != "ok"]
     unknown = db.rows(
         f"SELECT status, count(*) FROM {TABLE}"
-        f" WHERE status NOT IN ({schema.NEW}, {READY}, {schema.INFLIGHT}, {DEAD}) GROUP BY status"
+        f" WHERE status NOT IN ({schema.NEW}, {schema.READY}, {schema.INFLIGHT}, {DEAD},"
+        f" {schema.ACKED}) GROUP BY status"
     )
     problems += [f"{count} row(s) with unknown status {status}" for status, count in unknown]
+    stranded = db.read(schema.first_stranded)
+    if stranded is not None:
+        problems.append(
+            f"row {stranded} is pending below the claim cursor (another program changed the"
+            " file; the next uploader to find it goes back for it)"
+        )
     undecodable = 0
     after = 0
     while True:  # in pages: a million rows never sit in memory at once
         page = db.rows(
-            f"SELECT _id, data FROM {TABLE} WHERE _id > ? ORDER BY _id LIMIT 500", (after,)
+            f"SELECT _id, data FROM {TABLE} WHERE _id > ? AND {schema.STATE_WHERE['all']}"
+            " ORDER BY _id LIMIT 500",
+            (after,),
         )
         for row_id, data in page:
             try:

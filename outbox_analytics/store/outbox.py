@@ -186,6 +186,9 @@ class Outbox:
 
     def close(self) -> None:
         """Close the connection. Still usable: a later call reopens it rather than lose an event."""
+        if not self.readonly:
+            with contextlib.suppress(OutboxError):  # (a full disk, a busy file: only a hint lost)
+                self._db.write(schema.record_highest_id, "note the highest id", _DROP_RECORD_WAIT)
         if self._marked:
             self._marked = False
             unmark_writer(self._db)
@@ -421,11 +424,10 @@ class Outbox:
 
         def read(conn: sqlite3.Connection) -> Head:
             pending = conn.execute(
-                f"SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE status < 2 LIMIT ?)", (limit,)
+                f"SELECT count(*) FROM (SELECT 1 {schema.FIRST_PENDING} LIMIT ?)", (limit,)
             ).fetchone()[0]
             first = conn.execute(
-                f"SELECT timestamp, next_attempt_at FROM {TABLE}"
-                " WHERE status < 2 ORDER BY _id LIMIT 1"
+                f"SELECT timestamp, next_attempt_at {schema.FIRST_PENDING} LIMIT 1"
             ).fetchone()
             if first is None:
                 return Head(0, None, None)
@@ -434,22 +436,21 @@ class Outbox:
         return self._db.snapshot(read)
 
     def last_id(self) -> int:
-        """The highest row id ever used (ids are never reused: AUTOINCREMENT)."""
-        seq = self._db.scalar(
-            "SELECT seq FROM sqlite_sequence WHERE name = ?", (schema.TABLE_NAME,)
-        )
-        return int(seq or 0)
+        """The highest row id ever used (ids never go back: see schema.delete_rows)."""
+        return int(self._db.scalar(f"SELECT max(_id) FROM {TABLE}") or 0)
 
     def state_of(self, row_id: int) -> str | None:
         """The row's state (pending, inflight or dead); None once delivered or never stored."""
-        status = self._db.scalar(f"SELECT status FROM {TABLE} WHERE _id = ?", (row_id,))
+        status = self._db.scalar(
+            f"SELECT status FROM {TABLE} WHERE _id = ? AND {schema.STATE_WHERE['all']}", (row_id,)
+        )
         return None if status is None else schema.state_of(status)
 
     def unfinished(self, up_to_id: int) -> bool:
         """Whether any row with id <= `up_to_id` is still pending or in flight (cheap)."""
         return bool(
             self._db.scalar(
-                f"SELECT EXISTS (SELECT 1 FROM {TABLE} WHERE status < 2 AND _id <= ?)"
+                f"SELECT EXISTS (SELECT 1 {schema.FIRST_PENDING_UP_TO})"
                 f" OR EXISTS (SELECT 1 FROM {TABLE} WHERE {INFLIGHT_WHERE} AND _id <= ?)",
                 (up_to_id, up_to_id),
             )
@@ -459,7 +460,7 @@ class Outbox:
         """How many rows with id <= `up_to_id` are still pending or in flight."""
         return int(
             self._db.scalar(
-                f"SELECT (SELECT count(*) FROM {TABLE} WHERE status < 2 AND _id <= ?)"
+                f"SELECT (SELECT count(*) {schema.FIRST_PENDING_UP_TO})"
                 f" + (SELECT count(*) FROM {TABLE} WHERE {INFLIGHT_WHERE} AND _id <= ?)",
                 (up_to_id, up_to_id),
             )
@@ -482,9 +483,7 @@ class Outbox:
                     f"SELECT status, count(*) FROM {TABLE} WHERE status >= 2 GROUP BY status"
                 ).fetchall()
             )
-            heads = conn.execute(
-                f"SELECT {head_columns} FROM {TABLE} WHERE status < 2 ORDER BY _id LIMIT 1"
-            ).fetchall()
+            heads = conn.execute(f"SELECT {head_columns} {schema.FIRST_PENDING} LIMIT 1").fetchall()
             if not alive:  # orphans come first: the next uploader reclaims them in place
                 heads += conn.execute(
                     f"SELECT {head_columns} FROM {TABLE} WHERE {INFLIGHT_WHERE}"

@@ -102,12 +102,10 @@ def recover(
         aside = _move_aside(path)
         create_private_file(path)
         fresh = reopen()
-        copied, unreadable = salvage(aside, fresh)
+        copied, unreadable, sure = salvage(aside, fresh)
     log.error(
         "outbox %s was damaged (%s); moved aside to %s; %d rows salvaged, %s",
-        path, damage, aside, copied,
-        f"up to {unreadable} rows unreadable (estimated from the id range)" if unreadable
-        else "no rows unreadable",
+        path, damage, aside, copied, _unreadable_text(unreadable, sure),
     )  # fmt: skip
     return fresh
 
@@ -168,8 +166,20 @@ def _move_aside(path: str) -> str:
     return aside
 
 
-def salvage(damaged: str, into: Database) -> tuple[int, int]:
-    """Copy the readable rows of a damaged outbox into `into`; (copied, at most unreadable).
+def _unreadable_text(unreadable: int, sure: bool) -> str:
+    if sure:
+        if not unreadable:
+            return "no rows unreadable"
+        return f"up to {unreadable} rows unreadable (estimated from the id range)"
+    # The newest ids could not be read: rows may have followed the highest id noted.
+    return f"at least {unreadable} rows unreadable (the newest ids cannot be read)"
+
+
+def salvage(damaged: str, into: Database) -> tuple[int, int, bool]:
+    """Copy the readable rows of a damaged outbox into `into`.
+
+    Returns (copied, unreadable, sure): `sure` when the highest id could be
+    read, making `unreadable` an upper bound; else it is a lower bound.
 
     In flight in a dead file means pending now; dead rows stay dead, with why.
     Rows that cannot be read are skipped in growing steps; how many there
@@ -180,7 +190,7 @@ def salvage(damaged: str, into: Database) -> tuple[int, int]:
     try:
         source = Database(copy, wait=1.0)
     except OutboxError:
-        return 0, 0
+        return 0, 0, False
     try:
         return _copy_rows(source, into)
     finally:
@@ -190,8 +200,8 @@ def salvage(damaged: str, into: Database) -> tuple[int, int]:
                 os.unlink(copy + suffix)
 
 
-def _copy_rows(source: Database, into: Database) -> tuple[int, int]:
-    highest = _highest_id(source)
+def _copy_rows(source: Database, into: Database) -> tuple[int, int, bool]:
+    highest, sure = _highest_id(source)
     copied = unreadable = 0
     last, step, chunk = 0, 1, _SALVAGE_CHUNK
     columns = "_id, data, timestamp, status, attempts, last_status, last_error"
@@ -220,21 +230,34 @@ def _copy_rows(source: Database, into: Database) -> tuple[int, int]:
         into.write(functools.partial(_insert, rows=rows), "salvage rows")
         last, step = rows[-1][0], 1
         chunk = min(chunk * 2, _SALVAGE_CHUNK)  # past the damage: back to large reads
-    return copied, unreadable
+    return copied, unreadable, sure
 
 
-def _highest_id(source: Database) -> int:
+def _highest_id(source: Database) -> tuple[int, bool]:
+    """The highest id the damaged file held, and whether that is sure.
+
+    The table's own highest row when it can be read; otherwise the highest id
+    noted in the metadata (by claims and at close) or by AUTOINCREMENT in an
+    older file: newer rows may have followed it.
+    """
+    try:
+        value = source.scalar(f"SELECT max(_id) FROM {schema.TABLE}")
+        if isinstance(value, int):
+            return value, True
+    except OutboxError:
+        pass
+    noted = 0
     for sql in (
-        "SELECT seq FROM sqlite_sequence WHERE name = ?",
-        f"SELECT max(_id) FROM {schema.TABLE} WHERE ? IS NOT NULL",
+        "SELECT value FROM outbox_meta WHERE key = 'highest_id'",
+        f"SELECT seq FROM sqlite_sequence WHERE name = '{schema.TABLE_NAME}'",
     ):
         try:
-            value = source.scalar(sql, (schema.TABLE_NAME,))
+            value = source.scalar(sql)
         except OutboxError:
             continue
         if isinstance(value, int):
-            return value
-    return 0
+            noted = max(noted, value)
+    return noted, False
 
 
 def _insert(conn: Any, rows: list[Any]) -> None:
@@ -248,7 +271,10 @@ def _insert(conn: Any, rows: list[Any]) -> None:
             error,
         )
         for _, data, stamp, status, attempts, code, error in rows
+        if status != schema.ACKED  # a tombstone: the id it kept means nothing in a fresh file
     ]
+    if not fresh:
+        return
     conn.executemany(
         f"INSERT INTO {schema.TABLE} (data, timestamp, status, attempts, last_status, last_error)"
         " VALUES (?, ?, ?, ?, ?, ?)",

@@ -38,15 +38,11 @@ __all__ = [
 
 TABLE_NAME = "ack_queue_default"  # persist-queue's table for queue name "default"
 TABLE = f"`{TABLE_NAME}`"
-# persist-queue's CREATE statement (SQLiteAckQueue._SQL_CREATE), for our table.
-CREATE_TABLE = (
-    f"CREATE TABLE IF NOT EXISTS {TABLE} (_id INTEGER PRIMARY KEY AUTOINCREMENT,"
-    " data BLOB, timestamp FLOAT, status INTEGER)"
-)
 # persist-queue's AckStatus codes: 0 and 1 are pending (new, released), 2 is
-# in flight, 9 ("ack_failed") is our dead-letter state. Acknowledged rows are
-# deleted instead of kept as 5 ("acked"), so the table holds only live rows.
-NEW, READY, INFLIGHT, DEAD = 0, 1, 2, 9
+# in flight, 9 ("ack_failed") is our dead-letter state. Delivered rows are
+# deleted, except the one with the highest id, which stays as a tombstone of
+# status 5 ("acked", no payload): see delete_rows().
+NEW, READY, INFLIGHT, ACKED, DEAD = 0, 1, 2, 5, 9
 # The redundant "status >= 2" lets SQLite use the partial index outbox_taken:
 # it only uses a partial index whose WHERE clause it finds in the query's.
 INFLIGHT_WHERE = f"status >= 2 AND status = {INFLIGHT}"
@@ -67,17 +63,34 @@ EXTRA_COLUMNS = {
     "next_attempt_at": "REAL",  # unix time before which the row is not retried
     "first_attempt_at": "REAL",
 }
+# persist-queue's columns and types (SQLiteAckQueue._SQL_CREATE) and ours,
+# with one difference: a plain INTEGER PRIMARY KEY, not AUTOINCREMENT, which
+# made every append also write the sqlite_sequence page (measured: about 15%
+# of an append). Ids still never go back: see delete_rows().
+_COLUMNS_SQL = "_id INTEGER PRIMARY KEY, data BLOB, timestamp FLOAT, status INTEGER, " + ", ".join(
+    f"{name} {decl}" for name, decl in EXTRA_COLUMNS.items()
+)
+CREATE_TABLE = f"CREATE TABLE {TABLE} ({_COLUMNS_SQL})"
+
+# The claim cursor: no pending row has an id below it. Claims start there
+# instead of reading an index of pending rows, which every append had to
+# write (measured: about 15% of an append); a claim moves it past what it
+# took, and whatever makes rows pending again lowers it (make_pending()).
+CURSOR = "coalesce((SELECT value FROM outbox_meta WHERE key = 'claim_from'), 0)"
+# Older versions of this library refuse a file holding a table they do not
+# know, naming it: this one tells an operator why, instead of an older
+# version breaking the claim cursor or the kept-highest-id rule.
+NEWER_THAN_0_1 = "requires_outbox_analytics_0_2"
+SCHEMA_VERSION = 2
 _SCHEMA = [
-    # Only pending rows are indexed in id order: claims and the pending count
-    # read this index and nothing else, however many dead rows pile up.
-    f"CREATE INDEX IF NOT EXISTS outbox_pending ON {TABLE} (_id) WHERE status < 2",
-    # In-flight and dead rows are few; inserts (status 0) never touch this one.
+    # In-flight, dead and tombstone rows are few; appends (status 0) never touch it.
     f"CREATE INDEX IF NOT EXISTS outbox_taken ON {TABLE} (status) WHERE status >= 2",
-    # Values are integers (counts) or text that never looks like a number.
+    # Values are integers (counts, ids) or text that never looks like a number.
     "CREATE TABLE IF NOT EXISTS outbox_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
-    "INSERT OR IGNORE INTO outbox_meta (key, value) VALUES ('schema_version', 1), ('dropped', 0)",
+    "INSERT OR IGNORE INTO outbox_meta (key, value) VALUES ('dropped', 0)",
+    f"CREATE TABLE IF NOT EXISTS {NEWER_THAN_0_1} (why TEXT)",
 ]
-OUR_TABLES = {TABLE_NAME, "outbox_meta", "sqlite_sequence"}
+OUR_TABLES = {TABLE_NAME, "outbox_meta", "sqlite_sequence", NEWER_THAN_0_1}
 # A new file: 2 KiB pages make each commit write half the bytes of the 4 KiB
 # default (measured: ~30% faster appends). It can only be set before the
 # first table exists. (Incremental auto-vacuum, which would let `vacuum` work
@@ -86,12 +99,22 @@ OUR_TABLES = {TABLE_NAME, "outbox_meta", "sqlite_sequence"}
 NEW_FILE_PRAGMAS = ("PRAGMA page_size=2048",)
 
 INSERT = f"INSERT INTO {TABLE} (data, timestamp, status) VALUES (?, ?, {NEW})"
-COUNT_PENDING = f"SELECT count(*) FROM {TABLE} WHERE status < 2"
-# max - min + 1 of the pending ids: at least the pending count, in O(log n).
-PENDING_SPAN = (
-    f"SELECT (SELECT max(_id) FROM {TABLE} WHERE status < 2)"
-    f" - (SELECT min(_id) FROM {TABLE} WHERE status < 2) + 1"
+# Every row, less those in flight, dead or tombstones (a small index): the
+# first count is SQLite's own b-tree count, which reads no row.
+COUNT_PENDING = (
+    f"SELECT (SELECT count(*) FROM {TABLE}) - (SELECT count(*) FROM {TABLE} WHERE status >= 2)"
 )
+# At least the pending count, from three index lookups and the taken rows past
+# the cursor: every id from the cursor to the highest is a row or a gap left
+# by a delivered row, and no pending row is below the cursor.
+PENDING_SPAN = (
+    f"SELECT max(0, coalesce((SELECT max(_id) FROM {TABLE}), 0) - {CURSOR} + 1"
+    f" - (SELECT count(*) FROM {TABLE} WHERE status >= 2 AND _id >= {CURSOR}))"
+)
+# The oldest pending rows, in order, reading from the cursor on.
+FIRST_PENDING = f"FROM {TABLE} WHERE _id >= {CURSOR} AND status < 2 ORDER BY _id"
+# The pending rows up to an id (the one parameter).
+FIRST_PENDING_UP_TO = f"FROM {TABLE} WHERE _id >= {CURSOR} AND _id <= ? AND status < 2"
 # length(data) from SQL, not len() in Python: a hostile or damaged row may
 # hold an integer or NULL there, and must be dead-lettered, not crash a loop.
 ROW_COLUMNS = (
@@ -177,20 +200,69 @@ def inspect(conn: sqlite3.Connection, path: str) -> bool:
 
 
 def is_current(conn: sqlite3.Connection) -> bool:
-    """Whether the file already has every column, index and table we add."""
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-    return set(EXTRA_COLUMNS) <= _columns(conn) and {"outbox_meta", "outbox_pending"} <= tables
+    """Whether the file already has this version's table, indexes and metadata."""
+    tables = dict(conn.execute("SELECT name, sql FROM sqlite_master"))
+    return (
+        NEWER_THAN_0_1 in tables
+        and "outbox_pending" not in tables  # (0.1's index of pending rows)
+        and not _autoincrement(tables.get(TABLE_NAME))
+        and set(EXTRA_COLUMNS) <= _columns(conn)
+        and read_meta(conn, "schema_version") == SCHEMA_VERSION
+    )
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    """Bring a new, persist-queue or older outbox to our schema (in a write transaction)."""
-    conn.execute(CREATE_TABLE)
-    present = _columns(conn)
-    for name, decl in EXTRA_COLUMNS.items():
-        if name not in present:
-            conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {decl}")
+    """Bring a new, persist-queue or older outbox to this version (in one write transaction).
+
+    An older table (AUTOINCREMENT, fewer columns) is rebuilt once, rows and
+    ids kept; for a million rows this takes seconds, under the write lock.
+    """
+    sql = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE_NAME,)
+    ).fetchone()
+    if sql is None:
+        conn.execute(CREATE_TABLE)
+    elif _autoincrement(sql[0]) or not set(EXTRA_COLUMNS) <= _columns(conn):
+        _rebuild(conn)
+    conn.execute("DROP INDEX IF EXISTS outbox_pending")
     for statement in _SCHEMA:
         conn.execute(statement)
+    if read_meta(conn, "claim_from") is None:  # the first pending row, found once by a scan
+        first = conn.execute(f"SELECT min(_id) FROM {TABLE} WHERE status < 2").fetchone()[0]
+        write_meta(conn, "claim_from", first or 0)
+    write_meta(conn, "schema_version", SCHEMA_VERSION)
+
+
+def _autoincrement(table_sql: str | None) -> bool:
+    return table_sql is not None and "AUTOINCREMENT" in table_sql.upper()
+
+
+def _rebuild(conn: sqlite3.Connection) -> None:
+    """Copy the table into our form: same ids, persist-queue's columns, ours filled in."""
+    present = _columns(conn)
+    highest = 0
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+        seq = conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = ?", (TABLE_NAME,)
+        ).fetchone()
+        highest = int(seq[0]) if seq and isinstance(seq[0], int) else 0
+    names = ["_id", "data", "timestamp", "status", *EXTRA_COLUMNS]
+    values = [
+        name if name in present else ("0" if name == "attempts" else "NULL") for name in names
+    ]
+    conn.execute(f"CREATE TABLE outbox_rebuilt ({_COLUMNS_SQL})")
+    conn.execute(
+        f"INSERT INTO outbox_rebuilt ({', '.join(names)}) SELECT {', '.join(values)} FROM {TABLE}"
+    )
+    conn.execute(f"DROP TABLE {TABLE}")  # (and its indexes)
+    conn.execute(f"ALTER TABLE outbox_rebuilt RENAME TO {TABLE}")
+    if highest:  # AUTOINCREMENT's high-water mark, kept as a tombstone when above every row
+        conn.execute("DELETE FROM sqlite_sequence WHERE name = ?", (TABLE_NAME,))
+        conn.execute(
+            f"INSERT INTO {TABLE} (_id, status) SELECT ?, {ACKED}"
+            f" WHERE ? > coalesce((SELECT max(_id) FROM {TABLE}), 0)",
+            (highest, highest),
+        )
 
 
 def fill_in_for_reading(conn: sqlite3.Connection) -> None:
@@ -230,6 +302,86 @@ def read_meta(conn: sqlite3.Connection, key: str) -> Any:
 
 def write_meta(conn: sqlite3.Connection, key: str, value: Any) -> None:
     conn.execute("INSERT OR REPLACE INTO outbox_meta (key, value) VALUES (?, ?)", (key, value))
+
+
+# -- changing rows ------------------------------------------------------------------
+# Every statement that deletes rows or makes them pending goes through these
+# two functions: they keep the rules that claims and ids rely on.
+
+
+def make_pending(
+    conn: sqlite3.Connection,
+    where: str,
+    params: Sequence[Any] = (),
+    assignments: str = "",
+    values: Sequence[Any] = (),
+) -> int:
+    """Make the rows matching `where` pending (status 1), lowering the claim cursor to them.
+
+    `assignments` (with its parameters in `values`) sets other columns as
+    well: ", attempts = 0". Returns how many rows changed.
+    """
+    first = conn.execute(f"SELECT min(_id) FROM {TABLE} WHERE {where}", params).fetchone()[0]
+    if first is None:
+        return 0
+    sql = f"UPDATE {TABLE} SET status = {READY}{assignments} WHERE {where}"
+    changed = int(conn.execute(sql, (*values, *params)).rowcount)
+    lower_cursor(conn, first)
+    return changed
+
+
+def lower_cursor(conn: sqlite3.Connection, row_id: int) -> None:
+    """Let claims start at `row_id` (or earlier): a row there is, or may become, pending."""
+    conn.execute(
+        "INSERT INTO outbox_meta (key, value) VALUES ('claim_from', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = min(value, excluded.value)",
+        (row_id,),
+    )
+
+
+def move_cursor(conn: sqlite3.Connection, row_id: int) -> None:
+    """Claims start at `row_id` now: every row below it is in flight, dead or gone."""
+    write_meta(conn, "claim_from", row_id)
+
+
+def delete_rows(conn: sqlite3.Connection, where: str, params: Sequence[Any] = ()) -> int:
+    """Delete the rows matching `where`; how many.
+
+    Without AUTOINCREMENT, SQLite gives a new row the highest id plus one, so
+    deleting the highest row would let its id be used again (and a flush
+    waiting for that id would wait for another event). When the highest row
+    goes, a tombstone (status 5, no payload) keeps its id; older tombstones
+    go, so there is at most one.
+    """
+    top = conn.execute(f"SELECT max(_id) FROM {TABLE}").fetchone()[0]
+    deleted = int(conn.execute(f"DELETE FROM {TABLE} WHERE {where}", params).rowcount)
+    if deleted and top is not None:
+        conn.execute(f"INSERT OR IGNORE INTO {TABLE} (_id, status) VALUES (?, {ACKED})", (top,))
+        conn.execute(
+            f"DELETE FROM {TABLE} WHERE status >= 2 AND status = {ACKED} AND _id < ?", (top,)
+        )
+    return deleted
+
+
+def record_highest_id(conn: sqlite3.Connection) -> None:
+    """Note the highest id in the metadata: if the table's newest pages are ever damaged,
+    salvage still knows how far the ids went (at least), to say how many rows it lost."""
+    conn.execute(
+        "INSERT OR REPLACE INTO outbox_meta (key, value)"
+        f" VALUES ('highest_id', coalesce((SELECT max(_id) FROM {TABLE}), 0))"
+    )
+
+
+def first_stranded(conn: sqlite3.Connection) -> int | None:
+    """The first pending row below the claim cursor, which claims would never reach.
+
+    None when the cursor's rule holds. Only a program that changes rows
+    without make_pending() (persist-queue's resume of unacknowledged rows,
+    say) can strand one; this reads every row below the cursor.
+    """
+    return conn.execute(  # type: ignore[no-any-return]
+        f"SELECT min(_id) FROM {TABLE} WHERE _id < {CURSOR} AND status < 2"
+    ).fetchone()[0]
 
 
 # -- values -----------------------------------------------------------------------

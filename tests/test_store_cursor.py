@@ -1,0 +1,266 @@
+"""The claim cursor, kept ids and exact counts, without an index of pending rows.
+
+Claims start at a cursor kept in the file instead of reading an index that
+every append had to write; delivered rows are deleted but the highest id
+stays as a tombstone. These tests hold the storage to a model: whatever the
+order of appends, claims, acks, releases, dead-letters, requeues and purges,
+from one or several `Outbox` objects, claims return the oldest pending rows
+in order, counts are exact and ids never go back.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import persistqueue
+import persistqueue.serializers.msgpack
+import pytest
+
+from outbox_analytics import Client
+from outbox_analytics.store import Outbox, UploadLease, encode_message, maintenance, schema
+
+
+def _message(number: int) -> bytes:
+    return encode_message({"type": "track", "messageId": f"m-{number}", "n": number})
+
+
+def _lease(outbox: Outbox) -> UploadLease:
+    lease = outbox.try_lease()
+    assert lease is not None
+    return lease
+
+
+class _Model:
+    """What the outbox should hold: id -> state, in id order."""
+
+    def __init__(self) -> None:
+        self.state: dict[int, str] = {}
+        self.highest = 0
+
+    def pending(self) -> list[int]:
+        return sorted(i for i, s in self.state.items() if s == "pending")
+
+    def of(self, state: str) -> list[int]:
+        return sorted(i for i, s in self.state.items() if s == state)
+
+
+def _check(outbox: Outbox, model: _Model) -> None:
+    stats = outbox.stats()
+    assert (stats.pending, stats.inflight, stats.dead) == (
+        len(model.pending()),
+        len(model.of("inflight")),
+        len(model.of("dead")),
+    )
+    assert [row.id for row in outbox.rows("pending")] == model.pending()
+    head = outbox.head(10_000)
+    assert head.pending == len(model.pending())
+    assert outbox.last_id() == model.highest
+    assert maintenance.check(outbox) == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_operations_match_the_model(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    path = tmp_path / "outbox.sqlite3"
+    uploader_side = Outbox(path)
+    operator_side = Outbox(path)  # requeue and purge come from "another process"
+    lease = _lease(uploader_side)
+    model = _Model()
+    try:
+        for _ in range(250):
+            action = rng.choice(
+                ["append", "append", "batch", "claim", "claim", "ack", "release", "dead",
+                 "requeue", "purge"]
+            )  # fmt: skip
+            inflight = model.of("inflight")
+            if action == "append":
+                row_id = uploader_side.append(_message(model.highest + 1))
+                assert row_id == model.highest + 1  # ids only go up, one by one
+                model.highest = row_id
+                model.state[row_id] = "pending"
+            elif action == "batch":
+                with operator_side.batch():
+                    for _ in range(rng.randint(1, 20)):
+                        operator_side.append(_message(0))
+                for _ in range(operator_side.last_id() - model.highest):
+                    model.highest += 1
+                    model.state[model.highest] = "pending"
+            elif action == "claim":
+                count = rng.randint(1, 15)
+                claimed = [row.id for row in lease.claim(count)]
+                assert claimed == model.pending()[:count]  # the oldest, in order
+                model.state.update(dict.fromkeys(claimed, "inflight"))
+            elif action in ("ack", "release", "dead") and inflight:
+                chosen = rng.sample(inflight, rng.randint(1, len(inflight)))
+                if action == "ack":
+                    assert lease.ack(chosen) == len(chosen)
+                    for row_id in chosen:
+                        del model.state[row_id]
+                elif action == "release":
+                    lease.release(chosen, attempts=rng.choice([0, 1]))
+                    model.state.update(dict.fromkeys(chosen, "pending"))
+                else:
+                    lease.dead_letter(chosen, status=400, error="bad")
+                    model.state.update(dict.fromkeys(chosen, "dead"))
+            elif action == "requeue" and model.of("dead"):
+                dead = model.of("dead")
+                chosen = rng.sample(dead, rng.randint(1, len(dead)))
+                assert maintenance.requeue(operator_side, chosen) == len(chosen)
+                model.state.update(dict.fromkeys(chosen, "pending"))
+            elif action == "purge":
+                assert maintenance.purge(operator_side) == len(model.of("dead"))
+                for row_id in model.of("dead"):
+                    del model.state[row_id]
+            _check(uploader_side, model)
+        # A restart: whatever was in flight is reclaimed, in place.
+        lease.close()
+        lease = _lease(operator_side)
+        model.state.update(dict.fromkeys(model.of("inflight"), "pending"))
+        _check(operator_side, model)
+        assert [row.id for row in lease.claim(100_000)] == model.pending()
+    finally:
+        lease.close()
+        uploader_side.close()
+        operator_side.close()
+
+
+def test_the_highest_id_survives_purging_and_acking_the_newest_rows(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.sqlite3") as outbox:
+        lease = _lease(outbox)
+        for number in range(3):
+            outbox.append(_message(number))
+        lease.dead_letter([row.id for row in lease.claim(3)], status=400, error="bad")
+        assert maintenance.purge(outbox) == 3
+        assert outbox.append(_message(3)) == 4  # not 1
+        lease.ack([row.id for row in lease.claim(1)])
+        assert outbox.append(_message(4)) == 5  # not 4
+        assert outbox.stats().pending == 1
+        lease.close()
+
+
+def test_dead_rows_at_the_head_are_stepped_over_once(tmp_path: Path) -> None:
+    """After the first claim passes them, claims start beyond: the cursor is kept in the file."""
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path) as outbox:
+        with outbox.batch():
+            for number in range(300):
+                outbox.append(_message(number))
+        lease = _lease(outbox)
+        lease.dead_letter([row.id for row in lease.claim(200)], status=400, error="bad")
+        lease.close()
+    with Outbox(path) as reopened:
+        lease = _lease(reopened)
+        cursor = reopened.database.scalar(f"SELECT {schema.CURSOR}")
+        assert cursor == 201  # the next claim reads no dead row
+        assert [row.id for row in lease.claim(5)] == [201, 202, 203, 204, 205]
+        lease.close()
+
+
+def _strand_in_flight_rows(path: Path, count: int) -> None:
+    """Claim rows, then let persist-queue's auto_resume make them pending behind the cursor."""
+    with Outbox(path) as outbox:
+        for number in range(count):
+            outbox.append(_message(number))
+        lease = _lease(outbox)
+        assert len(lease.claim(count)) == count
+        # persist-queue's "resume unacknowledged" sets status 1 without knowing the cursor.
+        persistqueue.SQLiteAckQueue(
+            str(path.parent),
+            db_file_name=path.name,
+            serializer=persistqueue.serializers.msgpack,
+            auto_resume=True,
+        )
+        lease.close()
+
+
+def test_rows_stranded_by_another_program_are_counted_checked_and_found(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    _strand_in_flight_rows(path, 5)
+    with Outbox(path) as outbox:
+        lease = _lease(outbox)
+        assert lease.claim(10) == []  # claims start past them
+        assert outbox.stats().pending == 5  # but counts do not depend on the cursor
+        problems = maintenance.check(outbox)
+        assert len(problems) == 1 and "below the claim cursor" in problems[0]
+        assert lease.find_stranded() == 1
+        assert [row.message["n"] for row in lease.claim(10)] == [0, 1, 2, 3, 4]
+        assert lease.find_stranded() is None
+        lease.close()
+
+
+def test_an_idle_uploader_sends_rows_stranded_behind_the_cursor(tmp_path: Path, receiver) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    _strand_in_flight_rows(path, 5)
+    client = Client("k", host=receiver.url, outbox_path=str(path), upload_interval=0.05)
+    result = client.flush(timeout=10)
+    stats = client.stats()
+    found = client.uploader.stranded_found if client.uploader else 0
+    client.shutdown()
+    assert result.pending == 0 and stats is not None and stats.pending == 0
+    assert found == 1
+    assert sorted(m["n"] for m in receiver.accepted()) == [0, 1, 2, 3, 4]
+
+
+# -- files of older versions ---------------------------------------------------------
+
+
+def _file_of_version_0_1(path: Path) -> None:
+    """A file as 0.1 left it: AUTOINCREMENT, an index of pending rows, the newest rows acked."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(
+        f"CREATE TABLE {schema.TABLE} (_id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " data BLOB, timestamp FLOAT, status INTEGER)"
+    )
+    for name, decl in schema.EXTRA_COLUMNS.items():
+        conn.execute(f"ALTER TABLE {schema.TABLE} ADD COLUMN {name} {decl}")
+    conn.execute(f"CREATE INDEX outbox_pending ON {schema.TABLE} (_id) WHERE status < 2")
+    conn.execute(f"CREATE INDEX outbox_taken ON {schema.TABLE} (status) WHERE status >= 2")
+    conn.execute("CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    conn.execute("INSERT INTO outbox_meta VALUES ('schema_version', 1), ('dropped', 3)")
+    for number in range(1, 11):
+        conn.execute(
+            f"INSERT INTO {schema.TABLE} (data, timestamp, status) VALUES (?, 1.0, 0)",
+            (_message(number),),
+        )
+    conn.execute(f"UPDATE {schema.TABLE} SET status = 9, attempts = 2 WHERE _id IN (1, 2)")
+    conn.execute(f"DELETE FROM {schema.TABLE} WHERE _id IN (3, 9, 10)")  # delivered
+    conn.close()
+
+
+def test_a_file_of_0_1_is_migrated_once_keeping_rows_ids_and_the_highest_id(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    _file_of_version_0_1(path)
+    with Outbox(path) as outbox:
+        assert [row.id for row in outbox.rows("pending")] == [4, 5, 6, 7, 8]
+        assert [(row.id, row.attempts) for row in outbox.rows("dead")] == [(1, 2), (2, 2)]
+        assert outbox.stats().dropped == 3
+        assert outbox.append(_message(11)) == 11  # 9 and 10 were used: AUTOINCREMENT's mark
+        lease = _lease(outbox)
+        assert [row.id for row in lease.claim(100)] == [4, 5, 6, 7, 8, 11]
+        lease.close()
+    conn = sqlite3.connect(path)
+    names = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    table_sql = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE name = ?", (schema.TABLE_NAME,)
+    ).fetchone()[0]
+    conn.close()
+    assert "outbox_pending" not in names and schema.NEWER_THAN_0_1 in names
+    assert "AUTOINCREMENT" not in table_sql.upper()
+
+
+def test_plain_persist_queue_still_reads_a_migrated_file_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    _file_of_version_0_1(path)
+    Outbox(path).close()
+    queue = persistqueue.SQLiteAckQueue(
+        str(tmp_path),
+        db_file_name=path.name,
+        serializer=persistqueue.serializers.msgpack,
+        auto_resume=False,
+    )
+    assert [queue.get(block=False)["n"] for _ in range(queue.qsize())] == [4, 5, 6, 7, 8]
