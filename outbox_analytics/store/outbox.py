@@ -31,6 +31,7 @@ from ..errors import (
 )
 from . import recovery, schema
 from .connection import Database, FileMoved, file_identity
+from .group_commit import GroupCommit
 from .lease import UploadLease, lease_is_free, mark_writer, other_writers, try_lease, unmark_writer
 from .schema import INFLIGHT_WHERE, TABLE, Head, OutboxStats, Row
 
@@ -98,6 +99,7 @@ class Outbox:
         self._local = threading.local()
         self._unrecorded_drops = 0  # drops not yet written to the file
         self._drops_lock = threading.Lock()
+        self._group = GroupCommit(self._store_now) if fsync else None
         if readonly:
             if not os.path.isfile(self.path):
                 raise OutboxUnavailable("no outbox file there", self.path)
@@ -303,6 +305,11 @@ class Outbox:
 
     def _store(self, rows: Sequence[tuple[bytes, float]]) -> int:
         """Commit rows durably; the last row id. A failure is counted as dropped rows."""
+        if self._group is not None:  # fsync=True: one sync for every thread waiting
+            return self._group.store(rows)
+        return self._store_now(rows)
+
+    def _store_now(self, rows: Sequence[tuple[bytes, float]]) -> int:
         try:
             try:
                 row_id = self._commit(rows)
@@ -572,6 +579,8 @@ def _after_fork_in_child() -> None:
     for outbox in list(_live_outboxes):
         outbox._unrecorded_drops = 0
         outbox._drops_lock = threading.Lock()
+        if outbox._group is not None:  # its lock may have been held by a parent's thread
+            outbox._group = GroupCommit(outbox._store_now)
 
 
 if hasattr(os, "register_at_fork"):
