@@ -461,7 +461,6 @@ class Client:
         except OutboxError as exc:
             self._log_write_error(exc)  # counted by the outbox, too
             return False, msg
-        log.debug("stored %s message %s", msg["type"], msg["messageId"])
         if self.uploader is not None:
             if not self.sync_mode:
                 self.uploader.ensure_running()

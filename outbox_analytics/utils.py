@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta, timezone
@@ -52,13 +53,39 @@ def stringify_id(value: Any) -> str | None:
 
 
 def new_message_id() -> str:
-    """A random (version 4) UUID as text: what `str(uuid.uuid4())` gives, in half the time.
+    """A random (version 4) UUID as text: what `str(uuid.uuid4())` gives, at a fifth of the cost.
 
-    It runs on every track(), where uuid.UUID's object construction shows.
+    It runs on every track(), where uuid.UUID's object construction shows;
+    the random bytes are drawn 64 ids at a time, per thread (one system call
+    instead of 64). A child process starts with an empty pool (see below): it
+    must never hand out ids its parent also holds.
     """
-    h = os.urandom(16).hex()
-    variant = "89ab"[int(h[16], 16) & 3]  # the two high bits of byte 8 are "10"
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
+    pool: list[str] | None = getattr(_id_pools, "ids", None)
+    if not pool:
+        pool = _id_pools.ids = _random_ids(64)
+    return pool.pop()
+
+
+def _random_ids(count: int) -> list[str]:
+    ids = []
+    randomness = os.urandom(16 * count).hex()
+    for start in range(0, 32 * count, 32):
+        h = randomness[start : start + 32]
+        variant = "89ab"[int(h[16], 16) & 3]  # the two high bits of byte 8 are "10"
+        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
+    return ids
+
+
+_id_pools = threading.local()
+
+
+def _new_id_pools_in_child() -> None:
+    global _id_pools
+    _id_pools = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_id_pools_in_child)
 
 
 _second_text: tuple[int, str] = (0, "")

@@ -830,3 +830,35 @@ def test_module_level_client_is_built_once(module_api):
 
     assert module_api.default_client is first
     assert [msg["type"] for msg in stored_messages(first)] == ["track", "page", "alias"]
+
+
+# -- message ids ---------------------------------------------------------------------
+
+
+def test_message_ids_are_version_4_uuids_and_never_repeat() -> None:
+    from outbox_analytics.utils import new_message_id
+
+    ids = [new_message_id() for _ in range(1000)]  # several pools' worth
+    assert len(set(ids)) == 1000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+def test_a_forked_child_never_hands_out_its_parents_next_message_ids() -> None:
+    from outbox_analytics.utils import new_message_id
+
+    new_message_id()  # this thread's pool now holds ids drawn before the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids, then leave without cleanup
+        os.close(read)
+        os.write(write, ",".join(new_message_id() for _ in range(20)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split(",")
+    os.waitpid(pid, 0)
+    parent = [new_message_id() for _ in range(20)]
+    assert len(child) == 20 and not set(child) & set(parent)

