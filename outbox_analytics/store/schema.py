@@ -394,7 +394,7 @@ def encode_message(message: dict[str, Any]) -> bytes:
     if packer is None:
         packer = _packers.packer = msgpack.Packer(use_bin_type=True)
     try:
-        return packer.pack(message)  # (a failed pack leaves the packer empty, ready again)
+        return bytes(packer.pack(message))  # (a failed pack leaves the packer empty)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"message cannot be stored: {exc}") from exc
 
