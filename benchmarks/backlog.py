@@ -42,6 +42,7 @@ from benchlib import (
     exit_on_signals,
     info,
     rate,
+    refused,
     run_python,
     track_with,
 )
@@ -174,7 +175,7 @@ def measure(args: argparse.Namespace, backlogs: list[Backlog]) -> list[float]:
         # reads) must not land inside one file's timing and not another's.
         for backlog in order:
             enqueue(args, backlog)
-        if any(b.client and b.client.stats().dropped for b in backlogs):
+        if refused(*(b.client for b in backlogs if b.client)):
             raise RuntimeError("a track() was refused: the measurement would be flattered")
         fixed.append(time_command([sys.executable, "-c", "import outbox_analytics.cli"]))
         for backlog in order:

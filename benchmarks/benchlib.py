@@ -36,6 +36,11 @@ def track_with(client: Any, count: int) -> None:
         client.track(USER, EVENT, PROPERTIES, CONTEXT)
 
 
+def refused(*clients: Client) -> int:
+    """Events our clients refused (a full outbox, a failed write): such a call is "free"."""
+    return sum(stats.dropped for stats in (client.stats() for client in clients) if stats)
+
+
 def rate(run: Callable[[int], None], count: int) -> float:
     """Calls per second of `run(count)`, on the wall clock (what a caller waits)."""
     start = time.perf_counter()

@@ -49,6 +49,7 @@ from benchlib import (
     exit_on_signals,
     info,
     rate,
+    refused,
     stop,
     track_with,
 )
@@ -194,6 +195,8 @@ def measure(
                 settle(name, idle, uploading, count)
             if not idle.consumer.is_alive():
                 raise RuntimeError("Segment's idle consumer thread died: the baseline is void")
+            if refused(ours, durable, batched):
+                raise RuntimeError("a track() was refused: the measurement would be flattered")
             print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
     return rates, busy
 

@@ -30,7 +30,19 @@ import tempfile
 import threading
 import time
 
-from benchlib import at_least, exit_on_signals, file_system, info, rate, track_with
+from benchlib import (
+    CONTEXT,
+    EVENT,
+    PROPERTIES,
+    USER,
+    at_least,
+    exit_on_signals,
+    file_system,
+    info,
+    rate,
+    refused,
+    track_with,
+)
 
 from outbox_analytics import Client
 
@@ -66,7 +78,7 @@ def measure(args: argparse.Namespace, work: str) -> dict[str, list[float]]:
             figures["single"].append(rate(lambda c: track_with(single, c), args.events))
             figures["threads"].append(threaded_rate(shared, args.threads, args.events))
             print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
-        if single.stats().dropped or shared.stats().dropped:  # (a refusal would be free)
+        if refused(single, shared):
             raise RuntimeError("a track() was refused: the measurement would be flattered")
     return figures
 
@@ -97,23 +109,35 @@ def fsync_latency(path: str, probes: int, in_place: bool) -> float:
 def threaded_rate(client: Client, threads: int, events: int) -> float:
     """Total calls per second of `threads` threads tracking `events` each, started together."""
     start = threading.Barrier(threads + 1)  # the clock starts when every thread is ready
+    stop = threading.Event()  # set if we are interrupted: no thread may outlive the run
     failures: list[BaseException] = []
 
     def work() -> None:
-        start.wait()
         try:
-            track_with(client, events)
+            start.wait()
+            for _ in range(events):
+                if stop.is_set():
+                    return
+                client.track(USER, EVENT, PROPERTIES, CONTEXT)
         except BaseException as exc:  # (re-raised below: a dead thread would look fast)
             failures.append(exc)
 
     workers = [threading.Thread(target=work) for _ in range(threads)]
     for worker in workers:
         worker.start()
-    start.wait()
-    started = time.perf_counter()
-    for worker in workers:
-        worker.join()
-    took = time.perf_counter() - started
+    try:
+        start.wait()
+        started = time.perf_counter()
+        for worker in workers:
+            worker.join()
+        took = time.perf_counter() - started
+    finally:
+        # Interrupted (Ctrl-C, SIGTERM): stop the threads before the client is
+        # closed and the directory removed, or they would write into it again.
+        stop.set()
+        start.abort()
+        for worker in workers:
+            worker.join()
     if failures:
         raise failures[0]
     return threads * events / took
