@@ -607,8 +607,12 @@ class Client:
         try:
             # Another live process uploads this file: our events are on disk and
             # it sends them. Waiting for it would only slow every exit (a pool
-            # of short-lived workers would pay a second each).
-            if self.uploader.holds_lease or self.outbox is None or self.outbox.lease_is_free():
+            # of short-lived workers would pay a second each). The process's
+            # own lease counts from the moment it is taken: the thread may not
+            # have it in hand yet, and would otherwise be stopped mid-claim,
+            # leaving the others' events for the next run.
+            outbox = self.outbox
+            if outbox is None or outbox.lease_held_here() or outbox.lease_is_free():
                 self.uploader.flush(budget)
             self.uploader.stop(max(0.0, budget - (time.monotonic() - started)))
         except Exception:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -43,7 +42,13 @@ from .errors import (
     OutboxError,
     RetryableError,
 )
-from .request import MAX_BATCH_BYTES, MAX_RETRY_AFTER, Requester, encode_batch
+from .request import (
+    MAX_BATCH_BYTES,
+    MAX_RETRY_AFTER,
+    Requester,
+    encode_batch,
+    encode_messages,
+)
 from .store import Outbox, Row, UploadLease
 from .store.maintenance import find
 from .utils import RateLimitedLog, utc_now_iso
@@ -367,7 +372,7 @@ class Uploader:
             return
         total = 0
         for index, row in enumerate(batch.rows):
-            total += len(json.dumps(row.message)) + 2  # ", " between items
+            total += len(encode_messages([row.message])) - 1  # less [], plus a comma
             if total > budget:
                 rest = batch.rows[index:]
                 if index == 0:  # alone too large: it can never be sent
@@ -492,7 +497,7 @@ class Uploader:
 
     def _send(self, batch: _Batch, rows: Sequence[Row], deadline: float | None) -> None:
         """One sub-batch, retried by tenacity until a 2xx, a rejection, or the budget ends."""
-        messages = json.dumps([row.message for row in rows])  # once for all attempts
+        messages = encode_messages([row.message for row in rows])  # once for all attempts
         stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.max_retries + 1)
         wait: Callable[[tenacity.RetryCallState], float] = self._wait
         if deadline is not None:
@@ -522,7 +527,9 @@ class Uploader:
                 number = attempt.retry_state.attempt_number
                 body = encode_batch(messages, utc_now_iso(), self.requester.write_key)
                 # The messages only: the body also holds the write key.
-                log.debug("sending %d messages (attempt %d): %s", len(rows), number, messages)
+                if log.isEnabledFor(logging.DEBUG):
+                    text = messages.decode()
+                    log.debug("sending %d messages (attempt %d): %s", len(rows), number, text)
                 try:
                     self.requester.send(body, retry_count=number - 1, deadline=deadline)
                 except RetryableError as failure:

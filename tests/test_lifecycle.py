@@ -174,3 +174,35 @@ def test_flush_without_the_lease_returns_when_the_uploader_backs_off(
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_the_exit_flush_waits_for_a_lease_taken_but_not_yet_in_hand(
+    receiver, outbox_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The uploader thread has taken the lease and is reclaiming when the process exits.
+
+    It must be flushed, not stopped: stopped mid-claim, it hands the rows
+    back, and events no other process will send wait for the next run.
+    """
+    from outbox_analytics.store.lease import UploadLease
+
+    stored = Client("k", outbox_path=str(outbox_file), upload=False)
+    for n in range(20):
+        stored.track("u", "Before exit", {"n": n})
+    stored.shutdown()
+    reclaim, go_on = UploadLease.reclaim, threading.Event()
+
+    def slow_reclaim(lease: UploadLease) -> int:  # (a busy file makes it this slow)
+        go_on.wait(10)
+        return reclaim(lease)
+
+    monkeypatch.setattr(UploadLease, "reclaim", slow_reclaim)
+    client = Client("k", host=receiver.url, outbox_path=str(outbox_file))
+    assert client.uploader is not None and client.outbox is not None
+    deadline = time.monotonic() + 5
+    while not client.outbox.lease_held_here() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert client.outbox.lease_held_here() and not client.uploader.holds_lease
+    threading.Timer(0.3, go_on.set).start()
+    client._flush_at_exit(5.0)  # what the exit hooks run
+    assert sorted(m["properties"]["n"] for m in receiver.accepted()) == list(range(20))

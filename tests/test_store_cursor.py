@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import time
 from pathlib import Path
 
 import persistqueue
@@ -194,9 +195,13 @@ def test_an_idle_uploader_sends_rows_stranded_behind_the_cursor(tmp_path: Path, 
     path = tmp_path / "outbox.sqlite3"
     _strand_in_flight_rows(path, 5)
     client = Client("k", host=receiver.url, outbox_path=str(path), upload_interval=0.05)
+    assert client.uploader is not None
+    deadline = time.monotonic() + 10
+    while client.uploader.stranded_found == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # (until then, only counts see them: flush reads from the cursor)
     result = client.flush(timeout=10)
     stats = client.stats()
-    found = client.uploader.stranded_found if client.uploader else 0
+    found = client.uploader.stranded_found
     client.shutdown()
     assert result.pending == 0 and stats is not None and stats.pending == 0
     assert found == 1

@@ -386,7 +386,7 @@ def test_a_message_too_large_for_any_batch_is_dead_and_blocks_nothing(
     from outbox_analytics.store import Outbox, encode_message
 
     with Outbox(outbox_file) as outbox:  # written by something else: no 32 KB check
-        huge = {"type": "track", "messageId": "huge", "event": "é" * 100_000}  # 600 KB as JSON
+        huge = {"type": "track", "messageId": "huge", "event": "x" * 600_000}  # over the 500 KB
         outbox.append(encode_message(huge))
         for n in range(3):
             outbox.append(encode_message({"type": "track", "messageId": f"m{n}", "event": "E"}))

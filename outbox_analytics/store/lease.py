@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - Windows: one process per file
 
 __all__ = [
     "UploadLease",
+    "lease_held_here",
     "lease_is_free",
     "mark_writer",
     "other_writers",
@@ -260,6 +261,12 @@ def try_lease(db: Database) -> UploadLease | None:
         lease.close()
         raise
     return lease
+
+
+def lease_held_here(db: Database) -> bool:
+    """Whether a client of this process holds the lease (taken, maybe not yet in hand)."""
+    with _guard:
+        return db.identity in _held
 
 
 def lease_is_free(db: Database) -> bool:

@@ -32,7 +32,15 @@ from ..errors import (
 from . import recovery, schema
 from .connection import Database, FileMoved, file_identity
 from .group_commit import GroupCommit
-from .lease import UploadLease, lease_is_free, mark_writer, other_writers, try_lease, unmark_writer
+from .lease import (
+    UploadLease,
+    lease_held_here,
+    lease_is_free,
+    mark_writer,
+    other_writers,
+    try_lease,
+    unmark_writer,
+)
 from .schema import INFLIGHT_WHERE, TABLE, Head, OutboxStats, Row
 
 __all__ = ["DEFAULT_MAX_PENDING", "Outbox", "default_outbox_path"]
@@ -109,7 +117,9 @@ class Outbox:
         mark_writer(self._db)  # (a no-op for readers): vacuum asks who writes the file
         self._marked = not readonly
         try:
-            self._pending_estimate = self._recovering(self._count_pending)
+            # An upper bound from a few index reads: counting every row would
+            # make opening a million-row outbox take a quarter of a second.
+            self._pending_estimate = self._recovering(self._pending_span)
         except BaseException:
             if readonly:  # damage past the schema: a reader still leaves no -wal or -shm
                 self._db.close()
@@ -385,7 +395,7 @@ class Outbox:
             return
         self._counted_at = now
         self._follow_file()  # moved aside by another process's recovery?
-        span = int(self._db.scalar(schema.PENDING_SPAN) or 0)
+        span = self._pending_span()
         if span + count <= self.max_pending:
             self._pending_estimate = span
         elif now - self._exactly_counted_at >= _RECOUNT_INTERVAL:
@@ -409,12 +419,19 @@ class Outbox:
     def _count_pending(self) -> int:
         return int(self._db.scalar(schema.COUNT_PENDING))
 
+    def _pending_span(self) -> int:
+        return int(self._db.scalar(schema.PENDING_SPAN) or 0)
+
     # -- the upload lease -----------------------------------------------------
 
     def try_lease(self) -> UploadLease | None:
         """The upload lease, if no other process or client holds it (see lease.py)."""
         self._follow_file()
         return self._recovering(lambda: try_lease(self._db))
+
+    def lease_held_here(self) -> bool:
+        """Whether this process holds the upload lease (see lease.py)."""
+        return lease_held_here(self._db)
 
     def lease_is_free(self) -> bool:
         """Whether no uploader holds the lease right now (without taking it)."""
@@ -499,7 +516,8 @@ class Outbox:
             dropped = schema.read_meta(conn, "dropped")
             return pending, taken, min(heads, default=None), dropped
 
-        pending, taken, head, dropped = self._db.snapshot(read)
+        with self._db.memory_mapped():
+            pending, taken, head, dropped = self._db.snapshot(read)
         inflight = int(taken.get(schema.INFLIGHT, 0))
         if not alive:
             pending, inflight = pending + inflight, 0

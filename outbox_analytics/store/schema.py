@@ -109,7 +109,7 @@ COUNT_PENDING = (
 # the cursor: every id from the cursor to the highest is a row or a gap left
 # by a delivered row, and no pending row is below the cursor.
 PENDING_SPAN = (
-    f"SELECT max(0, coalesce((SELECT max(_id) FROM {TABLE}), 0) - {CURSOR} + 1"
+    f"SELECT max(0, coalesce((SELECT max(_id) FROM {TABLE}), 0) - max({CURSOR}, 1) + 1"
     f" - (SELECT count(*) FROM {TABLE} WHERE status >= 2 AND _id >= {CURSOR}))"
 )
 # The oldest pending rows, in order, reading from the cursor on.
