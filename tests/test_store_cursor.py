@@ -269,3 +269,54 @@ def test_plain_persist_queue_still_reads_a_migrated_file_in_order(tmp_path: Path
         auto_resume=False,
     )
     assert [queue.get(block=False)["n"] for _ in range(queue.qsize())] == [4, 5, 6, 7, 8]
+
+
+MIGRATE = """
+import sys
+from outbox_analytics.store import Outbox
+print("opening", flush=True)
+Outbox(sys.argv[1]).close()
+print("migrated", flush=True)
+"""
+
+
+def test_a_migration_killed_at_any_moment_keeps_every_row_and_the_highest_id(
+    tmp_path: Path,
+) -> None:
+    """The rebuild is one transaction: killed, it leaves the 0.1 file as it was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "outbox.sqlite3"
+    _file_of_version_0_1(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")  # a bigger file: the rebuild takes a while (0.4 s)
+    conn.executemany(
+        f"INSERT INTO {schema.TABLE} (data, timestamp, status) VALUES (?, 1.0, 0)",
+        [(_message(n),) for n in range(11, 200_011)],
+    )
+    conn.execute(f"DELETE FROM {schema.TABLE} WHERE _id > 200000")  # the newest delivered
+    conn.execute("COMMIT")
+    conn.close()
+    rng = random.Random(13)
+    killed = 0
+    for _ in range(6):
+        process = subprocess.Popen(
+            [sys.executable, "-c", MIGRATE, str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+        assert process.stdout is not None
+        assert process.stdout.readline() == "opening\n"
+        time.sleep(rng.uniform(0.0, 0.5))
+        process.send_signal(signal.SIGKILL)
+        killed += process.wait() == -signal.SIGKILL
+    assert killed >= 1  # (some may have finished first: that is fine too)
+    with Outbox(path) as outbox:
+        pending = [row.id for row in outbox.rows("pending")]
+        assert pending == [4, 5, 6, 7, 8, *range(11, 200_001)]
+        assert [row.id for row in outbox.rows("dead")] == [1, 2]
+        assert outbox.append(_message(0)) == 200_011  # AUTOINCREMENT's mark kept

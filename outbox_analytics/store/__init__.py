@@ -3,6 +3,7 @@
 - `schema`: the table (persist-queue's), our columns and indexes, encode/decode;
 - `connection`: opening, per-file locks, transactions, fork safety, typed errors;
 - `outbox`: append, `batch()`, the cap, counts;
+- `group_commit`: with fsync=True, one commit and sync for every thread waiting;
 - `lease`: the upload lease, the only object that claims, acks, releases,
   dead-letters or reclaims rows;
 - `recovery`: damaged files moved aside under a lock and salvaged;
