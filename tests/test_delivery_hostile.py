@@ -150,6 +150,27 @@ def test_a_trickling_server_costs_one_timeout_not_a_hang(trickling_server: str) 
     assert time.monotonic() - started < 3.0  # each read came within 1 s: only a deadline helps
 
 
+def _request_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "outbox-analytics-request"]
+
+
+def test_requests_share_one_thread_until_one_outlives_its_deadline(
+    receiver, trickling_server: str
+) -> None:
+    before = len(_request_threads())
+    requester = Requester("k", receiver.url, timeout=1.0)
+    for _ in range(20):
+        requester.send(b'{"batch": []}')
+    assert len(_request_threads()) == before + 1  # not a thread per request
+    requester.url = trickling_server + "/v1/batch"
+    with pytest.raises(RetryableError, match="no complete answer"):
+        requester.send(b'{"batch": []}')  # that thread stays with the late request
+    requester.url = receiver.url + "/v1/batch"
+    requester.send(b'{"batch": []}')  # on a new thread, and a new session
+    assert len(receiver.requests) == 21
+    requester.close()
+
+
 def test_flush_returns_and_the_uploader_moves_on_past_a_trickling_server(
     trickling_server: str, outbox_file: Path
 ) -> None:
