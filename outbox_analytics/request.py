@@ -167,11 +167,18 @@ class Requester:
             return self._basic
         return self.token_manager.authorization()
 
-    def send(self, body: bytes, retry_count: int = 0, deadline: float | None = None) -> None:
+    def send(
+        self,
+        body: bytes,
+        retry_count: int = 0,
+        deadline: float | None = None,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
         """POST one batch body. Returns on 2xx, raises RetryableError or APIError otherwise.
 
         `deadline` (monotonic time, for sync_mode) cuts the wait for the answer
-        shorter than `timeout` when it comes first.
+        shorter than `timeout` when it comes first. `meanwhile()` runs on the
+        calling thread while the request is on its way (it must not raise).
         """
         headers = {
             "Content-Type": "application/json",
@@ -183,14 +190,20 @@ class Requester:
         if self.gzip:
             headers["Content-Encoding"] = "gzip"
             body = gzip_module.compress(body, compresslevel=6)
-        reply = self._post(body, headers, deadline)
+        reply = self._post(body, headers, deadline, meanwhile)
         if 200 <= reply.status < 300:
             return
         if reply.status in (401, 403) and self.token_manager is not None:
             self.token_manager.invalidate()
         raise _error_for(reply, self.write_key)
 
-    def _post(self, body: bytes, headers: dict[str, str], deadline: float | None) -> Reply:
+    def _post(
+        self,
+        body: bytes,
+        headers: dict[str, str],
+        deadline: float | None,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> Reply:
         """The POST, with `timeout` as a deadline for all of it.
 
         requests' timeout bounds each socket read only: a server that trickles
@@ -200,11 +213,15 @@ class Requester:
         left to finish on its own, with its thread and the session it used.
         """
         if self.transport is not None:
+            if meanwhile is not None:
+                meanwhile()
             return self.transport.post(self.url, body, headers, self.timeout)
         request = _Request(self.session, body, headers)
         if self._poster is None or self._poster.pid != os.getpid():  # (no thread survives a fork)
             self._poster = _Poster(self._post_with)
         self._poster.jobs.put(request)
+        if meanwhile is not None:
+            meanwhile()
         wait = self.timeout + _DEADLINE_GRACE
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - time.monotonic()))

@@ -481,3 +481,78 @@ def test_drain_waits_for_the_client_that_holds_the_lease(make_client, receiver) 
     result = drainer.drain(timeout=10)
     assert result.pending == 0
     assert numbers(receiver.accepted()) == list(range(20))
+
+
+# -- the next batch, claimed while one is on the wire ----------------------------------
+
+
+def _store_numbered(outbox_file, count: int) -> None:
+    from outbox_analytics import Client
+
+    client = Client("test-write-key", outbox_path=str(outbox_file), upload=False)
+    with client.batch():
+        for n in range(count):
+            client.track("u", "Numbered", {"n": n})
+    client.shutdown()
+
+
+def _first_seen_order(receiver) -> list[int]:
+    seen: list[int] = []
+    for message in receiver.accepted():
+        n = message["properties"]["n"]
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def test_the_next_batch_is_claimed_while_one_is_on_the_wire(
+    make_client, receiver, outbox_file
+) -> None:
+    _store_numbered(outbox_file, 250)
+    inflight_during_requests: list[int] = []
+    client = None
+
+    def slow(request):
+        if client is not None:
+            inflight_during_requests.append(client.stats().inflight)
+        return Reply(delay=0.2)
+
+    receiver.responder = slow
+    client = make_client(upload_size=100)
+    assert client.flush(timeout=20).pending == 0
+    assert max(inflight_during_requests) == 200  # this batch and the next
+    assert _first_seen_order(receiver) == list(range(250))
+
+
+def test_a_batch_claimed_ahead_goes_back_when_the_one_before_it_fails(
+    make_client, receiver, outbox_file
+) -> None:
+    import tenacity
+
+    _store_numbered(outbox_file, 300)
+    answers = iter([Reply(status=503, delay=0.2)])  # the first batch fails, once
+
+    receiver.responder = lambda request: next(answers, Reply())
+    client = make_client(upload_size=100, max_retries=0, retry_wait=tenacity.wait_fixed(0))
+    deadline = time.monotonic() + 20
+    while len(receiver.accepted()) < 300 and time.monotonic() < deadline:
+        client.flush(timeout=5)
+    assert _first_seen_order(receiver) == list(range(300))  # nothing overtook the first batch
+    assert client.stats().pending == 0
+
+
+def test_shutdown_puts_a_batch_claimed_ahead_back(make_client, receiver, outbox_file) -> None:
+    from outbox_analytics import Client
+
+    _store_numbered(outbox_file, 300)
+    receiver.responder = lambda request: Reply(delay=0.5)
+    client = make_client(upload_size=100)
+    deadline = time.monotonic() + 10
+    while client.stats().inflight < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.shutdown(timeout=5)
+    reader = Client("test-write-key", outbox_path=str(outbox_file), upload=False)
+    stats = reader.stats()
+    reader.shutdown()
+    assert stats is not None and stats.inflight == 0  # nothing left claimed by nobody
+    assert stats.pending + len({m["messageId"] for m in receiver.accepted()}) == 300
