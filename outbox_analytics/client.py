@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import tenacity
 
 from .errors import OutboxError, OutboxFull
-from .oauth import TokenManager, load_private_key
 from .request import Requester, proxies_for
 from .store import (
     DEFAULT_MAX_PENDING,
@@ -246,6 +245,8 @@ class Client:
             transport=self.transport,
         )
         if self._oauth_key is not None:
+            from .oauth import TokenManager  # PyJWT: only with OAuth (see _oauth_key)
+
             requester.token_manager = TokenManager(
                 str(self.oauth_client_id),
                 self._oauth_key,
@@ -782,6 +783,10 @@ def _oauth_key(client_id: Any, client_key: Any, key_id: Any) -> RSAPrivateKey | 
     require("oauth_client_id", client_id, str)
     require("oauth_key_id", key_id, str)
     require("oauth_client_key", client_key, (str, bytes))
+    # Imported only now: PyJWT and cryptography take over 100 ms to import,
+    # a cost every process would pay on `import outbox_analytics` otherwise.
+    from .oauth import load_private_key
+
     return load_private_key(client_key)
 
 

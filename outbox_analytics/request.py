@@ -20,14 +20,20 @@ import urllib.parse
 from collections.abc import Callable
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-import requests
 
 from .errors import APIError, RetryableError
 from .transport import Reply, Transport
 from .version import VERSION
+
+# requests (with urllib3, idna, charset_normalizer, certifi) takes about 70 ms
+# to import: it is imported where a request is made, so that a process that
+# never uploads (send=False, a CLI command reading the file, a short script
+# whose uploader has not started) does not pay for it.
+if TYPE_CHECKING:
+    import requests
 
 __all__ = [
     "MAX_BATCH_BYTES",
@@ -237,6 +243,8 @@ class Requester:
         return request.reply
 
     def _post_with(self, session: requests.Session, body: bytes, headers: dict[str, str]) -> Reply:
+        import requests
+
         try:
             response = session.post(
                 self.url,
@@ -303,6 +311,8 @@ class _Poster:
 
 
 def _new_session() -> requests.Session:
+    import requests
+
     session = requests.Session()
     # requests reads proxy and CA settings from the environment on every
     # request (most of a millisecond here); they are read once instead.
@@ -312,6 +322,8 @@ def _new_session() -> requests.Session:
 
 def proxies_for(url: str, proxies: dict[str, str] | None) -> dict[str, str]:
     """The proxies for `url`: the environment's (HTTP(S)_PROXY, NO_PROXY), then ours on top."""
+    import requests.utils
+
     return {**requests.utils.get_environ_proxies(url), **(proxies or {})}
 
 
@@ -327,8 +339,7 @@ def _error_for(reply: Reply, write_key: str) -> RetryableError | APIError:
         return _redirect(reply, write_key)
     code, message = error_fields(text, "code", "message")
     if is_retryable_status(status):
-        headers = requests.structures.CaseInsensitiveDict(reply.headers)
-        retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
+        retry_after = parse_retry_after(_header(reply, "Retry-After"), time.time())
         return RetryableError(
             f"HTTP {status}: {message or text}",
             status=status,
@@ -340,8 +351,7 @@ def _error_for(reply: Reply, write_key: str) -> RetryableError | APIError:
 
 def _redirect(reply: Reply, write_key: str) -> RetryableError:
     """A 3xx: a setting to fix (the host). The events stay pending; it is logged once per target."""
-    headers = requests.structures.CaseInsensitiveDict(reply.headers)
-    location = str(headers.get("Location", "(no Location)"))[:300]
+    location = str(_header(reply, "Location") or "(no Location)")[:300]
     if write_key:
         location = location.replace(write_key, "<write key>")
     error = RetryableError(
@@ -356,6 +366,12 @@ def _redirect(reply: Reply, write_key: str) -> RetryableError:
 
 
 _redirects_logged: set[str] = set()
+
+
+def _header(reply: Reply, name: str) -> str | None:
+    """A header of the reply, whatever the case of its name."""
+    wanted = name.lower()
+    return next((value for key, value in reply.headers.items() if key.lower() == wanted), None)
 
 
 def error_fields(text: str, code_key: str, message_key: str) -> tuple[str, str]:
@@ -374,6 +390,8 @@ def error_fields(text: str, code_key: str, message_key: str) -> tuple[str, str]:
 
 def _describe(exc: requests.RequestException, url: str) -> str:
     """What went wrong, in a few words an operator can act on (requests' own are long chains)."""
+    import requests
+
     where = urllib.parse.urlsplit(url).netloc
     cause = _os_error_under(exc)
     if isinstance(cause, ConnectionRefusedError):

@@ -187,6 +187,10 @@ class Uploader:
         return self._thread is not None and self._thread.is_alive() and self._pid == os.getpid()
 
     def _loop(self, generation: int) -> None:
+        # Step aside first: Thread.start() returns only once this thread has
+        # run, and while it keeps the GIL the starting thread (a caller's
+        # first track()) waits out the 5 ms switch interval.
+        time.sleep(0.001)
         while not self._stopping.is_set() and generation == self._generation:
             try:
                 with self._step_lock:
