@@ -12,12 +12,12 @@ Module settings are read once, when the default client is first needed.
 from __future__ import annotations
 
 import atexit
-import contextlib
+import inspect
 import logging
 import os
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from .client import DEFAULT_HOST, Client
 from .errors import (
@@ -40,6 +40,12 @@ from .uploader import FlushResult
 from .version import VERSION
 
 __version__ = VERSION
+
+if TYPE_CHECKING:  # typing's ParamSpec and Concatenate are new in Python 3.10
+    from typing import Concatenate, ParamSpec
+
+    P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = [
     "APIError",
@@ -102,61 +108,40 @@ default_client: Client | None = None
 _default_client_lock = threading.Lock()
 
 
-def track(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
-    """Record a track event with the default client."""
-    return _client().track(*args, **kwargs)
+def _delegate(method: Callable[Concatenate[Client, P], R]) -> Callable[P, R]:
+    """The module-level form of a `Client` method: the same signature, called on the default client.
+
+    Generated rather than written out, so that the module API cannot drift
+    from `Client`'s: type checkers see the method's own parameters and
+    return type (ParamSpec), and `inspect.signature()` and `help()` show
+    them too.
+    """
+    name = method.__name__
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        bound: Callable[P, R] = getattr(_client(), name)
+        return bound(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"`Client.{name}()` on the default client (built from the module settings)."
+    if method.__doc__:
+        call.__doc__ += "\n\n" + inspect.cleandoc(method.__doc__)
+    parameters = list(inspect.signature(method).parameters.values())[1:]  # without self
+    call.__signature__ = inspect.signature(method).replace(parameters=parameters)  # type: ignore[attr-defined]
+    return call
 
 
-def identify(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
-    """Record an identify event with the default client."""
-    return _client().identify(*args, **kwargs)
-
-
-def group(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
-    """Record a group event with the default client."""
-    return _client().group(*args, **kwargs)
-
-
-def alias(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
-    """Record an alias event with the default client."""
-    return _client().alias(*args, **kwargs)
-
-
-def page(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
-    """Record a page event with the default client."""
-    return _client().page(*args, **kwargs)
-
-
-def screen(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
-    """Record a screen event with the default client."""
-    return _client().screen(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def batch() -> Iterator[None]:
-    """Commit the events of the block in one transaction (see `Client.batch`)."""
-    with _client().batch():
-        yield
-
-
-def stats() -> OutboxStats | None:
-    """Counts of the default client's outbox file."""
-    return _client().stats()
-
-
-def flush(timeout: float | None = None) -> FlushResult:
-    """Send what the default client has pending (see `Client.flush`)."""
-    return _client().flush(timeout)
-
-
-def join(timeout: float | None = None) -> None:
-    """Stop the default client's background work; pending events stay on disk."""
-    _client().join(timeout)
-
-
-def shutdown(timeout: float | None = None) -> FlushResult:
-    """Flush, stop and close the default client."""
-    return _client().shutdown(timeout)
+track = _delegate(Client.track)
+identify = _delegate(Client.identify)
+group = _delegate(Client.group)
+alias = _delegate(Client.alias)
+page = _delegate(Client.page)
+screen = _delegate(Client.screen)
+batch = _delegate(Client.batch)
+stats = _delegate(Client.stats)
+flush = _delegate(Client.flush)
+join = _delegate(Client.join)
+shutdown = _delegate(Client.shutdown)
 
 
 @atexit.register

@@ -20,6 +20,7 @@ import tenacity
 
 from .errors import OutboxError, OutboxFull
 from .request import Requester, proxies_for
+from .segment_compat import ConsumerView, QueueView
 from .store import (
     DEFAULT_MAX_PENDING,
     Outbox,
@@ -541,6 +542,18 @@ class Client:
             yield
 
     # -- lifecycle and inspection -------------------------------------------------
+
+    @property
+    def queue(self) -> QueueView:
+        """Segment's `client.queue`: `qsize()`, `empty()`, `full()`, `maxsize`, of the outbox."""
+        return QueueView(self)
+
+    @property
+    def consumers(self) -> list[ConsumerView]:
+        """Segment's `client.consumers`: the uploader, or none (sync_mode, not sending)."""
+        if self.uploader is None or self.sync_mode:
+            return []
+        return [ConsumerView(self)]
 
     def stats(self) -> OutboxStats | None:
         """Counts of the outbox file (None when send=False, as nothing is stored).
