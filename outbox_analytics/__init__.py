@@ -144,6 +144,11 @@ join = _delegate(Client.join)
 shutdown = _delegate(Client.shutdown)
 
 
+# Turned off for good by the pytest plugin: a test session must never send,
+# at its exit, what the application's real runs left in their outbox.
+_deliver_at_exit = True
+
+
 @atexit.register
 def _deliver_what_workers_left() -> None:
     """A process that set up the module-level API delivers its outbox's pending events at exit.
@@ -155,7 +160,7 @@ def _deliver_what_workers_left() -> None:
     flushed within the same exit budget. Nothing is created: only an outbox
     file that exists is opened.
     """
-    if default_client is not None or not (write_key and send and upload):
+    if not _deliver_at_exit or default_client is not None or not (write_key and send and upload):
         return
     try:
         path = outbox_path or default_outbox_path(write_key, (host or DEFAULT_HOST).rstrip("/"))

@@ -1,23 +1,80 @@
-"""pytest plugin (registered through the `pytest11` entry point): the `analytics_events` fixture.
+"""pytest plugin (registered through the `pytest11` entry point): tests that never send.
 
     def test_signup_is_tracked(analytics_events):
         signup("ada@example.com")
         analytics_events.assert_tracked("Signed Up", plan="pro")
 
-During the test, every outbox-analytics client records what it would have
-sent instead of storing and sending it (see `outbox_analytics.testing`).
+Whenever pytest runs with the package installed, no client stores events or
+sends them, from the moment pytest starts (before conftest.py files and test
+modules are imported) until it ends:
+
+- `analytics_events` records what one test tracked;
+- what is tracked anywhere else (at import, in a conftest, during
+  collection, in a test that did not ask) is recorded in the session's
+  capture, `analytics_session_events`;
+- the kill switch (OUTBOX_ANALYTICS_DISABLED) does not hide events from them;
+- nothing is delivered at exit, so no test run pays the exit budget or
+  replays what the application's real runs left in their outbox.
+
+For integration tests that want the real pipeline: mark one test
+`@pytest.mark.analytics_live`, or turn the plugin's isolation off for the
+whole run with `outbox_analytics_live = true` in the ini file (or
+`-p no:outbox_analytics`, which also removes the fixtures).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
 
-from .testing import capture
+from .testing import capture, live
 from .transport import MemoryTransport
 
-__all__ = ["analytics_events"]
+__all__ = ["analytics_events", "analytics_session_events"]
+
+LIVE_OPTION = "outbox_analytics_live"
+LIVE_MARKER = "analytics_live"
+
+# Each run's capture, from its start (see below) to its end. Per run, not per
+# process: pytester may run pytest within pytest.
+_SESSION = pytest.StashKey[tuple[contextlib.ExitStack, MemoryTransport]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        LIVE_OPTION,
+        type="bool",
+        default=False,
+        help="outbox-analytics: let clients store and send for real in this run",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Start capturing before the first conftest.py, or its events would escape."""
+    if early_config.getini(LIVE_OPTION):
+        return
+    import outbox_analytics
+
+    outbox_analytics._deliver_at_exit = False  # for good: see its comment
+    stack = contextlib.ExitStack()
+    early_config.stash[_SESSION] = stack, stack.enter_context(capture())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{LIVE_MARKER}: outbox-analytics clients built in this test store and send for real",
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(_SESSION, None)
+    if session is not None:
+        session[0].close()
+        del config.stash[_SESSION]
 
 
 @pytest.fixture
@@ -25,3 +82,22 @@ def analytics_events() -> Iterator[MemoryTransport]:
     """The messages the code under test sent, with find/tracks/assert_* helpers."""
     with capture() as events:
         yield events
+
+
+@pytest.fixture(scope="session")
+def analytics_session_events(pytestconfig: pytest.Config) -> MemoryTransport:
+    """What was tracked outside the tests that asked for `analytics_events` (at import, say).
+
+    Empty, and never filled, when the run is live (`outbox_analytics_live = true`).
+    """
+    session = pytestconfig.stash.get(_SESSION, None)
+    return session[1] if session is not None else MemoryTransport()
+
+
+@pytest.fixture(autouse=True)
+def _analytics_live_when_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker(LIVE_MARKER) is None:
+        yield
+        return
+    with live():
+        yield
