@@ -14,7 +14,8 @@ modules are imported) until it ends:
   capture, `analytics_session_events`;
 - the kill switch (OUTBOX_ANALYTICS_DISABLED) does not hide events from them;
 - nothing is delivered at exit, so no test run pays the exit budget or
-  replays what the application's real runs left in their outbox.
+  replays what the application's real runs left in their outbox;
+- processes the tests start inherit the kill switch, so they stay offline.
 
 For integration tests that want the real pipeline: mark one test
 `@pytest.mark.analytics_live`, or turn the plugin's isolation off for the
@@ -25,6 +26,7 @@ whole run with `outbox_analytics_live = true` in the ini file (or
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -36,6 +38,8 @@ __all__ = ["analytics_events", "analytics_session_events"]
 
 LIVE_OPTION = "outbox_analytics_live"
 LIVE_MARKER = "analytics_live"
+KILL_SWITCH = "OUTBOX_ANALYTICS_DISABLED"
+KILL_SWITCH_BY_PLUGIN = "OUTBOX_ANALYTICS_DISABLED_BY_PYTEST"
 
 # Each run's capture, from its start (see below) to its end. Per run, not per
 # process: pytester may run pytest within pytest.
@@ -61,6 +65,25 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     outbox_analytics._deliver_at_exit = False  # for good: see its comment
     stack = contextlib.ExitStack()
     early_config.stash[_SESSION] = stack, stack.enter_context(capture())
+    _kill_switch_for_child_processes(stack)
+
+
+def _kill_switch_for_child_processes(stack: contextlib.ExitStack) -> None:
+    """Processes the tests start (a CLI run with subprocess, a spawn pool) stay offline too.
+
+    They inherit the kill switch. Marked as the plugin's, so that a live test
+    lifts it (in xdist's workers too, which inherit both) and a kill switch
+    the user set is left alone.
+    """
+    if KILL_SWITCH in os.environ:
+        return
+    os.environ[KILL_SWITCH] = os.environ[KILL_SWITCH_BY_PLUGIN] = "1"
+
+    def lift() -> None:
+        os.environ.pop(KILL_SWITCH, None)
+        os.environ.pop(KILL_SWITCH_BY_PLUGIN, None)
+
+    stack.callback(lift)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -99,5 +122,9 @@ def _analytics_live_when_marked(request: pytest.FixtureRequest) -> Iterator[None
     if request.node.get_closest_marker(LIVE_MARKER) is None:
         yield
         return
-    with live():
-        yield
+    with pytest.MonkeyPatch.context() as patch:
+        if os.environ.get(KILL_SWITCH_BY_PLUGIN):
+            patch.delenv(KILL_SWITCH)
+            patch.delenv(KILL_SWITCH_BY_PLUGIN)
+        with live():
+            yield

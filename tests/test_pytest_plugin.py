@@ -65,6 +65,8 @@ analytics.track("conftest", "Conftest Loaded")
 
 TESTS = """
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -82,6 +84,11 @@ def test_a_test_that_does_not_ask_stays_offline():
         pytest.skip("live: Client() would send to Segment")
     assert app.signup("bob@example.com") is None
     assert Client("another-key").track("u", "Explicit Client")[0]
+
+
+def test_a_process_the_test_starts_stays_offline():
+    # The application run as a command, as tests of CLIs do: it tracks at import.
+    subprocess.run([sys.executable, "-c", "import app"], check=True, timeout=60)
 
 
 def test_the_session_saw_what_was_tracked_at_import(analytics_session_events):
@@ -163,13 +170,13 @@ def test_a_users_suite_stays_offline(tmp_path: Path, workers: list[str]) -> None
     assert audit == []  # no lookup of api.segment.io, no connection anywhere
     assert files_under(home_of(tmp_path)) == []  # no outbox in the state directory
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "7 passed, 1 skipped" in done.stdout, done.stdout
+    assert "8 passed, 1 skipped" in done.stdout, done.stdout
 
 
 def test_the_fixture_records_with_the_kill_switch_on(tmp_path: Path) -> None:
     done, audit = run_user_suite(tmp_path, OUTBOX_ANALYTICS_DISABLED="1")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "7 passed, 1 skipped" in done.stdout, done.stdout
+    assert "8 passed, 1 skipped" in done.stdout, done.stdout
     assert audit == []
 
 
