@@ -83,3 +83,57 @@ def test_jwt_loads_only_with_oauth_settings(tmp_path: Path, oauth_given: bool) -
     loaded = loaded_after(code, tmp_path)
     assert ("jwt" in loaded) is oauth_given
     assert ("cryptography" in loaded) is oauth_given
+
+
+# requests made slow to import (a second inside its module body), so that a
+# fork lands while the uploader's thread is importing it; then the child
+# imports it too, as a pool worker's code would.
+FORK_DURING_IMPORT = """
+import importlib.abc, importlib.machinery, os, signal, sys, time
+
+class SlowRequests(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "requests":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run_module = spec.loader.exec_module
+        def exec_module(module):
+            time.sleep(1.0)
+            run_module(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, SlowRequests())
+import outbox_analytics
+client = outbox_analytics.Client("key", host=sys.argv[1], outbox_path=sys.argv[2],
+                                 upload_interval=0)
+client.track("user", "Before The Fork")
+deadline = time.monotonic() + 10
+while "requests" not in sys.modules:  # the uploader's thread has begun importing it
+    assert time.monotonic() < deadline
+    time.sleep(0.001)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a hung import ends the child with SIGALRM
+    import requests
+    requests.Session()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+client.flush(10)
+"""
+
+
+def test_a_fork_while_the_uploader_imports_requests_leaves_a_working_child(
+    tmp_path: Path, receiver
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_DURING_IMPORT, receiver.url, str(tmp_path / "o.sqlite3")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["child", "0"]  # not -14 (SIGALRM): it did not hang
+    assert [m["event"] for r in receiver.requests for m in r.batch] == ["Before The Fork"]
