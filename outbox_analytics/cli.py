@@ -33,6 +33,7 @@ from typing import IO, Any, NoReturn, TypeVar
 
 from .client import (
     DEFAULT_HOST,
+    KILL_SWITCH_ENV,
     MESSAGE_TYPES,
     Client,
     check_host,
@@ -52,7 +53,6 @@ EXIT_OK, EXIT_PROBLEM, EXIT_BAD_INPUT, EXIT_TEMPFAIL = 0, 1, 2, 75
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
 WRITE_KEY_ENV = "OUTBOX_ANALYTICS_WRITE_KEY"
-KILL_SWITCH_ENV = "OUTBOX_ANALYTICS_DISABLED"
 
 
 class UsageError(Exception):

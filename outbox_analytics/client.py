@@ -9,6 +9,7 @@ import logging
 import numbers
 import os
 import sys
+import threading
 import time
 import urllib.parse
 import weakref
@@ -148,7 +149,9 @@ class Client:
         # The kill switch, and a test capturing events: validate and build
         # messages, store and send nothing, open no file, start no thread.
         self.disabled = kill_switch_on()
-        offline = self.disabled or _capture is not None
+        # A client given a transport is a test double already: a capture
+        # leaves its pipeline alone (the README's MemoryTransport recipe).
+        offline = self.disabled or (_capture is not None and transport is None)
         if not offline or write_key is not None:
             require("write_key", write_key, str)
         if before_send is not None and not callable(before_send):
@@ -201,6 +204,7 @@ class Client:
         self.fsync = fsync
         self._full_warning = RateLimitedLog()
         self._write_error_log = RateLimitedLog()
+        self._offline_warning = RateLimitedLog()
         _configure_logging(debug, log_handler)
 
         # send=False keeps Segment's meaning: validate and build, store nothing.
@@ -448,13 +452,14 @@ class Client:
                 return False, msg
             msg, data = changed
         capture = _capture
-        if capture is not None and self.send:  # a test is looking: record, store nothing
-            capture.record([msg])  # kill switch or not: tests run with it on to stay offline
-            return True, msg
+        if capture is not None and self.send and self.transport is None:
+            _record(capture, msg)  # a test is looking: record, store nothing
+            return True, msg  # kill switch or not: tests run with it on to stay offline
         if not self.send or self.disabled:
             return True, msg
-        if self.outbox is None:  # built while a capture was on, used after it
-            return True, msg
+        if self.outbox is None:
+            self._warn_built_offline()
+            return False, msg
         try:
             row_id = self.outbox.append(data)
         except OutboxFull:
@@ -526,6 +531,16 @@ class Client:
         if suppressed is not None:
             log.error("event not stored: %s (%d more since the last error)", exc, suppressed)
 
+    def _warn_built_offline(self) -> None:
+        suppressed = self._offline_warning.ready()
+        if suppressed is not None:
+            log.warning(
+                "event neither stored nor sent: this client was built while a test capture"
+                " was on, and has no outbox; build clients for live tests inside them"
+                " (%d more since the last warning)",
+                suppressed,
+            )
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Commit every event of the block (on this thread) in one transaction.
@@ -535,10 +550,9 @@ class Client:
         stored. Calls inside the block return (True, msg) once the message is
         valid; it becomes durable when the block ends.
         """
-        if self.outbox is None:
-            yield
-            return
-        with self.outbox.batch():
+        # Under a test capture, the block's events are recorded when it ends.
+        stored = self.outbox.batch() if self.outbox is not None else contextlib.nullcontext()
+        with _captured_batch(), stored:
             yield
 
     # -- lifecycle and inspection -------------------------------------------------
@@ -770,15 +784,53 @@ def _encode(msg: dict[str, Any]) -> bytes:
 
 
 def kill_switch_on() -> bool:
-    """Whether $OUTBOX_ANALYTICS_DISABLED turns every client into send=False."""
-    return os.environ.get("OUTBOX_ANALYTICS_DISABLED", "").strip().lower() in (
-        "1", "true", "yes", "on",
-    )  # fmt: skip
+    """Whether $OUTBOX_ANALYTICS_DISABLED turns every client into send=False.
+
+    Not where the pytest plugin set it for the processes its tests start
+    (it names its own process): there, its capture decides.
+    """
+    if os.environ.get(KILL_SWITCH_SETTER_ENV) == str(os.getpid()):
+        return False
+    return os.environ.get(KILL_SWITCH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+KILL_SWITCH_ENV = "OUTBOX_ANALYTICS_DISABLED"
+KILL_SWITCH_SETTER_ENV = "OUTBOX_ANALYTICS_DISABLED_BY_PYTEST"  # the pid of the plugin's process
 
 
 # Set by outbox_analytics.testing.capture(): every client records its events
 # there instead of storing them.
 _capture: MemoryTransport | None = None
+# Per thread, inside an offline batch() block: its events and the capture
+# each goes to, recorded when the block ends, none if it raises (as the
+# outbox would store them).
+_offline_batch = threading.local()
+_Held = list[tuple[MemoryTransport, dict[str, Any]]]
+
+
+def _record(capture: MemoryTransport, msg: dict[str, Any]) -> None:
+    held: list[tuple[MemoryTransport, dict[str, Any]]] | None = getattr(
+        _offline_batch, "held", None
+    )
+    if held is None:
+        capture.record([msg])
+    else:
+        held.append((capture, msg))
+
+
+@contextlib.contextmanager
+def _captured_batch() -> Iterator[None]:
+    if getattr(_offline_batch, "held", None) is not None:
+        yield  # nested: the outermost block decides
+        return
+    held: _Held = []
+    _offline_batch.held = held
+    try:
+        yield
+    finally:
+        _offline_batch.held = None
+    for capture, msg in held:  # only when the block did not raise
+        capture.record([msg])
 
 
 def _oauth_key(client_id: Any, client_key: Any, key_id: Any) -> RSAPrivateKey | None:

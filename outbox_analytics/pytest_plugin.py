@@ -31,6 +31,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from .client import KILL_SWITCH_ENV, KILL_SWITCH_SETTER_ENV, kill_switch_on
 from .testing import capture, live
 from .transport import MemoryTransport
 
@@ -38,12 +39,12 @@ __all__ = ["analytics_events", "analytics_session_events"]
 
 LIVE_OPTION = "outbox_analytics_live"
 LIVE_MARKER = "analytics_live"
-KILL_SWITCH = "OUTBOX_ANALYTICS_DISABLED"
-KILL_SWITCH_BY_PLUGIN = "OUTBOX_ANALYTICS_DISABLED_BY_PYTEST"
 
 # Each run's capture, from its start (see below) to its end. Per run, not per
 # process: pytester may run pytest within pytest.
 _SESSION = pytest.StashKey[tuple[contextlib.ExitStack, MemoryTransport]]()
+_runs = 0  # runs capturing in this process now
+_kept_to_the_end: list[contextlib.ExitStack] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,6 +59,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     """Start capturing before the first conftest.py, or its events would escape."""
+    global _runs
     if early_config.getini(LIVE_OPTION):
         return
     import outbox_analytics
@@ -66,24 +68,32 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     stack = contextlib.ExitStack()
     early_config.stash[_SESSION] = stack, stack.enter_context(capture())
     _kill_switch_for_child_processes(stack)
+    _runs += 1
 
 
 def _kill_switch_for_child_processes(stack: contextlib.ExitStack) -> None:
     """Processes the tests start (a CLI run with subprocess, a spawn pool) stay offline too.
 
-    They inherit the kill switch. Marked as the plugin's, so that a live test
-    lifts it (in xdist's workers too, which inherit both) and a kill switch
-    the user set is left alone.
+    They inherit the kill switch, with this process's pid as its setter: here
+    the capture decides instead (see `kill_switch_on`), and a live test lifts
+    it. A kill switch the user turned on is left as it is; one turned off
+    ("0") is overridden for the run.
     """
-    if KILL_SWITCH in os.environ:
+    user_turned_it_on = kill_switch_on() and KILL_SWITCH_SETTER_ENV not in os.environ
+    if user_turned_it_on:
         return
-    os.environ[KILL_SWITCH] = os.environ[KILL_SWITCH_BY_PLUGIN] = "1"
+    before = {name: os.environ.get(name) for name in (KILL_SWITCH_ENV, KILL_SWITCH_SETTER_ENV)}
+    os.environ[KILL_SWITCH_ENV] = "1"
+    os.environ[KILL_SWITCH_SETTER_ENV] = str(os.getpid())
 
-    def lift() -> None:
-        os.environ.pop(KILL_SWITCH, None)
-        os.environ.pop(KILL_SWITCH_BY_PLUGIN, None)
+    def restore() -> None:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
-    stack.callback(lift)
+    stack.callback(restore)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -94,10 +104,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the run's capture, unless it is the process's last: it stays offline to its exit.
+
+    Code that runs after pytest (atexit hooks, cleanups) must not send either.
+    Only a run nested in another (pytester's in-process runs) hands back.
+    """
+    global _runs
     session = config.stash.get(_SESSION, None)
-    if session is not None:
+    if session is None:
+        return
+    del config.stash[_SESSION]
+    _runs -= 1
+    if _runs > 0:
         session[0].close()
-        del config.stash[_SESSION]
+    else:  # kept referenced: a capture's generator, once collected, would end it
+        _kept_to_the_end.append(session[0])
 
 
 @pytest.fixture
@@ -123,8 +144,8 @@ def _analytics_live_when_marked(request: pytest.FixtureRequest) -> Iterator[None
         yield
         return
     with pytest.MonkeyPatch.context() as patch:
-        if os.environ.get(KILL_SWITCH_BY_PLUGIN):
-            patch.delenv(KILL_SWITCH)
-            patch.delenv(KILL_SWITCH_BY_PLUGIN)
+        if os.environ.get(KILL_SWITCH_SETTER_ENV) == str(os.getpid()):
+            patch.delenv(KILL_SWITCH_ENV)  # for the processes it starts
+            patch.delenv(KILL_SWITCH_SETTER_ENV)
         with live():
             yield

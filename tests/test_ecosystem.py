@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import outbox_analytics
+import outbox_analytics.testing
 from outbox_analytics import Client, MemoryTransport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +192,31 @@ def test_the_public_surface_is_pinned() -> None:
     )  # fmt: skip
     for name in outbox_analytics.__all__:
         assert hasattr(outbox_analytics, name), name
+
+
+def test_a_client_built_under_a_capture_says_so_when_used_after_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with outbox_analytics.testing.capture():
+        client = Client("key")  # offline: it has no outbox
+    with caplog.at_level(logging.WARNING, logger="outbox_analytics"):
+        ok, message = client.track("u", "After The Capture")
+    assert ok is False and message["event"] == "After The Capture"
+    assert "built while a test capture was on" in caplog.text
+
+
+def test_a_captured_batch_records_its_events_only_when_it_ends_well(store_only) -> None:
+    with outbox_analytics.testing.capture() as events:
+        with pytest.raises(KeyError), store_only.batch():
+            store_only.track("u", "Lost")
+            with store_only.batch():  # nested: the outer block decides
+                store_only.track("u", "Lost Too")
+            raise KeyError("the job failed")
+        assert events.messages == []
+        with store_only.batch():
+            store_only.track("u", "Kept", {"n": 1})
+            store_only.track("u", "Kept", {"n": 2})
+            assert events.messages == []  # not before the block ends
+        assert [m["properties"]["n"] for m in events.tracks("Kept")] == [1, 2]
+    stats = store_only.stats()
+    assert stats is not None and stats.pending == 0  # a capture stores nothing

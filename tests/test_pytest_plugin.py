@@ -42,6 +42,7 @@ sys.addaudithook(_audit)
 """
 
 APP = """
+import atexit
 import os
 import outbox_analytics as analytics
 
@@ -49,6 +50,8 @@ analytics.write_key = "live-write-key"  # at import, before any fixture runs
 if os.environ.get("APP_ANALYTICS_HOST"):
     analytics.host = os.environ["APP_ANALYTICS_HOST"]
 analytics.track("app", "App Imported")
+# After pytest has ended, before the process exits: must stay offline too.
+atexit.register(lambda: analytics.track("app", "App Exiting"))
 
 
 def signup(email):
@@ -71,7 +74,8 @@ import sys
 import pytest
 
 import app
-from outbox_analytics import Client
+import outbox_analytics as analytics
+from outbox_analytics import Client, MemoryTransport
 
 
 def test_signup_is_tracked(analytics_events):
@@ -97,6 +101,30 @@ def test_the_session_saw_what_was_tracked_at_import(analytics_session_events):
         return
     events = {m.get("event") for m in analytics_session_events.messages}
     assert {"App Imported", "Conftest Loaded"} <= events
+
+
+def test_a_batch_that_raises_records_nothing(analytics_events):
+    with pytest.raises(ValueError):
+        with analytics.batch():
+            analytics.track("u", "Row Exported", {"row": 1})
+            raise ValueError("bad row")
+    analytics_events.assert_nothing_sent()
+    with analytics.batch():
+        analytics.track("u", "Row Exported", {"row": 2})
+    assert [m["properties"]["row"] for m in analytics_events.tracks("Row Exported")] == [2]
+
+
+def test_a_client_with_a_transport_keeps_its_pipeline(tmp_path, analytics_events):
+    transport = MemoryTransport()
+    client = Client("KEY", outbox_path=str(tmp_path / "o.sqlite3"), transport=transport)
+    client.track("user-1", "Report Exported", {"format": "csv"})
+    if os.environ.get("USERS_OWN_KILL_SWITCH") == "1":  # it wins: nothing stored or sent
+        assert client.flush(timeout=5).sent == 0 and transport.messages == []
+    else:
+        assert client.flush(timeout=5).sent == 1
+        transport.assert_tracked("Report Exported", format="csv")
+    client.shutdown()
+    analytics_events.assert_nothing_sent()
 
 
 @pytest.mark.parametrize("n", range(4))
@@ -170,14 +198,19 @@ def test_a_users_suite_stays_offline(tmp_path: Path, workers: list[str]) -> None
     assert audit == []  # no lookup of api.segment.io, no connection anywhere
     assert files_under(home_of(tmp_path)) == []  # no outbox in the state directory
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "8 passed, 1 skipped" in done.stdout, done.stdout
+    assert "10 passed, 1 skipped" in done.stdout, done.stdout
 
 
-def test_the_fixture_records_with_the_kill_switch_on(tmp_path: Path) -> None:
-    done, audit = run_user_suite(tmp_path, OUTBOX_ANALYTICS_DISABLED="1")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "8 passed, 1 skipped" in done.stdout, done.stdout
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_a_kill_switch_of_the_users_own(tmp_path: Path, switch: str) -> None:
+    """On, the fixture still records; off ("0"), the run is offline all the same."""
+    done, audit = run_user_suite(
+        tmp_path, OUTBOX_ANALYTICS_DISABLED=switch, USERS_OWN_KILL_SWITCH=switch
+    )
     assert audit == []
+    assert files_under(home_of(tmp_path)) == []
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "10 passed, 1 skipped" in done.stdout, done.stdout
 
 
 def test_what_real_runs_left_is_not_sent_at_the_end_of_a_test_run(tmp_path: Path) -> None:
