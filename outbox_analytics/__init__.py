@@ -15,6 +15,7 @@ import atexit
 import inspect
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -41,7 +42,10 @@ from .version import VERSION
 
 __version__ = VERSION
 
-if TYPE_CHECKING:  # typing's ParamSpec and Concatenate are new in Python 3.10
+# typing's ParamSpec and Concatenate are new in Python 3.10. Defined at run
+# time where they exist, so that typing.get_type_hints() reads the module
+# functions' annotations as it reads Client's methods'.
+if TYPE_CHECKING or sys.version_info >= (3, 10):
     from typing import Concatenate, ParamSpec
 
     P = ParamSpec("P")
@@ -126,7 +130,11 @@ def _delegate(method: Callable[Concatenate[Client, P], R]) -> Callable[P, R]:
     call.__doc__ = f"`Client.{name}()` on the default client (built from the module settings)."
     if method.__doc__:
         call.__doc__ += "\n\n" + inspect.cleandoc(method.__doc__)
-    parameters = list(inspect.signature(method).parameters.values())[1:]  # without self
+    # What introspection reads (inspect.signature, typing.get_type_hints): the
+    # method's, without self; __wrapped__ lends get_type_hints its module.
+    call.__wrapped__ = method  # type: ignore[attr-defined]
+    call.__annotations__ = {k: v for k, v in method.__annotations__.items() if k != "self"}
+    parameters = list(inspect.signature(method).parameters.values())[1:]
     call.__signature__ = inspect.signature(method).replace(parameters=parameters)  # type: ignore[attr-defined]
     return call
 

@@ -164,8 +164,10 @@ class Client:
         _require_number("upload_interval", upload_interval, minimum=0)
         _require_number("max_total_backoff_duration", max_total_backoff_duration, minimum=0)
         _require_number("max_rate_limit_duration", max_rate_limit_duration, minimum=0)
+        on_error = on_error or None  # Segment's own tests set on_error = False
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {on_error!r}")
+        host = host or None  # "" means the default, as in Segment
         if host is not None:
             require("host", host, str)
             check_host(host)
@@ -588,6 +590,7 @@ class Client:
         With no uploader here (send=False, upload=False, after shutdown) it
         returns at once.
         """
+        _require_timeout(timeout)
         if self.uploader is None or self.sync_mode:
             return self._nothing_sent()
         self.uploader.ensure_running()
@@ -604,6 +607,7 @@ class Client:
         a signal handler raising) hands the rows in flight back to pending
         before it propagates.
         """
+        _require_timeout(timeout)
         if self.uploader is None:
             return self._nothing_sent()
         return self.uploader.drain(timeout)
@@ -614,11 +618,13 @@ class Client:
 
     def join(self, timeout: float | None = None) -> None:
         """Stop uploading after the batch in flight; what is pending stays for the next run."""
+        _require_timeout(timeout)
         if self.uploader is not None:
             self.uploader.stop(timeout)
 
     def shutdown(self, timeout: float | None = None) -> FlushResult:
         """Flush (within `timeout`), stop uploading and close the outbox file."""
+        _require_timeout(timeout)
         started = time.monotonic()
         # Keep a little of the budget for the thread to put back what it holds.
         result = self.flush(None if timeout is None else timeout * 0.8)
@@ -853,6 +859,12 @@ def _oauth_key(client_id: Any, client_key: Any, key_id: Any) -> RSAPrivateKey | 
     from .oauth import load_private_key
 
     return load_private_key(client_key)
+
+
+def _require_timeout(timeout: Any) -> None:
+    """flush(), join(), shutdown() and drain(): a wrong timeout fails at the call, not inside."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
 
 
 def _require_number(name: str, value: Any, *, minimum: float, integral: bool = False) -> None:

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ def test_module_functions_have_the_client_methods_signatures(name: str) -> None:
     method = inspect.signature(getattr(Client, name))
     without_self = method.replace(parameters=list(method.parameters.values())[1:])
     assert inspect.signature(getattr(outbox_analytics, name)) == without_self
+    hints = typing.get_type_hints(getattr(Client, name))
+    hints.pop("self", None)
+    assert typing.get_type_hints(getattr(outbox_analytics, name)) == hints
     assert getattr(Client, name).__doc__ in (None, "") or getattr(outbox_analytics, name).__doc__
 
 
@@ -150,3 +154,18 @@ def test_the_default_clients_queue(monkeypatch, tmp_path: Path) -> None:
     finally:
         if outbox_analytics.default_client is not None:
             outbox_analytics.default_client.shutdown()
+
+
+@pytest.mark.parametrize("method", ["flush", "join", "shutdown", "drain"])
+def test_a_wrong_timeout_fails_at_the_call(store_only, method: str) -> None:
+    store_only.track("u", "E")
+    with pytest.raises(TypeError, match="timeout must be a number"):
+        getattr(store_only, method)("soon")
+    stats = store_only.stats()
+    assert stats is not None and stats.pending == 1  # nothing lost, the client still works
+    assert store_only.track("u", "E")[0]
+
+
+def test_values_segments_own_tests_use_are_accepted() -> None:
+    client = Client("key", host="", on_error=False, send=False)  # type: ignore[arg-type]
+    assert client.host == outbox_analytics.client.DEFAULT_HOST and client.on_error is None
