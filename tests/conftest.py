@@ -100,3 +100,17 @@ def make_client(outbox_file: Path, receiver):
     yield make
     for client in clients:
         client.shutdown(timeout=2)
+
+
+@pytest.fixture(scope="session")
+def key_pem() -> str:
+    """An RSA private key (PEM, PKCS#8) for OAuth settings: made once, it takes a moment."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()

@@ -328,23 +328,14 @@ def test_a_dead_uploader_thread_is_started_again(make_client, receiver) -> None:
 
 
 def test_the_token_request_uses_the_auth_servers_own_proxies(
-    monkeypatch: pytest.MonkeyPatch, outbox_file: Path
+    monkeypatch: pytest.MonkeyPatch, outbox_file: Path, key_pem: str
 ) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "auth.internal")
     client = Client(
         "k", host="https://api.internal", outbox_path=str(outbox_file), upload=True,
-        oauth_client_id="id", oauth_client_key=pem, oauth_key_id="kid",
+        oauth_client_id="id", oauth_client_key=key_pem, oauth_key_id="kid",
         oauth_auth_server="https://auth.internal",
     )  # fmt: skip
     requester = client._new_requester()

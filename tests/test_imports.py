@@ -14,8 +14,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("jwt", "cryptography", "requests", "urllib3")
@@ -67,14 +65,10 @@ def test_uploading_loads_requests_but_not_jwt(tmp_path: Path, receiver) -> None:
 
 
 @pytest.mark.parametrize("oauth_given", [False, True])
-def test_jwt_loads_only_with_oauth_settings(tmp_path: Path, oauth_given: bool) -> None:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    oauth = f", oauth_client_id='id', oauth_key_id='kid', oauth_client_key={pem!r}"
+def test_jwt_loads_only_with_oauth_settings(
+    tmp_path: Path, key_pem: str, oauth_given: bool
+) -> None:
+    oauth = f", oauth_client_id='id', oauth_key_id='kid', oauth_client_key={key_pem!r}"
     code = f"""
     import outbox_analytics
     client = outbox_analytics.Client("key", outbox_path=OUTBOX, upload=False{oauth * oauth_given})

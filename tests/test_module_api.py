@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,23 +41,27 @@ def test_module_functions_have_the_client_methods_signatures(name: str) -> None:
     assert getattr(Client, name).__doc__ in (None, "") or getattr(outbox_analytics, name).__doc__
 
 
-def test_module_functions_reject_what_the_client_rejects(monkeypatch, tmp_path: Path) -> None:
+@pytest.fixture
+def module_settings(monkeypatch, tmp_path: Path) -> Iterator[None]:
+    """Module settings for a default client that stores in tmp_path and sends nothing."""
     monkeypatch.setattr(outbox_analytics, "write_key", "key")
     monkeypatch.setattr(outbox_analytics, "outbox_path", str(tmp_path / "outbox.sqlite3"))
     monkeypatch.setattr(outbox_analytics, "upload", False)
     monkeypatch.setattr(outbox_analytics, "default_client", None)
-    try:
-        with pytest.raises(TypeError, match="propertys"):
-            outbox_analytics.track("u", "E", propertys={"a": 1})  # type: ignore[call-arg]
-        ok, message = outbox_analytics.track("u", "E", {"a": 1})
-        assert ok and message["properties"] == {"a": 1}
-        with outbox_analytics.batch():
-            outbox_analytics.page("u", "Docs", "Intro")
-        stats = outbox_analytics.stats()
-        assert stats is not None and stats.pending == 2
-    finally:
-        if outbox_analytics.default_client is not None:
-            outbox_analytics.default_client.shutdown()
+    yield
+    if outbox_analytics.default_client is not None:
+        outbox_analytics.default_client.shutdown()
+
+
+def test_module_functions_reject_what_the_client_rejects(module_settings) -> None:
+    with pytest.raises(TypeError, match="propertys"):
+        outbox_analytics.track("u", "E", propertys={"a": 1})  # type: ignore[call-arg]
+    ok, message = outbox_analytics.track("u", "E", {"a": 1})
+    assert ok and message["properties"] == {"a": 1}
+    with outbox_analytics.batch():
+        outbox_analytics.page("u", "Docs", "Intro")
+    stats = outbox_analytics.stats()
+    assert stats is not None and stats.pending == 2
 
 
 USER_FILE = """
@@ -141,19 +146,11 @@ def test_no_consumers_where_nothing_is_sent_in_the_background(make_client, optio
     assert make_client(**options).consumers == []
 
 
-def test_the_default_clients_queue(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(outbox_analytics, "write_key", "key")
-    monkeypatch.setattr(outbox_analytics, "outbox_path", str(tmp_path / "outbox.sqlite3"))
-    monkeypatch.setattr(outbox_analytics, "upload", False)
-    monkeypatch.setattr(outbox_analytics, "default_client", None)
-    try:
-        outbox_analytics.track("u", "E")
-        client = outbox_analytics.default_client
-        assert client is not None and client.queue.qsize() == 1
-        assert client.queue.maxsize == outbox_analytics.max_queue_size
-    finally:
-        if outbox_analytics.default_client is not None:
-            outbox_analytics.default_client.shutdown()
+def test_the_default_clients_queue(module_settings) -> None:
+    outbox_analytics.track("u", "E")
+    client = outbox_analytics.default_client
+    assert client is not None and client.queue.qsize() == 1
+    assert client.queue.maxsize == outbox_analytics.max_queue_size
 
 
 @pytest.mark.parametrize("method", ["flush", "join", "shutdown", "drain"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from outbox_analytics import Client
 from outbox_analytics.oauth import AuthError
@@ -20,16 +20,6 @@ from .receiver import Received, Receiver, Reply
 
 CLIENT_ID = "client-123"
 KEY_ID = "key-7"
-
-
-@pytest.fixture(scope="module")
-def key_pem() -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
 
 
 class AuthServer:
