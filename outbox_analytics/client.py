@@ -815,9 +815,7 @@ _Held = list[tuple[MemoryTransport, dict[str, Any]]]
 
 
 def _record(capture: MemoryTransport, msg: dict[str, Any]) -> None:
-    held: list[tuple[MemoryTransport, dict[str, Any]]] | None = getattr(
-        _offline_batch, "held", None
-    )
+    held: _Held | None = getattr(_offline_batch, "held", None)
     if held is None:
         capture.record([msg])
     else:

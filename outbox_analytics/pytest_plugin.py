@@ -6,7 +6,7 @@
 
 Whenever pytest runs with the package installed, no client stores events or
 sends them, from the moment pytest starts (before conftest.py files and test
-modules are imported) until it ends:
+modules are imported) until the process exits (atexit hooks included):
 
 - `analytics_events` records what one test tracked;
 - what is tracked anywhere else (at import, in a conftest, during
@@ -40,8 +40,8 @@ __all__ = ["analytics_events", "analytics_session_events"]
 LIVE_OPTION = "outbox_analytics_live"
 LIVE_MARKER = "analytics_live"
 
-# Each run's capture, from its start (see below) to its end. Per run, not per
-# process: pytester may run pytest within pytest.
+# Each run's capture, from its start (see below) to its end, or to the
+# process's exit for its last run. Per run: pytester runs pytest in pytest.
 _SESSION = pytest.StashKey[tuple[contextlib.ExitStack, MemoryTransport]]()
 _runs = 0  # runs capturing in this process now
 _kept_to_the_end: list[contextlib.ExitStack] = []
