@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import tenacity
 
 from .errors import OutboxError, OutboxFull
-from .request import Requester, proxies_for
+from .request import Requester, import_requests, proxies_for
 from .segment_compat import ConsumerView, QueueView
 from .store import (
     DEFAULT_MAX_PENDING,
@@ -226,6 +226,7 @@ class Client:
             if lease is not None:
                 lease.close()
         if self.outbox is not None and upload:
+            import_requests()
             self.uploader = Uploader(
                 self.outbox,
                 self._new_requester,

@@ -14,7 +14,6 @@ import logging
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 import urllib.parse
@@ -30,26 +29,25 @@ from .transport import Reply, Transport
 from .version import VERSION
 
 # requests (with urllib3, idna, charset_normalizer, certifi) takes about 70 ms
-# to import: it is imported where a request is made, so that a process that
-# never uploads (send=False, a CLI command reading the file, a short script
-# whose uploader has not started) does not pay for it.
+# to import: it is imported where it is used, and by a client that will
+# upload (see import_requests), so that a process that never uploads
+# (send=False, upload=False, a test capture, a CLI command reading the file)
+# does not pay for it.
 if TYPE_CHECKING:
     import requests
 
 
-def _finish_importing_requests() -> None:
-    """Before a fork, let an import of requests under way on another thread end.
+def import_requests() -> None:
+    """Import requests now, on the calling thread: `Client()` does, when it will upload.
 
-    The uploader's first request imports requests on its own thread. A child
-    forked halfway through would inherit the module's import lock held by a
-    thread it does not have, and hang on its first `import requests`.
+    Left to the first request, the import would run on the uploader's thread
+    after `Client()` returned: a restart's first batch waited for it (about
+    70 ms), and a child forked halfway through would inherit the module's
+    import lock held by a thread it does not have, and hang on its first
+    `import requests`.
     """
-    if "requests" in sys.modules:  # present from the start of its import
-        import requests  # noqa: F401 - waits for an import under way, if any
+    import requests  # noqa: F401
 
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_finish_importing_requests)
 
 __all__ = [
     "MAX_BATCH_BYTES",

@@ -54,6 +54,17 @@ def test_storing_and_reading_the_file_load_no_http(tmp_path: Path) -> None:
     assert loaded_after(code, tmp_path) == []
 
 
+def test_a_client_that_will_upload_imports_requests_before_it_returns(
+    tmp_path: Path, receiver
+) -> None:
+    """On the caller's thread, not the uploader's: see test_a_fork_while... below."""
+    code = f"""
+    import outbox_analytics
+    client = outbox_analytics.Client("key", host={receiver.url!r}, outbox_path=OUTBOX)
+    """
+    assert loaded_after(code, tmp_path) == ["requests", "urllib3"]
+
+
 def test_uploading_loads_requests_but_not_jwt(tmp_path: Path, receiver) -> None:
     code = f"""
     import outbox_analytics
@@ -79,9 +90,10 @@ def test_jwt_loads_only_with_oauth_settings(
     assert ("cryptography" in loaded) is oauth_given
 
 
-# requests made slow to import (a second inside its module body), so that a
-# fork lands while the uploader's thread is importing it; then the child
-# imports it too, as a pool worker's code would.
+# requests made slow to import (a second inside its module body), and a fork
+# as soon as its import has begun: had the uploader's thread been importing it
+# (as it once did, lazily), the child would inherit its lock held by no thread
+# and hang importing it, as a pool worker's code does.
 FORK_DURING_IMPORT = """
 import importlib.abc, importlib.machinery, os, signal, sys, time
 
