@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 import time
@@ -49,6 +50,9 @@ def test_a_kill_during_an_upload_then_a_restart_delivers_everything(
     receiver.responder = hang_on_the_third
     first = start_python(PRODUCER, receiver.url, str(outbox_file), "k", "100")
     assert in_flight.wait(20)
+    # Every event stored before the kill (tracking goes on while a batch hangs).
+    assert first.stdout is not None and select.select([first.stdout], [], [], 20)[0]
+    assert first.stdout.readline().strip() == "stored"
     first.send_signal(signal.SIGKILL)
     first.wait()
     hung_batch = [m["messageId"] for m in receiver.requests[2].batch]
