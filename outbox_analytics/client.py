@@ -149,9 +149,12 @@ class Client:
         # The kill switch, and a test capturing events: validate and build
         # messages, store and send nothing, open no file, start no thread.
         self.disabled = kill_switch_on()
-        # A client given a transport is a test double already: a capture
-        # leaves its pipeline alone (the README's MemoryTransport recipe).
-        offline = self.disabled or (_capture is not None and transport is None)
+        # A client given a transport and its own file is a test double
+        # already: a capture leaves its pipeline alone (the README's
+        # MemoryTransport recipe). Without a file of its own it would use,
+        # and drain, the application's real outbox: it is captured.
+        self._test_double = transport is not None and outbox_path is not None
+        offline = self.disabled or (_capture is not None and not self._test_double)
         if not offline or write_key is not None:
             require("write_key", write_key, str)
         if before_send is not None and not callable(before_send):
@@ -455,7 +458,7 @@ class Client:
                 return False, msg
             msg, data = changed
         capture = _capture
-        if capture is not None and self.send and self.transport is None:
+        if capture is not None and self.send and not self._test_double:
             _record(capture, msg)  # a test is looking: record, store nothing
             return True, msg  # kill switch or not: tests run with it on to stay offline
         if not self.send or self.disabled:

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -47,6 +48,21 @@ def import_requests() -> None:
     `import requests`.
     """
     import requests  # noqa: F401
+
+
+def _finish_importing_requests() -> None:
+    """Before a fork, let an import of requests under way on another thread end.
+
+    `Client()` may be importing it on one thread while another forks: the
+    child would inherit the module's import lock held by a thread it does
+    not have, and hang on its first `import requests`.
+    """
+    if "requests" in sys.modules:  # present from the start of its import
+        import requests  # noqa: F401 - waits for an import under way, if any
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_finish_importing_requests)
 
 
 __all__ = [

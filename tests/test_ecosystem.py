@@ -220,3 +220,16 @@ def test_a_captured_batch_records_its_events_only_when_it_ends_well(store_only) 
         assert [m["properties"]["n"] for m in events.tracks("Kept")] == [1, 2]
     stats = store_only.stats()
     assert stats is not None and stats.pending == 0  # a capture stores nothing
+
+
+def test_a_transport_double_without_its_own_file_is_captured(tmp_path: Path, monkeypatch) -> None:
+    """It would otherwise open, and drain, the application's real outbox."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("OUTBOX_ANALYTICS_PATH", raising=False)
+    transport = MemoryTransport()
+    with outbox_analytics.testing.capture() as events:
+        client = Client("key", transport=transport)
+        client.track("u", "Captured")
+    assert [m["event"] for m in events.messages] == ["Captured"]
+    assert transport.messages == [] and client.outbox is None
+    assert not (tmp_path / "state").exists()
