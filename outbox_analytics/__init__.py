@@ -20,7 +20,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from . import process
 from .client import DEFAULT_HOST, Client
+from .delivery import FlushResult
 from .errors import (
     APIError,
     DeliveryError,
@@ -37,7 +39,6 @@ from .errors import (
 )
 from .store import OutboxStats, default_outbox_path
 from .transport import MemoryTransport
-from .uploader import FlushResult
 from .version import VERSION
 
 __version__ = VERSION
@@ -187,8 +188,7 @@ def _after_fork_in_child() -> None:
     _default_client_lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+process.on_new_process(_after_fork_in_child)
 
 
 def _client() -> Client:

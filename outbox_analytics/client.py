@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
+from . import process, servers
+from .delivery import DEFAULT_RETRY_WAIT, FlushResult, Uploader
 from .errors import OutboxError, OutboxFull
 from .request import Requester, import_requests, proxies_for
 from .segment_compat import ConsumerView, QueueView
@@ -30,7 +32,6 @@ from .store import (
     encode_message,
 )
 from .transport import MemoryTransport, Transport
-from .uploader import DEFAULT_RETRY_WAIT, FlushResult, Uploader
 from .utils import (
     RateLimitedLog,
     clean,
@@ -64,7 +65,7 @@ MAX_MESSAGE_BYTES = 32 << 10  # Segment's limit on one message as JSON
 _SURELY_UNDER_LIMIT = MAX_MESSAGE_BYTES // 8
 # At interpreter exit, a client spends at most this long sending what is
 # pending; whatever is left stays in the outbox for the next run.
-EXIT_BUDGET = 1.0
+EXIT_BUDGET = servers.EXIT_BUDGET
 ID_TYPES = (str, numbers.Number)  # str first: isinstance() stops at the first match
 LIBRARY = {"name": "outbox-analytics", "version": VERSION}
 
@@ -591,14 +592,11 @@ class Client:
         Returns when every event pending at the call is delivered or dead, when
         retries ran out (the server is down: the events stay pending), or when
         `timeout` seconds have passed. Every event is durable either way.
-        With no uploader here (send=False, upload=False, after shutdown) it
-        returns at once.
+        With no uploader (send=False, upload=False, sync_mode) it returns at
+        once; after `join()` or `shutdown()` it sends from the calling thread.
         """
         _require_timeout(timeout)
         if self.uploader is None or self.sync_mode:
-            return self._nothing_sent()
-        self.uploader.ensure_running()
-        if not self.uploader.running:
             return self._nothing_sent()
         return self.uploader.flush(timeout)
 
@@ -698,8 +696,7 @@ def _after_fork_in_child() -> None:
         _flush_at_exit_in_pool_workers()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+process.on_new_process(_after_fork_in_child)
 
 
 MESSAGE_TYPES = ("track", "identify", "page", "screen", "group", "alias")

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable
 from datetime import timezone
 from email.utils import parsedate_to_datetime
@@ -253,16 +254,18 @@ class Requester:
                 meanwhile()
             return self.transport.post(self.url, body, headers, self.timeout)
         request = _Request(self.session, body, headers)
-        if self._poster is None or self._poster.pid != os.getpid():  # (no thread survives a fork)
-            self._poster = _Poster(self._post_with)
-        self._poster.jobs.put(request)
+        poster = self._poster
+        # No thread survives a fork, and an idle poster stands down for one.
+        if poster is None or poster.pid != os.getpid() or not poster.submit(request):
+            poster = self._poster = _Poster(self._post_with)
+            poster.submit(request)
         if meanwhile is not None:
             meanwhile()
         wait = self.timeout + _DEADLINE_GRACE
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - time.monotonic()))
         if not request.done.wait(wait):
-            self._poster.jobs.put(None)  # it ends once the late request does
+            poster.retire()  # it ends once the late request does
             self._poster = None
             if self._own_session:
                 self.session = _new_session()  # the late request keeps the old one
@@ -294,7 +297,7 @@ class Requester:
 
     def close(self) -> None:
         if self._poster is not None:
-            self._poster.jobs.put(None)
+            self._poster.retire()
             self._poster = None
         self.session.close()
 
@@ -312,20 +315,56 @@ class _Request:
 
 
 class _Poster:
-    """A thread that makes a requester's POSTs, one at a time, for as long as it lives.
+    """A thread that makes a requester's POSTs, one at a time, until retired.
 
     One thread for all of a requester's requests, not one per request:
     starting a thread per batch took a tenth of a restart drain's time
     (measured with py-spy). A request that outlives its deadline keeps this
-    thread; the requester then starts another.
+    thread; the requester then starts another. Before a Python fork, an idle
+    poster stands down (see delivery/worker.py: Python 3.12+ warns on a fork
+    of a process with threads); the next request starts another.
     """
 
     def __init__(self, post: Callable[[requests.Session, bytes, dict[str, str]], Reply]) -> None:
         self.jobs: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self.pid = os.getpid()
         self._post = post
-        thread = threading.Thread(target=self._run, name="outbox-analytics-request", daemon=True)
-        thread.start()
+        self._lock = threading.Lock()  # submitting, retiring and counting are one at a time
+        self._unfinished = 0  # requests submitted and not answered yet
+        self._retired = False
+        self._thread = threading.Thread(
+            target=self._run, name="outbox-analytics-request", daemon=True
+        )
+        self._thread.start()
+        _posters.add(self)
+
+    def submit(self, request: _Request) -> bool:
+        """Hand `request` to the thread; False once retired (start another poster)."""
+        with self._lock:
+            if self._retired:
+                return False
+            self._unfinished += 1
+            self.jobs.put(request)
+            return True
+
+    def retire(self) -> None:
+        """No more requests: the thread ends after those submitted."""
+        with self._lock:
+            self._retired = True
+            self.jobs.put(None)
+
+    def stand_down(self) -> None:
+        """Before a fork: an idle poster retires and its thread ends (waited for briefly)."""
+        if self.pid != os.getpid() or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._retired or self._unfinished:
+                return
+            self._retired = True
+            self.jobs.put(None)
+        finally:
+            self._lock.release()
+        self._thread.join(_STAND_DOWN_WAIT)
 
     def _run(self) -> None:
         while True:
@@ -337,7 +376,22 @@ class _Poster:
             except BaseException as exc:  # handed to the waiting thread
                 request.error = exc
             finally:
+                with self._lock:
+                    self._unfinished -= 1
                 request.done.set()
+
+
+_posters: weakref.WeakSet[_Poster] = weakref.WeakSet()
+_STAND_DOWN_WAIT = 0.05
+
+
+def _stand_down_posters() -> None:
+    for poster in list(_posters):
+        poster.stand_down()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_stand_down_posters)
 
 
 def _new_session() -> requests.Session:

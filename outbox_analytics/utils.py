@@ -21,6 +21,8 @@ from enum import Enum
 from typing import Any
 from uuid import UUID
 
+from . import process
+
 __all__ = [
     "clean",
     "guess_timezone",
@@ -57,12 +59,15 @@ def new_message_id() -> str:
 
     It runs on every track(), where uuid.UUID's object construction shows;
     the random bytes are drawn 64 ids at a time, per thread (one system call
-    instead of 64). A child process starts with an empty pool (see below): it
-    must never hand out ids its parent also holds.
+    instead of 64). A pool belongs to the process that drew it: a forked
+    child, made by Python or by a C-level fork that runs no hook, never
+    hands out ids its parent also holds.
     """
+    pid = process.current_pid()
     pool: list[str] | None = getattr(_id_pools, "ids", None)
-    if not pool:
+    if not pool or _id_pools.pid != pid:
         pool = _id_pools.ids = _random_ids(64)
+        _id_pools.pid = pid
     return pool.pop()
 
 
@@ -77,15 +82,6 @@ def _random_ids(count: int) -> list[str]:
 
 
 _id_pools = threading.local()
-
-
-def _new_id_pools_in_child() -> None:
-    global _id_pools
-    _id_pools = threading.local()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_id_pools_in_child)
 
 
 _second_text: tuple[int, str] = (0, "")

@@ -8,6 +8,7 @@ client's first call, and the OAuth token request's own proxies.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
 import signal
@@ -24,9 +25,9 @@ import pytest
 import tenacity
 
 from outbox_analytics import Client, DeliveryError, RetryableError
+from outbox_analytics.delivery.schedule import stored_wait
 from outbox_analytics.oauth import _rate_limit_reset
 from outbox_analytics.request import MAX_RETRY_AFTER, Requester, parse_retry_after
-from outbox_analytics.uploader import _wall_clock_wait
 
 from .conftest import start_python
 from .receiver import Reply, SenderSpans
@@ -224,10 +225,10 @@ def test_sync_mode_with_an_absurd_retry_after_raises_a_delivery_error_in_time(
 
 def test_a_wall_clock_wait_is_bounded() -> None:
     now = 1_000_000.0
-    assert _wall_clock_wait(None, now) == 0.0
-    assert _wall_clock_wait(now - 5, now) == 0.0
-    assert _wall_clock_wait(now + 5, now) == 5.0
-    assert _wall_clock_wait(now + 3600, now) == 0.0  # a clock that jumped back: due now
+    assert stored_wait(None, now) == 0.0
+    assert stored_wait(now - 5, now) == 0.0
+    assert stored_wait(now + 5, now) == 5.0
+    assert stored_wait(now + 3600, now) == 0.0  # a clock that jumped back: due now
 
 
 def test_rows_stored_while_the_clock_was_ahead_are_sent_at_once(
@@ -312,16 +313,21 @@ def test_threads_racing_a_clients_first_call_start_one_uploader(make_client, rec
         assert mine == list(range(20))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_uploader_thread_is_started_again(make_client, receiver) -> None:
     client = make_client()
     client.track("user", "Before")
     assert client.flush(timeout=10).sent == 1
-    # The thread ends as if killed from outside (nothing of ours lets it die).
-    client.uploader._stopping.set()
-    client.uploader._wake.set()
-    client.uploader._thread.join(5)
-    client.uploader._stopping.clear()
-    assert not client.uploader.running
+    # The thread dies of an exception raised into it from outside while it
+    # rests between steps (nothing of ours lets it die).
+    thread = next(t for t in threading.enumerate() if t.name == "outbox-analytics-uploader")
+    killed = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit)
+    )
+    assert killed == 1
+    client.uploader.worker.wake()
+    thread.join(5)
+    assert not thread.is_alive() and not client.uploader.running
     client.track("user", "After")
     assert client.flush(timeout=10).sent == 1
     assert [m["event"] for m in receiver.accepted()] == ["Before", "After"]

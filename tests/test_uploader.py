@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from email.utils import formatdate
 
 import pytest
+import tenacity
 
-from outbox_analytics import VERSION, APIError, RetryableError
+from outbox_analytics import VERSION, APIError, FlushResult, RetryableError
 from outbox_analytics.request import MAX_BATCH_BYTES, parse_retry_after
 
 from .receiver import Received, Reply
@@ -278,9 +280,7 @@ def test_proxies_reach_requests(make_client, receiver) -> None:
     assert receiver.requests[0].path == "http://analytics.invalid/v1/batch"
 
 
-def test_send_false_upload_false_and_shut_down_clients_flush_at_once(
-    make_client, receiver, tmp_path
-) -> None:
+def test_send_false_and_upload_false_clients_flush_at_once(make_client) -> None:
     for client in (
         make_client(send=False),
         make_client(upload=False),
@@ -289,16 +289,39 @@ def test_send_false_upload_false_and_shut_down_clients_flush_at_once(
         started = time.monotonic()
         client.flush()
         assert time.monotonic() - started < 0.5
-    stopped = make_client(outbox_path=str(tmp_path / "other.db"))
-    receiver.responder = lambda r: Reply(delay=5)
-    stopped.track("user", "E")
-    stopped.join(timeout=0.1)
+
+
+def test_flush_and_drain_after_join_send_as_before(make_client, receiver, tmp_path) -> None:
+    """join() stops the thread, not delivery: flush() and drain() still send (from the caller)."""
+    for ending in ("join", "shutdown"):
+        client = make_client(outbox_path=str(tmp_path / f"{ending}.db"))
+        client.track("user", "Before")
+        assert client.flush(timeout=10).sent == 1
+        getattr(client, ending)()
+        client.track("user", "Flushed")
+        assert client.flush(timeout=10) == FlushResult(sent=1, dead=0, pending=0)
+        client.track("user", "Drained")
+        result: list[FlushResult] = []
+        drainer = threading.Thread(target=_drain_into, args=(client, result), daemon=True)
+        drainer.start()
+        drainer.join(10)  # drain() without a timeout: it must come back by itself
+        assert result == [FlushResult(sent=1, dead=0, pending=0)]
+    assert [m["event"] for m in receiver.accepted()] == ["Before", "Flushed", "Drained"] * 2
+
+
+def _drain_into(client, result: list[FlushResult]) -> None:
+    result.append(client.drain())
+
+
+def test_sync_sends_after_shutdown_still_back_off(make_client, receiver) -> None:
+    receiver.responder = lambda r: Reply(status=503)
+    client = make_client(sync_mode=True, max_retries=3, retry_wait=tenacity.wait_fixed(0.2))
+    client.shutdown()
     started = time.monotonic()
-    stopped.flush()
-    assert time.monotonic() - started < 0.5
-    assert len(receiver.requests) <= 1  # what was in flight at the stop, and nothing after
-    left = stopped.stats()
-    assert left.pending + left.inflight == 1  # and the event is still in the outbox
+    with pytest.raises(RetryableError):
+        client.track("user", "E")
+    assert len(receiver.requests) == 4
+    assert time.monotonic() - started >= 0.55  # three waits of 0.2 s between four requests
 
 
 def test_proxy_settings_from_the_environment_are_honoured(

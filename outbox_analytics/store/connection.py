@@ -38,6 +38,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from .. import process
 from ..errors import OutboxBusy, OutboxDamaged, OutboxError, OutboxUnavailable
 
 try:
@@ -144,6 +145,7 @@ class Database:
         self._file = _lock_for(self.identity)
         self._conn: sqlite3.Connection | None = None
         self._made_sidecars = False  # a reader whose opening made the -wal and -shm
+        self._pid = process.current_pid()
         _live_databases.add(self)
 
     # -- the three kinds of call ------------------------------------------------
@@ -183,17 +185,22 @@ class Database:
         # The hot path of every track(): the same rules as _call, without its
         # layers. Anything unusual (no connection yet, a transaction left open,
         # an error, busy) takes the full path; the statement did not apply then.
+        # The caller checked the process (Outbox.append calls current_pid()).
         file, me = self._file, threading.get_ident()
         conn = self._conn
-        if conn is not None and me not in file.inside:
+        if conn is not None and me not in file.inside and self._pid == process.known_pid():
             try:
                 file.inside.add(me)
                 with file.lock:
-                    if not conn.in_transaction and conn is self._conn:
+                    # Identity first: a fork on another thread may have closed
+                    # `conn` while we waited, and a closed one raises on any use.
+                    if conn is self._conn and not conn.in_transaction:
                         try:
                             return conn.execute(sql, params)
                         except sqlite3.Error:
                             self._end_transaction()
+                        finally:
+                            self._close_if_forks_unseen()
             finally:
                 file.inside.discard(me)
         return self._call(lambda conn: conn.execute(sql, params), None, doing, self.wait)
@@ -231,6 +238,7 @@ class Database:
         doing: str,
         wait: float,
     ) -> T:
+        process.current_pid()  # in a forked child, forget the parent's connection and locks first
         file, me = self._file, threading.get_ident()
         if me in file.inside:
             # A signal handler (or a callback) calling us while this thread is
@@ -266,6 +274,7 @@ class Database:
                         raise FileMoved(message, self.path) from exc
                 finally:
                     self._end_transaction()
+                    self._close_if_forks_unseen()
             # Busy: another process holds the lock. Wait without ours.
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, _LONGEST_PAUSE)
@@ -280,6 +289,19 @@ class Database:
         result = work(conn)
         conn.execute("COMMIT")
         return result
+
+    def _close_if_forks_unseen(self) -> None:
+        """In a process that will fork without telling us (a uWSGI master), keep no connection.
+
+        A child made by a C-level fork runs no fork hook, so it cannot be
+        handed a clean SQLite: it inherits SQLite's record of the locks this
+        process's connections hold, believes it holds them too, and so would
+        not take them for real (another process could then checkpoint and
+        delete the WAL under it). With no connection open at the fork, there
+        is no such record to inherit.
+        """
+        if process.forks_unseen():
+            self._close_locked()
 
     def _end_transaction(self) -> None:
         conn = self._conn
@@ -425,9 +447,11 @@ class Database:
         except OutboxError:
             return True
 
-    def _after_fork_in_child(self) -> None:
+    def _forget_parent(self) -> None:
+        """In a new process: the parent's connection is never used, nor closed (see close())."""
         self._file = _lock_for(self.identity)
         self._drop_connection()
+        self._pid = os.getpid()
 
 
 _SIDECARS = ("-wal", "-shm")
@@ -537,7 +561,8 @@ def _after_fork_in_parent() -> None:
         _taken_for_fork.pop().release()
 
 
-def _after_fork_in_child() -> None:
+def _forget_parent() -> None:
+    """In a new process (after any fork, whether or not Python's hooks ran)."""
     global _registry
     _registry = threading.Lock()
     _locks.clear()
@@ -551,12 +576,11 @@ def _after_fork_in_child() -> None:
     _handles.clear()
     _stray_handles.clear()
     for database in list(_live_databases):
-        database._after_fork_in_child()
+        database._forget_parent()
 
 
+process.on_new_process(_forget_parent)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+    # Python's fork: no thread of ours is inside SQLite when the child is made
+    # (see _before_fork). The child's reset runs through process.current_pid().
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)

@@ -8,22 +8,47 @@ of a live holder never are.
 On Linux the lock is an open-file-description lock (F_OFD_SETLK) on one byte
 of the database file itself, far beyond the bytes SQLite locks: it belongs to
 the file (its device and inode), not to a path, so a symlink, a relative path
-or a deleted side file can never make a second holder. Elsewhere it is an
-flock on `<real path>.lock`, checked against the file it was taken on.
+or a deleted side file can never make a second holder.
+
+Elsewhere (macOS, BSD) it is a POSIX record lock (`fcntl.lockf`) on one byte
+of `<real path>.lock`, checked against the file at that path when taken and
+whenever the lease is used. A record lock belongs to the process: a forked
+child never inherits it (an flock, which belongs to the open file, was kept
+alive by every child after its holder died, and nobody uploaded), but the
+process drops it when it closes *any* descriptor of the lock file. So each
+process opens a lock file once, keeps that one descriptor while the process
+lives, and nothing else of ours opens or closes it; a child closes the
+descriptors it inherited (it holds no lock on them). Its limits: deleting or
+replacing the lock file while its holder lives lets a second holder in (the
+first gives up its lease at its next use), and every process on a file must
+use the same kind of lock.
+
+Testing switch: `OUTBOX_ANALYTICS_LEASE_LOCK=file` in the environment makes
+Linux use the lock file too (read whenever the lease is taken or asked
+about), so that the tests and CI run that path. It is not meant for
+production: processes on one file with and without it would not see each
+other's lease.
+
 Within a process the lease is shared by every client of the file: the first
-to take it holds it until it gives it back.
+to take it holds it until it gives it back. Its state here (who holds what,
+the lock files' descriptors) belongs to one process: a new one, whether made
+by Python's fork or a C-level one, forgets it (see `process.on_new_process`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
+import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..errors import OutboxError
+from .. import process
+from ..errors import OutboxError, OutboxUnavailable
 from . import schema
 from .connection import FLOCK_FORMAT, Database, Identity, file_handle, file_identity, flock_request
 from .schema import DEAD, INFLIGHT, INFLIGHT_WHERE, ROW_COLUMNS, TABLE, Row
@@ -34,6 +59,7 @@ except ImportError:  # pragma: no cover - Windows: one process per file
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "LEASE_LOCK_ENV",
     "UploadLease",
     "lease_held_here",
     "lease_is_free",
@@ -48,15 +74,24 @@ _OFD = fcntl is not None and hasattr(fcntl, "F_OFD_SETLK")
 _LEASE_BYTE = 1 << 40
 _WRITERS_BYTE = _LEASE_BYTE + 1
 _ID_CHUNK = 500  # stays far below SQLite's limit on bound parameters
+# The testing switch (see above): "file" makes Linux use the lock file.
+LEASE_LOCK_ENV = "OUTBOX_ANALYTICS_LEASE_LOCK"
 
 
 class UploadLease:
     """The right to upload from one outbox file, held by this process until `close()`."""
 
-    def __init__(self, db: Database, release_lock: Any) -> None:
+    def __init__(
+        self,
+        db: Database,
+        release_lock: Callable[[], object],
+        lock_in_place: Callable[[], bool] | None = None,
+    ) -> None:
+        """`lock_in_place()`: whether the lock is still on the file that other takers lock."""
         self._db = db
         self._release_lock = release_lock
-        self._pid = os.getpid()
+        self._lock_in_place = lock_in_place
+        self._pid = process.current_pid()
         self._closed = False
         # Monotonic time of the uploader's next look for stranded rows (see find_stranded).
         self.next_stranded_check = 0.0
@@ -64,22 +99,25 @@ class UploadLease:
     @property
     def valid(self) -> bool:
         """Held, in this process, on the file that is still at the outbox's path."""
-        if self._closed or self._pid != os.getpid():
+        if self._closed or self._pid != process.current_pid():
             return False
         try:
-            return file_identity(self._db.path) == self._db.identity
-        except OSError:
+            if file_identity(self._db.path) != self._db.identity:
+                return False
+        except (OSError, OutboxError):
             return False
+        return self._lock_in_place is None or self._lock_in_place()
 
     def close(self) -> None:
         """Give the lease back (another process, or client, may take it)."""
+        process.current_pid()  # in a new process: the parent's lease was forgotten
         with _guard:
             if self._closed:
                 return
             self._closed = True
             if _held.get(self._db.identity) is self:
                 del _held[self._db.identity]
-            if self._pid == os.getpid():
+            if self._pid == process.known_pid():
                 self._release_lock()
 
     # -- the rows -----------------------------------------------------------------
@@ -247,13 +285,14 @@ def try_lease(db: Database) -> UploadLease | None:
     Taking it reclaims the rows left in flight, which can only belong to a
     holder that died.
     """
+    process.current_pid()  # in a new process, the parent's state is forgotten first
     with _guard:
         if db.identity in _held:
             return None  # another client of this process uploads this file
-        release_lock = _lock(db)
-        if release_lock is None:
+        taken = _lock(db)
+        if taken is None:
             return None
-        lease = UploadLease(db, release_lock)
+        lease = UploadLease(db, *taken)
         _held[db.identity] = lease
     try:
         lease.reclaim()
@@ -265,24 +304,24 @@ def try_lease(db: Database) -> UploadLease | None:
 
 def lease_held_here(db: Database) -> bool:
     """Whether a client of this process holds the lease (taken, maybe not yet in hand)."""
+    process.current_pid()  # (a forked child holds none of its parent's)
     with _guard:
         return db.identity in _held
 
 
 def lease_is_free(db: Database) -> bool:
     """Whether no process holds the file's lease right now (without taking it)."""
+    process.current_pid()
     with _guard:
         if db.identity in _held:
             return False
+        if _uses_lock_file():
+            return _lock_file_is_free(db.path + ".lock")
     if _OFD:
         fd = file_handle(db.path, db.identity)
         answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK))
         return bool(struct.unpack(FLOCK_FORMAT, answer)[0] == fcntl.F_UNLCK)
-    release = _lock(db)  # pragma: no cover - other systems: try it and let go
-    if release is None:  # pragma: no cover
-        return False
-    release()  # pragma: no cover
-    return True  # pragma: no cover
+    return True  # pragma: no cover - Windows: no lock, one process per file
 
 
 def _flock(kind: int, byte: int = _LEASE_BYTE) -> bytes:
@@ -299,6 +338,7 @@ def mark_writer(db: Database) -> None:
     """Say that this process has the file open for writing, until `unmark_writer` (Linux only)."""
     if not _OFD or db.readonly:
         return
+    process.current_pid()
     with _guard:
         _writers[db.identity] = _writers.get(db.identity, 0) + 1
         try:
@@ -312,6 +352,7 @@ def unmark_writer(db: Database) -> None:
     """The outbox was closed: when it was this process's last one on the file, say so."""
     if not _OFD or db.readonly:
         return
+    process.current_pid()
     with _guard:
         count = _writers.get(db.identity, 0) - 1
         if count > 0:
@@ -337,42 +378,218 @@ def other_writers(db: Database) -> bool:
     return bool(struct.unpack(FLOCK_FORMAT, answer)[0] != fcntl.F_UNLCK)
 
 
-def _lock(db: Database) -> Any:
-    """Lock the file's lease without waiting: a function that unlocks it, or None if held."""
-    if fcntl is None:  # pragma: no cover
-        return lambda: None
-    if _OFD:
-        fd = file_handle(db.path, db.identity)
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK))
-        except OSError:
-            return None
-        return lambda: fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK))
-    return _lock_file(db)  # pragma: no cover
+_Taken = tuple[Callable[[], object], Callable[[], bool] | None]
 
 
-def _lock_file(db: Database) -> Any:  # pragma: no cover - systems without OFD locks
-    path = db.path + ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _uses_lock_file() -> bool:
+    """Whether the lease is the lock file's (see the module docstring), read at each use."""
+    return fcntl is not None and (not _OFD or os.environ.get(LEASE_LOCK_ENV) == "file")
+
+
+def _lock(db: Database) -> _Taken | None:
+    """Lock the file's lease without waiting (under `_guard`), or None if it is held.
+
+    Returns a function that unlocks it, and one that says whether the lock
+    is still on the file that other takers lock (None: always).
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        return (lambda: None), None
+    if _uses_lock_file():
+        return _lock_file(db.path + ".lock")
+    fd = file_handle(db.path, db.identity)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        info = os.fstat(fd)
-        if (info.st_dev, info.st_ino) != file_identity(path):
-            raise OSError("the lock file was replaced")
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK))
     except OSError:
-        os.close(fd)
         return None
-    return lambda: os.close(fd)
+    return (lambda: fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK))), None
 
 
-def _after_fork_in_child() -> None:
-    # The parent holds its leases; the child holds none (the descriptors were
-    # closed by the connection module, leaving the parent's lock in place).
+# -- the lock file (macOS, BSD; Linux with the testing switch) ----------------------
+# POSIX record locks belong to a process and a file (not to a descriptor), are
+# never inherited by a child, and are all dropped when the process closes any
+# descriptor of the file. Hence one descriptor per lock file and process,
+# opened at its first use and kept (closing it would drop the lock: a client
+# that gives the lease back only unlocks), and every lock file's state here
+# read and changed under `_guard` only. Two clients of one process never lock
+# one file twice: `_held` keeps the second out, and `held` below keeps out
+# a client of a file that replaced the holder's at the same path.
+
+
+class _LockFile:
+    """This process's one descriptor of one lock file, and whether we hold its lock."""
+
+    __slots__ = ("fd", "held", "identity", "path")
+
+    def __init__(self, fd: int, identity: Identity, path: str) -> None:
+        self.fd = fd
+        self.identity = identity
+        self.path = path
+        self.held = False
+
+
+_lock_files: dict[Identity, _LockFile] = {}  # by the lock file's own identity
+# Descriptors of a lock file that another entry already names (the path
+# changed under an open): kept, since closing one would drop that entry's lock.
+_spare_fds: list[int] = []
+
+
+def _lock_file(path: str) -> _Taken | None:
+    entry = _lock_file_at(path, create=True)
+    if entry is None or entry.held:
+        return None  # a client of this process holds it (for a file since replaced)
+    try:
+        fcntl.lockf(entry.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+    except OSError:
+        return None  # another process holds it (or the file cannot be locked)
+    if _identity_at(path) != entry.identity:  # replaced between our look and our lock
+        _unlock(entry)
+        return None
+    entry.held = True
+
+    def release() -> None:  # (under _guard: UploadLease.close)
+        entry.held = False
+        _unlock(entry)
+
+    return release, lambda: _identity_at(path) == entry.identity
+
+
+def _unlock(entry: _LockFile) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.lockf(entry.fd, fcntl.LOCK_UN, 1, 0)
+
+
+def _lock_file_is_free(path: str) -> bool:
+    """Whether no process locks the lock file (under `_guard`); asked without taking it."""
+    entry = _lock_file_at(path, create=False)
+    if entry is None:
+        return True  # no lock file: nobody holds it (a holder keeps it at its path)
+    if entry.held:
+        return False  # ours, for a file since replaced at the same path
+    return not _locked_elsewhere(entry.fd)
+
+
+def _locked_elsewhere(fd: int) -> bool:
+    """Whether another process holds the lock: F_GETLK where we know `struct flock`.
+
+    Elsewhere, or if the answer makes no sense, we take a shared lock and let
+    go at once (a taker at that instant finds it held and tries again later).
+    """
+    if _POSIX_FLOCK is not None:
+        request = _posix_flock(fcntl.F_RDLCK)  # only an exclusive lock (a holder's) conflicts
+        try:
+            kind = _posix_flock_type(fcntl.fcntl(fd, fcntl.F_GETLK, request))
+        except OSError:
+            kind = None
+        if kind in (fcntl.F_UNLCK, fcntl.F_RDLCK, fcntl.F_WRLCK):
+            return kind != fcntl.F_UNLCK
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 0)
+    except OSError:
+        return True
+    with contextlib.suppress(OSError):
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+    return False
+
+
+def _identity_at(path: str) -> Identity | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _lock_file_at(path: str, create: bool) -> _LockFile | None:
+    """Our descriptor of the lock file now at `path` (under `_guard`), opened at its first use.
+
+    None if there is none and `create` is false. Descriptors of lock files
+    that were at this path before are closed, unless we hold their lock.
+    """
+    identity = _identity_at(path)
+    entry = _lock_files.get(identity) if identity is not None else None
+    if entry is None:
+        fd = _open_lock_file(path, create)
+        if fd is None:
+            return None
+        info = os.fstat(fd)
+        identity = (info.st_dev, info.st_ino)
+        entry = _lock_files.get(identity)
+        if entry is not None:  # the path changed under us, back to a file we have open
+            _spare_fds.append(fd)
+        else:
+            entry = _lock_files[identity] = _LockFile(fd, identity, path)
+    for old in [e for e in _lock_files.values() if e.path == path and e is not entry]:
+        if not old.held:  # we hold no lock on that file: closing drops nothing
+            del _lock_files[old.identity]
+            with contextlib.suppress(OSError):
+                os.close(old.fd)
+    return entry
+
+
+def _open_lock_file(path: str, create: bool) -> int | None:
+    flags = os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        try:
+            return os.open(path, os.O_RDWR | flags, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # Read-only: enough to ask whether it is locked, not to lock it.
+            return os.open(path, os.O_RDONLY | flags, 0o600)
+    except FileNotFoundError:
+        if create:
+            raise OutboxUnavailable("cannot create the upload lease's lock file", path) from None
+        return None
+    except OSError as exc:
+        message = f"cannot open the upload lease's lock file ({exc.strerror})"
+        raise OutboxUnavailable(message, path) from exc
+
+
+# `struct flock` for fcntl(F_GETLK) where we know its layout (fcntl.lockf cannot
+# ask who holds a lock): its format and the names of its fields, in order.
+_PosixFlock = tuple[str, tuple[str, ...]]
+if sys.platform.startswith("linux"):
+    _POSIX_FLOCK: _PosixFlock | None = (FLOCK_FORMAT, ("type", "whence", "start", "len", "pid"))
+elif sys.platform == "darwin" or sys.platform.startswith(("openbsd", "netbsd", "dragonfly")):
+    _POSIX_FLOCK = ("@qqihh", ("start", "len", "pid", "type", "whence"))
+elif sys.platform.startswith("freebsd"):
+    _POSIX_FLOCK = ("@qqihhi", ("start", "len", "pid", "type", "whence", "sysid"))
+else:  # pragma: no cover - asked by taking a shared lock instead
+    _POSIX_FLOCK = None
+
+
+def _posix_flock(kind: int) -> bytes:
+    """A request about the byte `_lock_file` locks (byte 0), for F_GETLK."""
+    assert _POSIX_FLOCK is not None
+    layout, fields = _POSIX_FLOCK
+    values = {"type": kind, "whence": os.SEEK_SET, "start": 0, "len": 1}
+    return struct.pack(layout, *(values.get(name, 0) for name in fields))
+
+
+def _posix_flock_type(answer: bytes) -> int:
+    assert _POSIX_FLOCK is not None
+    layout, fields = _POSIX_FLOCK
+    return int(struct.unpack(layout, answer)[fields.index("type")])
+
+
+# -- a new process --------------------------------------------------------------------
+
+
+def _forget_the_parents() -> None:
+    """In a new process (see process.py): none of the parent's leases is ours. Quick, raise-free."""
     global _guard
-    _guard = threading.Lock()
+    _guard = threading.Lock()  # a thread of the parent may have held it at the fork
     _held.clear()
     _writers.clear()
+    # The parent's record locks stayed with it (a child never inherits them),
+    # so this process holds none on these files: closing the descriptors it
+    # inherited drops nothing of ours, leaves the parent's lock in place, and
+    # stops them leaking. The next lease here opens its own.
+    for fd in [*(entry.fd for entry in _lock_files.values()), *_spare_fds]:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _lock_files.clear()
+    _spare_fds.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+process.on_new_process(_forget_the_parents)

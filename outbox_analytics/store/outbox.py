@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from .. import process
 from ..errors import (
     NotAnOutbox,
     OutboxDamaged,
@@ -106,7 +107,9 @@ class Outbox:
         self.readonly = readonly
         self._local = threading.local()
         self._unrecorded_drops = 0  # drops not yet written to the file
-        self._drops_lock = threading.Lock()
+        # Re-entrant: a signal handler whose track() fails counts its drop on a
+        # thread that may be counting one already.
+        self._drops_lock = threading.RLock()
         self._group = GroupCommit(self._store_now) if fsync else None
         if readonly:
             if not os.path.isfile(self.path):
@@ -287,6 +290,7 @@ class Outbox:
         block. Raises OutboxFull (the drop is counted) when `max_pending`
         messages are pending, OutboxError (also counted) when it cannot write.
         """
+        process.current_pid()  # in a forked child, the parent's connection is never used
         buffered: list[tuple[bytes, float]] | None = getattr(self._local, "rows", None)
         self._reserve(1 + len(buffered) if buffered is not None else 1)
         if buffered is not None:
@@ -592,14 +596,13 @@ def file_bytes(path: str) -> int:
 _live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
 
 
-def _after_fork_in_child() -> None:
-    # Drops not yet recorded are the parent's to record; a child starts at zero.
+def _forget_in_new_process() -> None:
+    # Drops not yet recorded are the parent's to record; a child starts at zero,
+    # with a lock of its own (a parent's thread may have held this one).
+    # The group commit resets itself (group_commit.py).
     for outbox in list(_live_outboxes):
         outbox._unrecorded_drops = 0
-        outbox._drops_lock = threading.Lock()
-        if outbox._group is not None:  # its lock may have been held by a parent's thread
-            outbox._group = GroupCommit(outbox._store_now)
+        outbox._drops_lock = threading.RLock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+process.on_new_process(_forget_in_new_process)
