@@ -19,6 +19,8 @@ One object per job, each owning its invariants:
   ends a `drain()` or a sync send). The requester belongs to one process.
 - `triage`: a pure verdict on a split batch's rejections: the events'
   fault (dead-lettered) or the endpoint's (they stay pending).
+- `flushing`: `flush()` waits for whoever sends, `drain()` sends here;
+  both read progress from the file and time on the monotonic clock.
 - `sync.deliver_now`: sync_mode, beside any other sender of the file.
 - `peers`: the other clients of this process on the same file (by identity).
 - `uploader.Uploader`: the facade the client uses.

@@ -8,13 +8,13 @@ counters stats and the CLI read. The work is done by:
 - `next_delay` (schedule.py): whether the head is due, in monotonic time;
 - `Rounds` (rounds.py): one batch claimed, sent and settled;
 - `Sender` (sender.py): one body, retried; `triage.py`: whom a rejection blames;
-- `sync.py`: sync_mode; `peers.py`: the other clients of this process on the file.
+- `flushing.py`: flush() and drain(); `sync.py`: sync_mode;
+- `peers.py`: the other clients of this process on the file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
@@ -29,7 +29,8 @@ from ..errors import OutboxDamaged, RetryableError
 from ..request import Requester
 from ..store import Outbox
 from ..utils import RateLimitedLog
-from . import peers, sync
+from . import flushing, peers, sync
+from .flushing import FlushResult
 from .lease_holder import LeaseHolder
 from .rounds import Rounds, Tally
 from .schedule import Schedule, next_delay, stored_wait
@@ -42,19 +43,6 @@ log = logging.getLogger("outbox_analytics")
 
 # How often an idle uploader looks for pending rows behind the claim cursor.
 _STRANDED_CHECK_INTERVAL = 60.0
-
-
-@dataclasses.dataclass(frozen=True)
-class FlushResult:
-    """What a flush achieved.
-
-    `sent` and `dead`: rows this process delivered or dead-lettered meanwhile;
-    `pending`: rows that were pending when the flush began and still are.
-    """
-
-    sent: int
-    dead: int
-    pending: int
 
 
 class Uploader:
@@ -182,7 +170,7 @@ class Uploader:
         """A step raised: recover from damage, else count, log (rate-limited) and go on."""
         if isinstance(exc, OutboxDamaged):  # found by a claim or an ack: move it aside, go on
             with self.holder.turn():
-                self._recover(exc)
+                self.recover(exc)
         else:
             self.loop_errors += 1
             suppressed = self._warn_loop.ready()
@@ -201,9 +189,9 @@ class Uploader:
         """After stop(): the lease goes back now, not when the process exits."""
         with self.holder.turn():
             self.holder.give_up()
-        self._notify()
+        self.notify_progress()
 
-    def _recover(self, damage: OutboxDamaged) -> None:
+    def recover(self, damage: OutboxDamaged) -> None:
         """Give up the lease, and let the outbox move the damaged file aside and salvage it.
 
         Inside a turn. Rows we had in flight are salvaged as pending: they
@@ -216,9 +204,14 @@ class Uploader:
             self.loop_errors += 1
             log.exception("outbox-analytics: the outbox is damaged and could not be recovered")
 
-    def _notify(self) -> None:
+    def notify_progress(self) -> None:
+        """A batch was settled: flushes waiting look at the file again."""
         with self._progress:
             self._progress.notify_all()
+
+    def wait_for_progress(self, seconds: float) -> None:
+        with self._progress:
+            self._progress.wait(seconds)
 
     # -- one step (inside a turn) ---------------------------------------------------------
 
@@ -249,7 +242,7 @@ class Uploader:
         try:
             self.rounds.run(interrupt=self._stop_requested, claim_ahead=True)
         finally:
-            self._notify()
+            self.notify_progress()
         return 0.0
 
     def run_once(self, deadline: float | None = None) -> int:
@@ -260,7 +253,7 @@ class Uploader:
             try:
                 return self.rounds.run(deadline=deadline)
             finally:
-                self._notify()
+                self.notify_progress()
 
     def _found_stranded_rows(self) -> bool:
         """With nothing to send: whether pending rows hid below the claim cursor (now found).
@@ -285,88 +278,15 @@ class Uploader:
         )
         return True
 
-    # -- flushing ----------------------------------------------------------------------
+    # -- flushing (see flushing.py) -------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> FlushResult:
-        """Wait until every row pending now is delivered or dead, retries ran out, or timeout.
-
-        Works whichever process holds the upload lease: progress is read from
-        the file. After `stop()` it sends from the calling thread, as
-        `drain()` does; where the server allows no thread (a uWSGI master),
-        it sends nothing.
-        """
-        self.ensure_running()
-        if not self.running:
-            if servers.background_thread_allowed():
-                return self.drain(timeout)
-            # A uWSGI master sends nothing (a request of its own could be on
-            # the wire when it forks); its workers send what it stored.
-            return FlushResult(0, 0, self.outbox.count_unfinished(self.outbox.last_id()))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        mark = self.outbox.last_id()
-        started = time.monotonic()
-        sent, dead = self.sent, self.dead
-        with self.hurry(started):
-            while self.outbox.unfinished(mark):
-                if not self.running or self.schedule.gave_up_at >= started:
-                    break
-                if self._other_gave_up():
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                with self._progress:
-                    self._progress.wait(0.05 if left is None else min(0.05, left))
-        left = self.outbox.count_unfinished(mark)
-        return FlushResult(sent=self.sent - sent, dead=self.dead - dead, pending=left)
+        """Wait until what is pending now is delivered or dead, retries ran out, or timeout."""
+        return flushing.flush(self, timeout)
 
     def drain(self, timeout: float | None = None) -> FlushResult:
-        """Send what is pending now from the calling thread; return when done or stuck.
-
-        Returns when every row pending at the call is delivered or dead, when
-        a round of retries ran out, or at `timeout` (no request outlives it).
-        While another process holds the lease, waits for it instead, as flush()
-        does. However it ends (KeyboardInterrupt included), this thread's rows
-        in flight go back to pending and, unless the background thread goes
-        on with it, the lease is given back.
-        """
-        process.current_pid()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        mark = self.outbox.last_id()
-        started = time.monotonic()
-        sent, dead = self.sent, self.dead
-        try:
-            while self.outbox.unfinished(mark) and self.schedule.gave_up_at < started:
-                wait = self._drain_step(deadline)
-                left = None if deadline is None else deadline - time.monotonic()
-                if wait is None or (left is not None and wait >= left):
-                    break  # the other uploader is backing off, or a pause outlasts the timeout
-                time.sleep(wait)
-        finally:
-            if not self.running:
-                with self.holder.turn():
-                    self.holder.reclaim()
-                    self.holder.give_up()
-        left = self.outbox.count_unfinished(mark)
-        return FlushResult(sent=self.sent - sent, dead=self.dead - dead, pending=left)
-
-    def _drain_step(self, deadline: float | None) -> float | None:
-        """Send one batch if this process can; else how long to wait (None: stop waiting)."""
-        with self.holder.turn():
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return 0.0  # the caller sees the timeout
-            if self.holder.take() is None:
-                return None if self._other_gave_up() else 0.05
-            if self.schedule.paused_until > now:
-                return self.schedule.paused_until - now  # a server's Retry-After
-            try:
-                self.rounds.run(deadline=deadline)
-            except OutboxDamaged as damage:  # as the thread does: move it aside, salvage, go on
-                self._recover(damage)
-            finally:
-                self._notify()
-            return 0.0
+        """Send what is pending now from the calling thread; return when done or stuck."""
+        return flushing.drain(self, timeout)
 
     @contextlib.contextmanager
     def hurry(self, started: float) -> Iterator[None]:
@@ -380,13 +300,6 @@ class Uploader:
         finally:
             with self._urgent_lock:
                 self._urgent -= 1
-
-    def _other_gave_up(self) -> bool:
-        """Another process uploads, and it is backing off: waiting here would not help."""
-        if self.holder.holds:
-            return False
-        head = self.outbox.head(1)
-        return stored_wait(head.next_attempt_at, self.rounds.clock.now()) > 0
 
     # -- sync_mode ------------------------------------------------------------------------
 
