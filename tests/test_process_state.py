@@ -282,3 +282,48 @@ def test_an_idle_uploader_stands_down_for_a_fork_and_comes_back(tmp_path: Path, 
     assert result["restarted"] and result["sent"] == 1
     if sys.version_info >= (3, 12):  # "This process is multi-threaded, use of fork() ..."
         assert result["warnings"] == []
+
+
+INTERRUPTED_WAKES = r"""
+import json, random, signal, sys, time
+from outbox_analytics import Client
+
+client = Client("k", host=sys.argv[2], outbox_path=sys.argv[1], upload_interval=5)
+client.track("u", "Start")
+client.flush(timeout=10)  # the thread now rests: every track() wakes it
+armed = [False]
+
+
+def interrupt(*_):
+    if armed[0]:
+        armed[0] = False
+        raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, interrupt)
+stored = 0
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    signal.setitimer(signal.ITIMER_REAL, random.uniform(0, 0.0005))
+    try:
+        armed[0] = True
+        stored += client.track("u", "E")[0]
+    except KeyboardInterrupt:
+        pass
+    finally:
+        armed[0] = False
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(json.dumps({"stored": stored, "flush": client.flush(timeout=10).pending}), flush=True)
+"""
+
+
+def test_interrupts_inside_track_never_wedge_the_uploader_or_later_calls(
+    tmp_path: Path, receiver
+) -> None:
+    """A KeyboardInterrupt landing while track() wakes the thread (what hung a CI run)."""
+    code, out, err = run_python(
+        INTERRUPTED_WAKES, str(tmp_path / "o.db"), receiver.url, "3", timeout=60
+    )
+    assert code == 0, f"hung or failed ({code}): {err[-2000:]}"
+    result = json.loads(out.splitlines()[-1])
+    assert result["stored"] > 100 and result["flush"] == 0

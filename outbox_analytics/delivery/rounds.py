@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +25,7 @@ from ..store import Row, UploadLease
 from ..utils import RateLimitedLog
 from .lease_holder import LeaseHolder
 from .schedule import Schedule, SteadyWallClock
-from .sender import Interrupted, Sender
+from .sender import Interrupted, Interruption, Sender
 from .triage import EndpointToBlame, Rejections, endpoint_error, error_text, judge, rejection_key
 
 __all__ = ["Rounds", "Tally"]
@@ -56,7 +55,7 @@ class _Batch:
         rows: list[Row],
         claimed_at: float,
         deadline: float | None,
-        interrupt: threading.Event | None,
+        interrupt: Interruption | None,
         claim_ahead: bool,
     ) -> None:
         self.lease = lease
@@ -109,7 +108,7 @@ class Rounds:
         self,
         *,
         deadline: float | None = None,
-        interrupt: threading.Event | None = None,
+        interrupt: Interruption | None = None,
         claim_ahead: bool = False,
     ) -> int:
         """Claim the oldest rows and deliver them; how many rows were claimed.

@@ -1,13 +1,14 @@
 """The sender: one batch body to the server, retried by the tenacity policy until an answer.
 
 Its caller says what may cut it short: the background thread passes its stop
-event (a shutdown should not wait out a minute of backoff); `drain()` and
+`Interruption` (a shutdown should not wait out a minute of backoff); `drain()` and
 sync sends pass none, or their own deadline. So a stop meant for the thread
 never ends someone else's send.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from ..request import Requester, encode_batch
 from ..utils import utc_now_iso
 from .schedule import Schedule
 
-__all__ = ["DEFAULT_RETRY_WAIT", "Interrupted", "Sender"]
+__all__ = ["DEFAULT_RETRY_WAIT", "Interrupted", "Interruption", "Sender"]
 
 log = logging.getLogger("outbox_analytics")
 
@@ -33,7 +34,33 @@ DEFAULT_RETRY_WAIT: tenacity.wait.wait_base = tenacity.wait_exponential(
 
 
 class Interrupted(Exception):
-    """The caller's interruption event was set during a send: not a failure of the batch."""
+    """The caller's interruption was set during a send: not a failure of the batch."""
+
+
+class Interruption:
+    """Set once, for good; cuts a retry wait short.
+
+    Like threading.Event, but on a raw lock (held until set): setting it
+    takes no lock in Python code that a KeyboardInterrupt could leave held.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._unset = threading.Lock()
+        self._unset.acquire()
+
+    def set(self) -> None:
+        self._set = True
+        with contextlib.suppress(RuntimeError):  # set already
+            self._unset.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, seconds: float) -> None:
+        """Sleep `seconds`, or until set."""
+        if self._unset.acquire(timeout=max(0.0, seconds)):
+            self._unset.release()  # stays set for every later wait
 
 
 class Sender:
@@ -72,7 +99,7 @@ class Sender:
         messages: bytes,
         *,
         deadline: float | None,
-        interrupt: threading.Event | None,
+        interrupt: Interruption | None,
         before_attempt: Callable[[int], Callable[[], None] | None],
     ) -> None:
         """POST `messages` (a JSON array) until a 2xx; else APIError, RetryableError, Interrupted.
@@ -84,7 +111,7 @@ class Sender:
         stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.max_retries + 1)
         if deadline is not None:
             stop = stop | _stop_at(deadline)
-        sleep = time.sleep if interrupt is None else tenacity.nap.sleep_using_event(interrupt)
+        sleep = time.sleep if interrupt is None else interrupt.wait
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(RetryableError),
             stop=stop,

@@ -34,7 +34,7 @@ from .flushing import FlushResult
 from .lease_holder import LeaseHolder
 from .rounds import Rounds, Tally
 from .schedule import Schedule, next_delay, stored_wait
-from .sender import DEFAULT_RETRY_WAIT, Sender
+from .sender import DEFAULT_RETRY_WAIT, Interruption, Sender
 from .worker import BackgroundWorker
 
 __all__ = ["FlushResult", "Uploader"]
@@ -81,7 +81,7 @@ class Uploader:
         self.worker = BackgroundWorker(
             self._thread_step, self._thread_failed, self._thread_ended, "uploader"
         )
-        self._stop_requested = threading.Event()  # cuts the thread's retry waits short
+        self._stop_requested = Interruption()  # cuts the thread's retry waits short
         self.loop_errors = 0  # unexpected failures of a step (logged, then retried)
         self.stranded_found = 0  # times pending rows were found behind the claim cursor
         self._waiting_for_server = False  # registered to start once the server allows threads
@@ -92,7 +92,7 @@ class Uploader:
 
     def _forget_parent(self) -> None:
         """Locks a parent's thread may have held at the fork are made anew."""
-        self._progress = threading.Condition()
+        self._progress = _Progress()
         self._urgent_lock = threading.Lock()
         self._urgent = 0  # flushes waiting: no fill wait, and a head that gave up goes again
         self._flush_started = 0.0  # monotonic
@@ -206,12 +206,10 @@ class Uploader:
 
     def notify_progress(self) -> None:
         """A batch was settled: flushes waiting look at the file again."""
-        with self._progress:
-            self._progress.notify_all()
+        self._progress.notify()
 
     def wait_for_progress(self, seconds: float) -> None:
-        with self._progress:
-            self._progress.wait(seconds)
+        self._progress.wait(seconds)
 
     # -- one step (inside a turn) ---------------------------------------------------------
 
@@ -307,6 +305,31 @@ class Uploader:
         """sync_mode: return once row `row_id` and all before it are delivered (see sync.py)."""
         process.current_pid()
         sync.deliver_now(self, row_id, timeout)
+
+
+class _Progress:
+    """Wakes the flushes waiting for a batch to be settled.
+
+    Raw locks only, as worker._Bell: a flush interrupted by Ctrl-C must not
+    leave a lock held that the uploader's thread then waits on for good.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: set[threading.Lock] = set()
+
+    def wait(self, seconds: float) -> None:
+        bell = threading.Lock()
+        bell.acquire()
+        self._waiting.add(bell)
+        try:
+            bell.acquire(timeout=max(0.0, seconds))
+        finally:
+            self._waiting.discard(bell)
+
+    def notify(self) -> None:
+        for bell in list(self._waiting):
+            with contextlib.suppress(RuntimeError):  # (woken already)
+                bell.release()
 
 
 _uploaders: weakref.WeakSet[Uploader] = weakref.WeakSet()

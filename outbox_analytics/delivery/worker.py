@@ -21,6 +21,7 @@ owns only the thread's lifecycle:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -58,7 +59,7 @@ class BackgroundWorker:
         self._on_exit = on_exit
         self._name = name
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._bell = _Bell()
         self._pid = process.known_pid()
         self._generation = 0  # only the thread of the current generation loops
         self._alive = False  # the current generation's thread has not ended
@@ -80,7 +81,7 @@ class BackgroundWorker:
         """Start the thread if it is not running (unless stopped); wake it if it idles."""
         if self.is_running:
             if self._idle:
-                self._wake.set()  # new events: no need to sleep out a long wait
+                self._bell.ring()  # new events: no need to sleep out a long wait
             return
         if self._pid != process.known_pid():
             self._forget_parent()
@@ -107,7 +108,7 @@ class BackgroundWorker:
             raise
 
     def wake(self) -> None:
-        self._wake.set()
+        self._bell.ring()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop for good after the step in progress; True if the thread ended within `timeout`."""
@@ -118,7 +119,7 @@ class BackgroundWorker:
         with self._lock:
             self._generation += 1  # the running thread leaves after its step
             thread = self._thread
-        self._wake.set()
+        self._bell.ring()
         if thread is None or thread is threading.current_thread() or self._pid != os.getpid():
             return True
         thread.join(timeout)
@@ -146,17 +147,16 @@ class BackgroundWorker:
     def _rest(self, delay: float) -> None:
         self._idle = True
         try:
-            self._wake.wait(delay)
+            self._bell.wait(delay)
         finally:
             self._idle = False
-        self._wake.clear()
 
     # -- per process ------------------------------------------------------------
 
     def _forget_parent(self) -> None:
         """In a new process: the parent's thread does not exist here, nor do its locks."""
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._bell = _Bell()
         self._thread = None
         self._alive = self._idle = self._resume_after_fork = False
         self._pid = process.known_pid()
@@ -173,6 +173,28 @@ class BackgroundWorker:
             self._resume_after_fork = False
             if not self._stopped:
                 self.ensure_running()
+
+
+class _Bell:
+    """Wakes one waiting thread; safe to ring from any line a signal may interrupt.
+
+    A threading.Event would do, but its lock is taken in Python code
+    (Condition.__enter__): a KeyboardInterrupt landing there, in a track()
+    that wakes the thread, leaves it held for good and every later track()
+    hangs. Ringing here is one C call on a raw lock, held while not rung.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def ring(self) -> None:
+        with contextlib.suppress(RuntimeError):  # rung already
+            self._lock.release()
+
+    def wait(self, seconds: float) -> None:
+        """Until rung (since the last wait) or `seconds` passed."""
+        self._lock.acquire(timeout=max(0.0, seconds))  # rung: taken back, unrung again
 
 
 _workers: weakref.WeakSet[BackgroundWorker] = weakref.WeakSet()
