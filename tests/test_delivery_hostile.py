@@ -315,12 +315,16 @@ def test_threads_racing_a_clients_first_call_start_one_uploader(make_client, rec
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_uploader_thread_is_started_again(make_client, receiver) -> None:
-    client = make_client()
+    client = make_client(upload_interval=5)  # it rests long between steps
     client.track("user", "Before")
     assert client.flush(timeout=10).sent == 1
     # The thread dies of an exception raised into it from outside while it
     # rests between steps (nothing of ours lets it die).
-    thread = next(t for t in threading.enumerate() if t.name == "outbox-analytics-uploader")
+    worker = client.uploader.worker
+    thread = worker._thread
+    deadline = time.monotonic() + 5
+    while not worker._idle and time.monotonic() < deadline:
+        time.sleep(0.01)
     killed = ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit)
     )
