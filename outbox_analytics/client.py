@@ -473,6 +473,10 @@ class Client:
             self._warn_full()  # counted by the outbox, in the file when it can be
             return False, msg
         except OutboxError as exc:
+            if getattr(exc, "reentered", False) and not self.outbox.in_call_here():
+                # A signal handler that interrupted this call used the outbox
+                # and failed: its error, not ours, and never swallowed here.
+                raise
             self._log_write_error(exc)  # counted by the outbox, too
             return False, msg
         if self.uploader is not None:

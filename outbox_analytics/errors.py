@@ -50,7 +50,13 @@ class OutboxError(OutboxAnalyticsError):
 
 
 class OutboxBusy(OutboxError):
-    """Another connection (a process, a backup tool, the sqlite3 shell) kept the file locked."""
+    """Another connection (a process, a backup tool, the sqlite3 shell) kept the file locked.
+
+    `reentered`: the call came from a signal handler (or a callback) whose
+    thread was itself inside a call on the file, and had to write.
+    """
+
+    reentered = False
 
 
 class OutboxDamaged(OutboxError):

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import tenacity
 
+from .conftest import start_python
 from .receiver import Reply
 from .test_store_fork import run_python
 
@@ -327,3 +329,90 @@ def test_interrupts_inside_track_never_wedge_the_uploader_or_later_calls(
     assert code == 0, f"hung or failed ({code}): {err[-2000:]}"
     result = json.loads(out.splitlines()[-1])
     assert result["stored"] > 100 and result["flush"] == 0
+
+
+SIGTERM_HANDLER_USES_THE_CLIENT = r"""
+import signal, sys
+from outbox_analytics import Client
+
+client = Client("k", host=sys.argv[2], outbox_path=sys.argv[1], max_retries=0)
+what = sys.argv[3]
+
+
+def terminate(signum, frame):
+    # It lands inside a track() of the loop below, almost always.
+    if what == "stats":
+        client.stats()
+    elif what == "flush":
+        client.flush()
+    elif what == "shutdown":
+        client.shutdown()
+    sys.exit(143)
+
+
+signal.signal(signal.SIGTERM, terminate)
+print("ready", flush=True)
+i = 0
+while True:
+    client.track("job", "Row", {"i": i})
+    i += 1
+"""
+
+
+@pytest.mark.parametrize("what", ["stats", "flush", "shutdown"])
+def test_a_sigterm_handler_that_uses_the_client_still_ends_the_job(
+    tmp_path: Path, receiver, what: str
+) -> None:
+    """Its call came back into the library while track() was inside it: it must work, not hang,
+    and its outcome must never be swallowed by the interrupted track()."""
+    for trial in range(3):
+        job = start_python(
+            SIGTERM_HANDLER_USES_THE_CLIENT, str(tmp_path / f"{trial}.db"), receiver.url, what
+        )
+        try:
+            assert job.stdout is not None and job.stdout.readline().strip() == "ready"
+            time.sleep(0.3)
+            job.send_signal(signal.SIGTERM)
+            _, err = job.communicate(timeout=10)
+        finally:
+            job.kill()
+            job.wait()
+        assert job.returncode == 143, err[-2000:]
+
+
+CHILD_OF_A_THREAD = r"""
+import os, sys, threading, time
+from outbox_analytics import Client
+
+client = Client("k", host=sys.argv[2], outbox_path=sys.argv[1])
+children = []
+
+
+def fork_and_track():
+    pid = os.fork()
+    if pid == 0:
+        client.track("child", "E")
+        sys.exit(0)  # ends this thread, the child's only one but the uploader's
+    children.append(pid)
+
+
+thread = threading.Thread(target=fork_and_track)
+thread.start()
+thread.join()
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    done, status = os.waitpid(children[0], os.WNOHANG)
+    if done:
+        print("exited", os.waitstatus_to_exitcode(status), flush=True)
+        break
+    time.sleep(0.05)
+else:
+    os.kill(children[0], 9)
+    print("still running", flush=True)
+"""
+
+
+def test_a_child_forked_from_a_thread_ends_when_its_thread_does(tmp_path: Path, receiver) -> None:
+    code, out, err = run_python(CHILD_OF_A_THREAD, str(tmp_path / "o.db"), receiver.url, timeout=60)
+    assert code == 0, err[-2000:]
+    assert out.strip() == "exited 0"

@@ -42,15 +42,19 @@ def flush(uploader: Uploader, timeout: float | None = None) -> FlushResult:
     Works whichever process holds the upload lease: progress is read from
     the file. After `stop()` it sends from the calling thread, as
     `drain()` does; where the server allows no thread (a uWSGI master),
-    it sends nothing.
+    or from a signal handler whose thread was inside a call on the file (the
+    sender needs the lock that thread holds), it sends nothing and returns
+    at once.
     """
+    if uploader.outbox.in_call_here():
+        return _as_it_is(uploader)  # from a signal handler: the thread needs our lock
     uploader.ensure_running()
     if not uploader.running:
         if servers.background_thread_allowed():
             return drain(uploader, timeout)
         # A uWSGI master sends nothing (a request of its own could be on
         # the wire when it forks); its workers send what it stored.
-        return FlushResult(0, 0, uploader.outbox.count_unfinished(uploader.outbox.last_id()))
+        return _as_it_is(uploader)
     deadline = None if timeout is None else time.monotonic() + timeout
     mark = uploader.outbox.last_id()
     started = time.monotonic()
@@ -80,6 +84,8 @@ def drain(uploader: Uploader, timeout: float | None = None) -> FlushResult:
     on with it, the lease is given back.
     """
     process.current_pid()
+    if uploader.outbox.in_call_here():
+        return _as_it_is(uploader)  # from a signal handler: this thread holds the file's lock
     deadline = None if timeout is None else time.monotonic() + timeout
     mark = uploader.outbox.last_id()
     started = time.monotonic()
@@ -92,12 +98,18 @@ def drain(uploader: Uploader, timeout: float | None = None) -> FlushResult:
                 break  # the other uploader is backing off, or a pause outlasts the timeout
             time.sleep(wait)
     finally:
-        if not uploader.running:
+        if not uploader.running:  # nobody goes on: the lease and the request thread go
             with uploader.holder.turn():
                 uploader.holder.reclaim()
                 uploader.holder.give_up()
+            uploader.sender.close()
     left = uploader.outbox.count_unfinished(mark)
     return FlushResult(sent=uploader.sent - sent, dead=uploader.dead - dead, pending=left)
+
+
+def _as_it_is(uploader: Uploader) -> FlushResult:
+    """Nothing sent here: what is still to send."""
+    return FlushResult(0, 0, uploader.outbox.count_unfinished(uploader.outbox.last_id()))
 
 
 def _drain_step(uploader: Uploader, deadline: float | None) -> float | None:

@@ -152,6 +152,9 @@ class Uploader:
     def stop(self, timeout: float | None = None) -> bool:
         """Stop the thread for good after the batch in flight; True if it ended within `timeout`."""
         self._stop_requested.set()
+        if self.outbox.in_call_here():  # a signal handler's: the thread may wait for our lock
+            self.worker.stop(0)
+            return False
         started = time.monotonic()
         if not self.worker.stop(timeout):
             return False  # a request still in flight: the thread gives the lease back after it
@@ -189,6 +192,7 @@ class Uploader:
         """After stop(): the lease goes back now, not when the process exits."""
         with self.holder.turn():
             self.holder.give_up()
+        self.sender.close()  # (its request thread too)
         self.notify_progress()
 
     def recover(self, damage: OutboxDamaged) -> None:

@@ -35,6 +35,12 @@ __all__ = ["BackgroundWorker"]
 
 log = logging.getLogger("outbox_analytics")
 
+# The class of the interpreter's own main thread. At interpreter exit it is
+# marked as ended before the exit hooks run (which still need the thread); a
+# child forked from another thread has that thread, of another class, instead.
+_MAIN_THREAD: type = getattr(threading, "_MainThread", type(None))
+# How often a resting thread looks whether the process's main thread ended.
+_WATCH_MAIN_THREAD = 1.0
 # How long a fork waits for an idle thread to stand down before it goes on
 # without (the thread is then inherited as nothing, as any other thread is).
 _STAND_DOWN_WAIT = 0.05
@@ -131,7 +137,7 @@ class BackgroundWorker:
         # first track()) waits out the 5 ms switch interval.
         time.sleep(0.001)
         try:
-            while generation == self._generation:
+            while generation == self._generation and self._process_goes_on():
                 try:
                     delay = self._step()
                 except BaseException as exc:  # the loop outlives every failure of a step
@@ -145,11 +151,32 @@ class BackgroundWorker:
                 self._on_exit()
 
     def _rest(self, delay: float) -> None:
+        """Until rung, `delay` passed, or the process's main thread ended."""
         self._idle = True
         try:
-            self._bell.wait(delay)
+            end = time.monotonic() + delay
+            while True:
+                left = end - time.monotonic()
+                if left <= 0 or self._bell.wait(min(left, _WATCH_MAIN_THREAD)):
+                    return
+                if not self._process_goes_on():
+                    return
         finally:
             self._idle = False
+
+    def _process_goes_on(self) -> bool:
+        """False once the main thread ended without ending the process.
+
+        That is a child forked from another thread than the main one: its
+        forking thread became its main thread, and when it ends,
+        `sys.exit()` included, nothing finalizes the interpreter. The process
+        ends with its last thread: this one must stop (for good) then.
+        """
+        main = threading.main_thread()
+        if isinstance(main, _MAIN_THREAD) or main.is_alive():
+            return True  # (the interpreter's own main thread: its exit finalizes all)
+        self._stopped = True
+        return False
 
     # -- per process ------------------------------------------------------------
 
@@ -165,8 +192,12 @@ class BackgroundWorker:
         """Before a fork: an idle thread ends (to start again after it); a busy one is left."""
         if not (self._alive and self._idle) or self._pid != os.getpid():
             return
-        if self._end_thread(_STAND_DOWN_WAIT):
-            self._resume_after_fork = True
+        if not self._end_thread(_STAND_DOWN_WAIT):
+            return
+        with self._lock:
+            if not self._alive:  # (a track() on another thread may have started one since)
+                self._thread = None  # it did not die: nothing to report when it starts again
+                self._resume_after_fork = True
 
     def _resume(self) -> None:
         if self._resume_after_fork:
@@ -192,9 +223,9 @@ class _Bell:
         with contextlib.suppress(RuntimeError):  # rung already
             self._lock.release()
 
-    def wait(self, seconds: float) -> None:
-        """Until rung (since the last wait) or `seconds` passed."""
-        self._lock.acquire(timeout=max(0.0, seconds))  # rung: taken back, unrung again
+    def wait(self, seconds: float) -> bool:
+        """Until rung (since the last wait: True) or `seconds` passed (False)."""
+        return self._lock.acquire(timeout=max(0.0, seconds))  # rung: taken back, unrung
 
 
 _workers: weakref.WeakSet[BackgroundWorker] = weakref.WeakSet()

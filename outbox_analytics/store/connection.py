@@ -243,7 +243,11 @@ class Database:
         if me in file.inside:
             # A signal handler (or a callback) calling us while this thread is
             # inside a call on this file: waiting for the lock would hang for good.
-            raise OutboxBusy(f"cannot {doing}: called again while a call is under way", self.path)
+            if begin != "BEGIN IMMEDIATE":
+                return self._read_reentered(work, begin, doing)
+            busy = OutboxBusy(f"cannot {doing}: called again while a call is under way", self.path)
+            busy.reentered = True  # (see Client._enqueue: not an error of the outer call)
+            raise busy
         try:
             file.inside.add(me)  # in the try: an interrupt can never leave it set
             return self._call_locked(file.lock, work, begin, doing, wait)
@@ -290,6 +294,34 @@ class Database:
         conn.execute("COMMIT")
         return result
 
+    def _read_reentered(
+        self, work: Callable[[sqlite3.Connection], T], begin: str | None, doing: str
+    ) -> T:
+        """A read from a signal handler while its thread is inside a call on this file.
+
+        The outer call is paused between two statements (a handler runs
+        between bytecodes, never inside SQLite), maybe inside a transaction
+        of its own connection: the read takes a connection of its own, and
+        no lock (WAL readers never wait for a writer).
+        """
+        try:
+            conn = self._open(readonly=True)
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path, doing) from exc
+        try:
+            if begin is not None:
+                conn.execute(begin)
+            return work(conn)
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path, doing) from exc
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def in_call_here(self) -> bool:
+        """Whether this thread is inside a call on this file (a signal handler's caller is)."""
+        return threading.get_ident() in self._file.inside
+
     def _close_if_forks_unseen(self) -> None:
         """In a process that will fork without telling us (a uWSGI master), keep no connection.
 
@@ -312,6 +344,20 @@ class Database:
                 self._drop_connection()  # unusable now: the next call opens a fresh one
 
     # -- the connection -----------------------------------------------------------
+
+    def _open(self, readonly: bool) -> sqlite3.Connection:
+        """A connection of its own, for a re-entered read (see _read_reentered)."""
+        conn = sqlite3.connect(
+            f"file:{urllib.parse.quote(self.path)}?mode={'ro' if readonly else 'rw'}",
+            uri=True,
+            timeout=_BUSY_SLICE,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA temp_store=MEMORY")
+        if self.on_connect is not None:
+            self.on_connect(conn)
+        return conn
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -400,6 +446,8 @@ class Database:
         a WAL database deletes `<path>-wal` and `<path>-shm` by name, which
         by now are the fresh file's.
         """
+        if self.in_call_here():
+            return  # a signal handler's: this thread holds the lock; the connection stays
         with self._file.lock:
             self._close_locked()
             if self._made_sidecars and not self.moved():  # (a fresh file's are not ours)

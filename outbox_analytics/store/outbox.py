@@ -564,6 +564,10 @@ class Outbox:
             if remaining is not None:
                 remaining -= len(raws)
 
+    def in_call_here(self) -> bool:
+        """Whether this thread is inside a call on the file (a signal handler's caller)."""
+        return self._db.in_call_here()
+
     @property
     def database(self) -> Database:
         """The connection, for the storage package's maintenance functions."""
