@@ -34,7 +34,6 @@ _pid = os.getpid()
 # child that race here share one.
 _resetting: dict[int, threading.Lock] = {}
 _resetting_threads: set[int] = set()
-_forks_unseen_in = 0  # the pid that said it forks without hooks (see expect_forks_unseen)
 
 
 def on_new_process(reset: Callable[[], None]) -> None:
@@ -48,13 +47,13 @@ def expect_forks_unseen() -> None:
     Until a new process begins, the store keeps no SQLite connection open
     between calls (see store/connection.py), and no thread is started.
     """
-    global _forks_unseen_in
-    _forks_unseen_in = os.getpid()
+    global forks_unseen
+    forks_unseen = True
 
 
-def forks_unseen() -> bool:
-    """Whether `expect_forks_unseen()` was called in this process (no system call)."""
-    return _forks_unseen_in == _pid
+# Whether `expect_forks_unseen()` was called in this process: a plain
+# attribute, read on every append (a new process starts with False).
+forks_unseen = False
 
 
 def known_pid() -> int:
@@ -72,7 +71,7 @@ def current_pid() -> int:
 
 
 def _enter_new_process(pid: int) -> None:
-    global _pid
+    global _pid, forks_unseen
     me = threading.get_ident()
     if me in _resetting_threads:
         return  # a signal handler using the package while its thread resets: go on
@@ -83,6 +82,7 @@ def _enter_new_process(pid: int) -> None:
         try:
             for old in [key for key in _resetting if key != pid]:
                 _resetting.pop(old, None)
+            forks_unseen = False  # said by the parent, of itself
             for reset in _resets:
                 try:
                     reset()

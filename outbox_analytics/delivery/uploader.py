@@ -78,8 +78,14 @@ class Uploader:
             max_total_backoff_duration=max_total_backoff_duration,
             on_error=on_error,
         )
+        # A rest that only lets a batch fill up is not cut short by each new
+        # event (a wake-up per track() costs every caller); a backoff is.
         self.worker = BackgroundWorker(
-            self._thread_step, self._thread_failed, self._thread_ended, "uploader"
+            self._thread_step,
+            self._thread_failed,
+            self._thread_ended,
+            "uploader",
+            short_rest=upload_interval,
         )
         self._stop_requested = Interruption()  # cuts the thread's retry waits short
         self.loop_errors = 0  # unexpected failures of a step (logged, then retried)

@@ -59,8 +59,11 @@ class BackgroundWorker:
         on_error: Callable[[BaseException], float],
         on_exit: Callable[[], None],
         name: str,
+        short_rest: float = 0.0,
     ) -> None:
+        """A rest of up to `short_rest` seconds is not cut short by `ensure_running()`."""
         self._step = step
+        self._short_rest = short_rest
         self._on_error = on_error
         self._on_exit = on_exit
         self._name = name
@@ -69,7 +72,8 @@ class BackgroundWorker:
         self._pid = process.known_pid()
         self._generation = 0  # only the thread of the current generation loops
         self._alive = False  # the current generation's thread has not ended
-        self._idle = False  # in a wait: a new event, a flush or a fork may cut it short
+        self._idle = False  # resting: a flush or a fork may cut it short
+        self._wakeable = False  # resting longer than a short rest: a new event cuts it short
         self._stopped = False
         self._resume_after_fork = False
         self._thread: threading.Thread | None = None
@@ -86,7 +90,7 @@ class BackgroundWorker:
     def ensure_running(self) -> None:
         """Start the thread if it is not running (unless stopped); wake it if it idles."""
         if self.is_running:
-            if self._idle:
+            if self._wakeable:
                 self._bell.ring()  # new events: no need to sleep out a long wait
             return
         if self._pid != process.known_pid():
@@ -152,7 +156,7 @@ class BackgroundWorker:
 
     def _rest(self, delay: float) -> None:
         """Until rung, `delay` passed, or the process's main thread ended."""
-        self._idle = True
+        self._idle, self._wakeable = True, delay > self._short_rest
         try:
             end = time.monotonic() + delay
             while True:
@@ -162,7 +166,7 @@ class BackgroundWorker:
                 if not self._process_goes_on():
                     return
         finally:
-            self._idle = False
+            self._idle = self._wakeable = False
 
     def _process_goes_on(self) -> bool:
         """False once the main thread ended without ending the process.
@@ -185,7 +189,7 @@ class BackgroundWorker:
         self._lock = threading.Lock()
         self._bell = _Bell()
         self._thread = None
-        self._alive = self._idle = self._resume_after_fork = False
+        self._alive = self._idle = self._wakeable = self._resume_after_fork = False
         self._pid = process.known_pid()
 
     def _stand_down(self) -> None:

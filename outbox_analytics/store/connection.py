@@ -145,7 +145,7 @@ class Database:
         self._file = _lock_for(self.identity)
         self._conn: sqlite3.Connection | None = None
         self._made_sidecars = False  # a reader whose opening made the -wal and -shm
-        self._pid = process.current_pid()
+        process.current_pid()  # (a connection of a parent is never ours)
         _live_databases.add(self)
 
     # -- the three kinds of call ------------------------------------------------
@@ -185,10 +185,11 @@ class Database:
         # The hot path of every track(): the same rules as _call, without its
         # layers. Anything unusual (no connection yet, a transaction left open,
         # an error, busy) takes the full path; the statement did not apply then.
-        # The caller checked the process (Outbox.append calls current_pid()).
+        # The caller checked the process (Outbox.append calls current_pid()):
+        # in a new process, the parent's connection was dropped already.
         file, me = self._file, threading.get_ident()
         conn = self._conn
-        if conn is not None and me not in file.inside and self._pid == process.known_pid():
+        if conn is not None and me not in file.inside:
             try:
                 file.inside.add(me)
                 with file.lock:
@@ -200,7 +201,8 @@ class Database:
                         except sqlite3.Error:
                             self._end_transaction()
                         finally:
-                            self._close_if_forks_unseen()
+                            if process.forks_unseen:
+                                self._close_locked()  # see _close_if_forks_unseen
             finally:
                 file.inside.discard(me)
         return self._call(lambda conn: conn.execute(sql, params), None, doing, self.wait)
@@ -332,7 +334,7 @@ class Database:
         delete the WAL under it). With no connection open at the fork, there
         is no such record to inherit.
         """
-        if process.forks_unseen():
+        if process.forks_unseen:
             self._close_locked()
 
     def _end_transaction(self) -> None:
@@ -499,7 +501,6 @@ class Database:
         """In a new process: the parent's connection is never used, nor closed (see close())."""
         self._file = _lock_for(self.identity)
         self._drop_connection()
-        self._pid = os.getpid()
 
 
 _SIDECARS = ("-wal", "-shm")
