@@ -579,3 +579,20 @@ def test_shutdown_puts_a_batch_claimed_ahead_back(make_client, receiver, outbox_
     reader.shutdown()
     assert stats is not None and stats.inflight == 0  # nothing left claimed by nobody
     assert stats.pending + len({m["messageId"] for m in receiver.accepted()}) == 300
+
+
+def test_a_deadline_that_passes_before_any_answer_reports_no_failure(
+    make_client, receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """drain(timeout=0.001) against a healthy server: no "retries ran out", no on_error."""
+    reports: list[Exception] = []
+    client = make_client(upload=True, on_error=lambda exc, messages: reports.append(exc))
+    client.join()  # drain() alone sends
+    track_numbered(client, 300)
+    for _ in range(3):
+        client.drain(timeout=0.001)
+    assert reports == []
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    stats = client.stats()
+    assert stats is not None and stats.head_attempts == 0 and stats.head_last_error is None
+    assert client.drain(timeout=10).pending == 0

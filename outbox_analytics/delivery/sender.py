@@ -34,7 +34,10 @@ DEFAULT_RETRY_WAIT: tenacity.wait.wait_base = tenacity.wait_exponential(
 
 
 class Interrupted(Exception):
-    """The caller's interruption was set during a send: not a failure of the batch."""
+    """The caller's interruption was set, or its deadline passed before any answer.
+
+    Not a failure of the batch: its rows go back to pending as they were.
+    """
 
 
 class Interruption:
@@ -126,8 +129,10 @@ class Sender:
                 if interrupt is not None and interrupt.is_set():
                     raise Interrupted()
                 if deadline is not None and time.monotonic() >= deadline:
-                    # The cause to report is the last real failure, not the deadline.
-                    raise last_failure or RetryableError("the deadline passed before the request")
+                    # The cause to report is the last real failure, not the
+                    # deadline; with none, the caller's time ran out before
+                    # the server could answer: no failure to report at all.
+                    raise last_failure or Interrupted()
                 number = attempt.retry_state.attempt_number
                 meanwhile = before_attempt(number)
                 requester = self.requester
