@@ -165,6 +165,8 @@ class Client:
         _require_number("upload_size", upload_size, minimum=1, integral=True)
         _require_number("thread", thread, minimum=1, integral=True)
         _require_number("timeout", timeout, minimum=0)
+        if timeout == 0:  # requests refuses it at every request: say so here, once
+            raise ValueError("timeout must be a number > 0 (seconds), got 0")
         _require_number("upload_interval", upload_interval, minimum=0)
         _require_number("max_total_backoff_duration", max_total_backoff_duration, minimum=0)
         _require_number("max_rate_limit_duration", max_rate_limit_duration, minimum=0)

@@ -293,6 +293,11 @@ class Requester:
             )
         except requests.RequestException as exc:
             raise RetryableError(f"request failed: {_describe(exc, self.url)}") from exc
+        except (OSError, ValueError) as exc:
+            # Not requests' own errors, raised before any byte is sent: a
+            # CA bundle that is not there, a setting urllib3 refuses. Still a
+            # failure to report and retry with backoff, not a crash to loop on.
+            raise RetryableError(f"request failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
         return Reply(response.status_code, dict(response.headers), response.text)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import threading
 import time
 from email.utils import formatdate
@@ -10,7 +11,7 @@ from email.utils import formatdate
 import pytest
 import tenacity
 
-from outbox_analytics import VERSION, APIError, FlushResult, RetryableError
+from outbox_analytics import VERSION, APIError, Client, FlushResult, RetryableError
 from outbox_analytics.request import MAX_BATCH_BYTES, parse_retry_after
 
 from .receiver import Received, Reply
@@ -596,3 +597,35 @@ def test_a_deadline_that_passes_before_any_answer_reports_no_failure(
     stats = client.stats()
     assert stats is not None and stats.head_attempts == 0 and stats.head_last_error is None
     assert client.drain(timeout=10).pending == 0
+
+
+def test_a_missing_ca_bundle_is_a_reported_failure_with_backoff(
+    make_client, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """requests raises a plain OSError for it (not a RequestException): still retried, reported."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "no-such-bundle.pem"))
+    reports: list[Exception] = []
+    client = make_client(
+        host=f"https://127.0.0.1:{listener.getsockname()[1]}",
+        max_retries=2,
+        on_error=lambda exc, messages: reports.append(exc),
+    )
+    client.track("user", "E")
+    result: list[FlushResult] = []
+    flusher = threading.Thread(target=lambda: result.append(client.flush()), daemon=True)
+    flusher.start()
+    flusher.join(15)  # flush() without a timeout: a round of retries gives up
+    listener.close()
+    assert result and result[0].pending == 1
+    assert reports and isinstance(reports[0], RetryableError)
+    assert "no-such-bundle" in str(reports[0])
+    stats = client.stats()
+    assert stats is not None and stats.head_attempts == 3
+
+
+def test_a_timeout_of_zero_is_refused_at_the_call(tmp_path) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        Client("k", outbox_path=str(tmp_path / "o.db"), timeout=0)
