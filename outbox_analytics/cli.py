@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -466,7 +467,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     with _reader(args.path) as outbox:
-        target: IO[str] = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
+        target: IO[str] = _private_file(args.output) if args.output else sys.stdout
         try:
             count = 0
             for row in outbox.rows(args.state):
@@ -477,6 +478,25 @@ def _export(args: argparse.Namespace) -> int:
                 target.close()
     print(f"exported {count} messages", file=sys.stderr)
     return EXIT_OK
+
+
+def _private_file(path: str, append: bool = False) -> IO[str]:
+    """A file for events we write out, readable by its owner only, as the outbox is.
+
+    An existing regular file is made private too: what goes in it is events.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise Problem(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+    except OSError as exc:
+        os.close(fd)
+        raise Problem(f"cannot make {path} private (mode 0600): {exc.strerror}") from None
+    return os.fdopen(fd, "a" if append else "w")
 
 
 def _exported(row: Row) -> dict[str, Any]:
@@ -793,7 +813,7 @@ def _progress(client: Client) -> Iterator[None]:
 def _collector(args: argparse.Namespace) -> int:
     from .collector import Collector
 
-    out: IO[str] = open(args.out, "a") if args.out else sys.stdout  # noqa: SIM115
+    out: IO[str] = _private_file(args.out, append=True) if args.out else sys.stdout
     collector = Collector(args.host, args.port, out=out)
     print(f"collector listening on {collector.url}", file=sys.stderr, flush=True)
     try:

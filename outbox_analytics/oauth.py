@@ -140,6 +140,9 @@ class TokenManager:
                 timeout=self.timeout,
                 proxies=self.proxies,
                 verify=self.verify,
+                # Never: a redirect would post the signed client assertion to
+                # another host, and that host's token would carry our batches.
+                allow_redirects=False,
             )
         except requests.RequestException as exc:
             raise RetryableError(f"OAuth token request failed: {type(exc).__name__}") from None
@@ -181,6 +184,12 @@ class TokenManager:
             if wait is None:
                 wait = parse_retry_after(response.headers.get("Retry-After"), time.time())
             return RetryableError("OAuth token server rate limit", status=429, retry_after=wait)
+        if 300 <= status < 400:
+            return RetryableError(
+                f"OAuth token server answered {status}: redirects are never followed;"
+                " set oauth_auth_server to the token server's own address",
+                status=status,
+            )
         if status in (400, 401, 403, 415):
             if description in _CLOCK_ERRORS:
                 # The Date header just corrected our clock: try again at once.

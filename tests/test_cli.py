@@ -11,6 +11,7 @@ import io
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -254,6 +255,22 @@ def test_show_by_id_and_by_message_id(cli, populated: Path) -> None:
     assert by_id == by_message_id == first
     missing = cli("show", populated, "no-such-message")
     assert missing.code == 1 and "no message 'no-such-message'" in missing.err
+
+
+def test_an_export_file_is_private_like_the_outbox(cli, populated: Path, tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.jsonl"
+        assert cli("export", populated, "-o", fresh).code == 0
+        existing = tmp_path / "existing.jsonl"
+        existing.write_text("old\n")
+        existing.chmod(0o644)
+        assert cli("export", populated, "-o", existing).code == 0
+    finally:
+        os.umask(old_umask)
+    for exported in (fresh, existing):
+        assert stat.S_IMODE(exported.stat().st_mode) == 0o600
+        assert len(exported.read_text().splitlines()) == 10
 
 
 def test_export_import_round_trip(cli, populated: Path, tmp_path: Path) -> None:

@@ -295,3 +295,24 @@ def test_secrets_never_reach_logs_or_the_outbox(
     for secret in secrets_seen:
         assert secret not in logged
         assert secret.encode() not in stored
+
+
+def test_the_token_request_never_follows_a_redirect(oauth_client, auth, receiver) -> None:
+    """A 307 would post the signed assertion to another host and use that host's token."""
+    from .receiver import Receiver
+
+    elsewhere = Receiver()
+    try:
+        auth.token_script = [
+            Reply(307, headers={"Location": elsewhere.url + "/token"}, body="")
+        ] * 20
+        client = oauth_client(max_retries=1)
+        client.track("user", "E")
+        result = client.flush(timeout=10)
+        assert result.pending == 1
+        assert elsewhere.requests == []  # the assertion never left for the other host
+        assert auth.batches_by_token == []
+        stats = client.stats()
+        assert stats is not None and "redirects are never followed" in (stats.head_last_error or "")
+    finally:
+        elsewhere.close()
