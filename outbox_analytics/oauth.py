@@ -10,6 +10,7 @@ token) is ever put in a log line or an exception message.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -36,6 +37,9 @@ _REFRESH_AT = 0.8
 # Answers meaning "your clock and mine disagree": retry at once with the skew
 # learnt from the answer's Date header.
 _CLOCK_ERRORS = ("Token is expired", "Token used before issued")
+# What a header value can carry: visible ASCII, no space (RFC 6750's
+# b64token is narrower; real servers' tokens stay within this).
+_TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")
 
 
 class AuthError(RetryableError):
@@ -161,7 +165,9 @@ class TokenManager:
             raise RetryableError(
                 "OAuth token response has no usable access_token", status=200
             ) from None
-        if not isinstance(token, str) or not token:
+        if not isinstance(token, str) or not _TOKEN_CHARACTERS.fullmatch(token):
+            # Empty, or what no header may carry (a newline, a space): requests
+            # would refuse every batch, quoting the token in its error.
             raise RetryableError("OAuth token response has no usable access_token", status=200)
         self._token = token
         self._renew_at = time.monotonic() + max(1.0, lifetime) * _REFRESH_AT

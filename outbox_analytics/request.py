@@ -482,6 +482,9 @@ def _describe(exc: requests.RequestException, url: str) -> str:
     import requests
 
     where = urllib.parse.urlsplit(url).netloc
+    if isinstance(exc, requests.exceptions.InvalidHeader):
+        # Its words quote the header's value: the write key or a token.
+        return "a request header was refused (its value is not shown: check the key or token)"
     cause = _os_error_under(exc)
     if isinstance(cause, ConnectionRefusedError):
         return f"connection refused by {where}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import time
 from email.utils import formatdate
@@ -316,3 +317,40 @@ def test_the_token_request_never_follows_a_redirect(oauth_client, auth, receiver
         assert stats is not None and "redirects are never followed" in (stats.head_last_error or "")
     finally:
         elsewhere.close()
+
+
+def test_a_token_no_header_can_carry_is_refused_and_never_shown(
+    oauth_client, auth, receiver
+) -> None:
+    """A token ending in a newline: requests' own error would quote it, "Bearer <token>"."""
+    bad = "tok-" + secrets.token_urlsafe(8) + "\n"
+    auth.token_script = [Reply(200, body=json.dumps({"access_token": bad, "expires_in": 3600}))]
+    client = oauth_client(max_retries=2)
+    client.track("user", "E")
+    assert client.flush(timeout=10).sent == 1  # the next token was a good one
+    assert len(auth.forms) == 2  # the bad one was never used
+    stats = client.stats()
+    assert stats is not None and bad.strip() not in (stats.head_last_error or "")
+
+
+def test_a_refused_header_is_reported_without_its_value(receiver) -> None:
+    """Whatever the token source hands over, requests' error quoting it never reaches our text."""
+    from outbox_analytics import RetryableError
+    from outbox_analytics.request import Requester
+
+    class LeakyTokens:  # a TokenSource (request.py) whose token no header may carry
+        def authorization(self) -> str:
+            return "Bearer secret-token\n"
+
+        def invalidate(self) -> None:
+            pass
+
+    requester = Requester("k", receiver.url, timeout=5, token_manager=LeakyTokens())
+    try:
+        with pytest.raises(RetryableError) as raised:
+            requester.send(b'{"batch": []}')
+    finally:
+        requester.close()
+    assert "secret-token" not in str(raised.value)
+    assert "header was refused" in str(raised.value)
+    assert receiver.requests == []
