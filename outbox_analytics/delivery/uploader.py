@@ -253,16 +253,6 @@ class Uploader:
             self.notify_progress()
         return 0.0
 
-    def run_once(self, deadline: float | None = None) -> int:
-        """Claim the oldest rows and deliver them, if this process can hold the lease."""
-        with self.holder.turn():
-            if self.holder.take() is None:
-                return 0
-            try:
-                return self.rounds.run(deadline=deadline)
-            finally:
-                self.notify_progress()
-
     def _found_stranded_rows(self) -> bool:
         """With nothing to send: whether pending rows hid below the claim cursor (now found).
 
