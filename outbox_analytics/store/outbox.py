@@ -32,6 +32,7 @@ from ..errors import (
 )
 from . import recovery, schema
 from .connection import Database, FileMoved, file_identity
+from .files import create_private_file
 from .group_commit import GroupCommit
 from .lease import (
     UploadLease,
@@ -115,7 +116,7 @@ class Outbox:
             if not os.path.isfile(self.path):
                 raise OutboxUnavailable("no outbox file there", self.path)
         else:
-            recovery.create_private_file(self.path)
+            create_private_file(self.path)
         self._db = self._open(recover=not readonly)
         mark_writer(self._db)  # (a no-op for readers): vacuum asks who writes the file
         self._marked = not readonly
@@ -224,7 +225,7 @@ class Outbox:
             moved = True
         if moved and not self.readonly:
             self._db.abandon()
-            recovery.create_private_file(self.path)
+            create_private_file(self.path)
             self._db = self._open(recover=True)
             self._remark()
 
