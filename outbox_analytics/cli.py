@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"outbox-analytics: error: {message}", file=sys.stderr)
+    print(f"outbox-analytics: error: {printable(message)}", file=sys.stderr)
     return code
 
 
@@ -108,7 +108,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (the usage is a --help away)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {printable(message)} (see --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -416,7 +416,7 @@ def _status_table(stats: OutboxStats) -> str:
         retry = stats.head_next_attempt_at
         if retry:
             lines.append(("next retry", f"in {max(0.0, retry - time.time()):.0f}s"))
-    return "\n".join(f"{name:16} {value}" for name, value in lines)
+    return "\n".join(f"{name:16} {printable(str(value))}" for name, value in lines)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -434,9 +434,10 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{'id':>8}  {'state':8} {'type':8} {'event/name':24} {'attempts':>8}  last error")
         for row in rows:
             message = row.message
-            what = str(message.get("event") or message.get("name") or "")
+            kind = printable(str(message.get("type", "?")))
+            what = printable(str(message.get("event") or message.get("name") or ""))
             print(
-                f"{row.id:>8}  {row.state:8} {message.get('type', '?')!s:8} {what[:24]:24}"
+                f"{row.id:>8}  {row.state:8} {kind:8} {what[:24]:24}"
                 f" {row.attempts:>8}  {_one_line(row.last_error or '', 60)}"
             )
     if more:
@@ -523,7 +524,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems}))
     else:
-        print("ok" if not problems else "\n".join(problems))
+        print("ok" if not problems else "\n".join(map(printable, problems)))
     return EXIT_PROBLEM if problems else EXIT_OK
 
 
@@ -722,7 +723,8 @@ def _drain(args: argparse.Namespace) -> int:
             client.shutdown(timeout=0)
     pending = _print_drained(client)
     if pending:
-        print(f"outbox-analytics: {pending} events still pending: {_why(client)}", file=sys.stderr)
+        why = printable(_why(client))
+        print(f"outbox-analytics: {pending} events still pending: {why}", file=sys.stderr)
         return EXIT_TEMPFAIL
     return EXIT_OK
 
@@ -837,5 +839,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _one_line(text: str, width: int) -> str:
-    flat = " ".join(text.split())
+    """A preview of a long text (a server's answer) on one line, at most `width` characters.
+
+    Runs of whitespace, line breaks included, become one space (an HTML error
+    page reads better so); what is left unprintable is escaped.
+    """
+    flat = printable(" ".join(text.split()))
     return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: every character a terminal acts on or a reader cannot see, escaped.
+
+    For anything from a server, an event, a file or the environment in human
+    output. Escaped (as Python writes them: \\n, \\x1b, \\u202e) is what
+    str.isprintable() refuses: C0 and C1 controls and DEL (they clear the
+    screen, move the cursor, set the window title; 0x9b is an 8-bit CSI), line
+    and paragraph separators, bidi embeddings, overrides, isolates and marks
+    (they reorder what the operator reads), zero-width and other format
+    characters, spaces other than the ASCII one (they make two different
+    values look the same), and bytes that were not UTF-8 (lone surrogates).
+    So a value stays on its line and in its column. JSON output never comes
+    through here: it keeps the exact strings (json.dumps escapes them itself).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
