@@ -168,7 +168,7 @@ def lines_of(ran: Ran) -> list[dict]:
     return [json.loads(line) for line in ran.out.splitlines()]
 
 
-def test_a_path_from_the_environment_is_shown_escaped(cli, tmp_path: Path) -> None:
+def test_a_file_path_is_shown_escaped(cli, tmp_path: Path) -> None:
     folder = tmp_path / f"jobs{CLEAR}{RTL}"
     folder.mkdir()
     path = folder / "outbox.db"
