@@ -9,6 +9,7 @@ token) is ever put in a log line or an exception message.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -18,12 +19,14 @@ from email.utils import parsedate_to_datetime
 
 import jwt
 import requests
+import urllib3
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .errors import RetryableError
 from .request import capped_wait, error_fields, parse_retry_after
 from .utils import RateLimitedLog
+from .wire import read_answer
 
 __all__ = ["AuthError", "TokenManager", "load_private_key"]
 
@@ -147,18 +150,20 @@ class TokenManager:
                 # Never: a redirect would post the signed client assertion to
                 # another host, and that host's token would carry our batches.
                 allow_redirects=False,
+                stream=True,  # read within bounds
             )
-        except requests.RequestException as exc:
+            text, _ = read_answer(response)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise RetryableError(f"OAuth token request failed: {type(exc).__name__}") from None
         self._learn_clock(response.headers.get("Date"))
         if response.status_code == 200:
-            self._accept(response)
+            self._accept(text)
             return
-        raise self._error_for(response)
+        raise self._error_for(response, text)
 
-    def _accept(self, response: requests.Response) -> None:
+    def _accept(self, text: str) -> None:
         try:
-            payload = response.json()
+            payload = json.loads(text)
             token = payload["access_token"]
             lifetime = float(payload.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError):
@@ -181,9 +186,9 @@ class TokenManager:
         except (TypeError, ValueError, IndexError, OverflowError):
             log.debug("OAuth token server sent an unreadable Date header")
 
-    def _error_for(self, response: requests.Response) -> RetryableError:
+    def _error_for(self, response: requests.Response, text: str) -> RetryableError:
         status = response.status_code
-        code, description = error_fields(response.text, "error", "error_description")
+        code, description = error_fields(text, "error", "error_description")
         description = description or response.reason or ""
         if status == 429:
             wait = _rate_limit_reset(response.headers.get("X-RateLimit-Reset"), time.time())

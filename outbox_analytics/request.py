@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import sys
 import threading
@@ -29,6 +30,7 @@ import orjson
 from .errors import APIError, RetryableError
 from .transport import Reply, Transport
 from .version import VERSION
+from .wire import ACCEPT_ENCODING, MAX_ANSWER_BYTES, Call, mount_cuttable_adapters, read_answer
 
 # requests (with urllib3, idna, charset_normalizer, certifi) takes about 70 ms
 # to import: it is imported where it is used, and by a client that will
@@ -69,13 +71,17 @@ if hasattr(os, "register_at_fork"):
 __all__ = [
     "MAX_BATCH_BYTES",
     "MAX_RETRY_AFTER",
+    "CallerDeadline",
     "Requester",
     "capped_wait",
+    "display_url",
     "encode_batch",
     "encode_messages",
     "error_fields",
     "is_retryable_status",
+    "not_an_acknowledgement",
     "parse_retry_after",
+    "redact",
 ]
 
 
@@ -162,6 +168,10 @@ def encode_batch(messages: bytes, sent_at: str, write_key: str) -> bytes:
     return head + messages + tail
 
 
+class CallerDeadline(RetryableError):
+    """The caller's deadline (not `timeout`) cut the request: no failure of the server's."""
+
+
 class Requester:
     """Sends batches to `{host}/v1/batch` over one requests.Session.
 
@@ -189,7 +199,6 @@ class Requester:
         self.timeout = timeout
         self.proxies = proxies
         self.verify: bool | str = True
-        self._own_session = session is None
         if session is None:
             session = _new_session()
             self.proxies = proxies_for(self.url, proxies)
@@ -211,7 +220,7 @@ class Requester:
         deadline: float | None = None,
         meanwhile: Callable[[], None] | None = None,
     ) -> None:
-        """POST one batch body. Returns on 2xx, raises RetryableError or APIError otherwise.
+        """POST one batch body. Returns on an acknowledgement; raises RetryableError or APIError.
 
         `deadline` (monotonic time, for sync_mode) cuts the wait for the answer
         shorter than `timeout` when it comes first. `meanwhile()` runs on the
@@ -220,7 +229,7 @@ class Requester:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": f"outbox-analytics/{VERSION}",
-            "Authorization": self.authorization(),
+            "Accept-Encoding": ACCEPT_ENCODING,
         }
         if retry_count:
             headers["X-Retry-Count"] = str(retry_count)
@@ -229,10 +238,13 @@ class Requester:
             body = gzip_module.compress(body, compresslevel=6)
         reply = self._post(body, headers, deadline, meanwhile)
         if 200 <= reply.status < 300:
-            return
+            refusal = not_an_acknowledgement(reply)
+            if refusal is None:
+                return
+            raise _report_once(RetryableError(refusal, status=reply.status), self.url)
         if reply.status in (401, 403) and self.token_manager is not None:
             self.token_manager.invalidate()
-        raise _error_for(reply, self.write_key)
+        raise _error_for(reply, self.write_key, self.url)
 
     def _post(
         self,
@@ -241,17 +253,17 @@ class Requester:
         deadline: float | None,
         meanwhile: Callable[[], None] | None = None,
     ) -> Reply:
-        """The POST, with `timeout` as a deadline for all of it.
+        """The POST (and the token request before it), with `timeout` as a deadline for all of it.
 
         requests' timeout bounds each socket read only: a server that trickles
         a byte a second would hold us for good. So the request runs on a
-        thread of this requester's and we wait for it at most `timeout` (plus
-        a moment); past that it is a failure to retry, and the late request is
-        left to finish on its own, with its thread and the session it used.
+        thread of this requester's, and at the deadline its sockets are shut
+        (see wire.py): it fails at once and the thread serves the next one.
         """
         if self.transport is not None:
             if meanwhile is not None:
                 meanwhile()
+            headers["Authorization"] = self.authorization()
             return self.transport.post(self.url, body, headers, self.timeout)
         request = _Request(self.session, body, headers)
         poster = self._poster
@@ -262,43 +274,66 @@ class Requester:
         if meanwhile is not None:
             meanwhile()
         wait = self.timeout + _DEADLINE_GRACE
+        callers = deadline is not None and deadline - time.monotonic() < wait
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - time.monotonic()))
         if not request.done.wait(wait):
-            poster.retire()  # it ends once the late request does
-            self._poster = None
-            if self._own_session:
-                self.session = _new_session()  # the late request keeps the old one
-            raise RetryableError(f"no complete answer within {self.timeout}s (a slow server)")
+            request.call.cut()
+            if not request.done.wait(_CUT_GRACE):
+                # Not on a socket (resolving the host name, say): this thread
+                # ends once it returns; the next request gets a new one.
+                poster.retire()
+                self._poster = None
+            if callers:
+                raise CallerDeadline("the caller's deadline came before an answer")
+            raise RetryableError(
+                f"no complete answer from {display_url(self.url)} within {self.timeout}s"
+                " (a slow server)"
+            )
         if request.error is not None:
             raise request.error
         assert request.reply is not None
         return request.reply
 
-    def _post_with(self, session: requests.Session, body: bytes, headers: dict[str, str]) -> Reply:
+    def _post_with(self, request: _Request) -> Reply:
+        """On the poster's thread: the token (if any), then the POST; its answer read in bounds."""
         import requests
+        import urllib3
 
-        try:
-            response = session.post(
-                self.url,
-                data=body,
-                headers=headers,
-                timeout=self.timeout,
-                proxies=self.proxies,
-                verify=self.verify,  # never False: TLS verification stays on
-                # Never: a redirect would turn the POST into a GET whose 2xx
-                # deletes undelivered events, or carry the body and its write
-                # key to another host.
-                allow_redirects=False,
+        with request.call:
+            try:
+                request.headers["Authorization"] = self.authorization()
+                response = request.session.post(
+                    self.url,
+                    data=request.body,
+                    headers=request.headers,
+                    timeout=self.timeout,
+                    proxies=self.proxies,
+                    verify=self.verify,  # never False: TLS verification stays on
+                    # Never: a redirect would turn the POST into a GET whose 2xx
+                    # deletes undelivered events, or carry the body and its write
+                    # key to another host.
+                    allow_redirects=False,
+                    stream=True,  # read within bounds by read_answer
+                )
+                text, cut = read_answer(response)
+            except requests.RequestException as exc:
+                raise RetryableError(f"request failed: {_describe(exc, self.url)}") from exc
+            except urllib3.exceptions.HTTPError as exc:  # reading the body: urllib3's own
+                raise RetryableError(f"request failed: {_describe(exc, self.url)}") from exc
+            except (OSError, ValueError) as exc:
+                # Not requests' own errors, raised before any byte is sent: a
+                # CA bundle that is not there, a setting urllib3 refuses. Still a
+                # failure to report and retry with backoff, not a crash to loop on.
+                text = redact(f"{type(exc).__name__}: {str(exc)[:300]}")
+                raise RetryableError(f"request failed: {text}") from exc
+        if cut and 200 <= response.status_code < 300:
+            raise RetryableError(
+                f"HTTP {response.status_code} with an answer over {MAX_ANSWER_BYTES // 1024} KB:"
+                " not an acknowledgement (the API's are tiny); the events stay pending",
+                status=response.status_code,
             )
-        except requests.RequestException as exc:
-            raise RetryableError(f"request failed: {_describe(exc, self.url)}") from exc
-        except (OSError, ValueError) as exc:
-            # Not requests' own errors, raised before any byte is sent: a
-            # CA bundle that is not there, a setting urllib3 refuses. Still a
-            # failure to report and retry with backoff, not a crash to loop on.
-            raise RetryableError(f"request failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
-        return Reply(response.status_code, dict(response.headers), response.text)
+        return Reply(response.status_code, dict(response.headers), text)
 
     def close(self) -> None:
         if self._poster is not None:
@@ -310,10 +345,11 @@ class Requester:
 class _Request:
     """One POST handed to the poster thread, and what came of it."""
 
-    __slots__ = ("body", "done", "error", "headers", "reply", "session")
+    __slots__ = ("body", "call", "done", "error", "headers", "reply", "session")
 
     def __init__(self, session: requests.Session, body: bytes, headers: dict[str, str]) -> None:
         self.session, self.body, self.headers = session, body, headers
+        self.call = Call()  # its sockets, to shut at the deadline
         self.done = threading.Event()
         self.reply: Reply | None = None
         self.error: BaseException | None = None
@@ -325,12 +361,14 @@ class _Poster:
     One thread for all of a requester's requests, not one per request:
     starting a thread per batch took a tenth of a restart drain's time
     (measured with py-spy). A request that outlives its deadline keeps this
-    thread; the requester then starts another. Before a Python fork, an idle
+    thread only until its sockets are shut; one that is not on a socket then
+    (resolving a name) keeps it, and the requester starts another. Before a
+    Python fork, an idle
     poster stands down (see delivery/worker.py: Python 3.12+ warns on a fork
     of a process with threads); the next request starts another.
     """
 
-    def __init__(self, post: Callable[[requests.Session, bytes, dict[str, str]], Reply]) -> None:
+    def __init__(self, post: Callable[[_Request], Reply]) -> None:
         self.jobs: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self.pid = os.getpid()
         self._post = post
@@ -377,7 +415,7 @@ class _Poster:
             if request is None:
                 return
             try:
-                request.reply = self._post(request.session, request.body, request.headers)
+                request.reply = self._post(request)
             except BaseException as exc:  # handed to the waiting thread
                 request.error = exc
             finally:
@@ -388,6 +426,8 @@ class _Poster:
 
 _posters: weakref.WeakSet[_Poster] = weakref.WeakSet()
 _STAND_DOWN_WAIT = 0.05
+# How long a request whose sockets were shut at the deadline has to end.
+_CUT_GRACE = 0.5
 
 
 def _stand_down_posters() -> None:
@@ -406,6 +446,7 @@ def _new_session() -> requests.Session:
     # requests reads proxy and CA settings from the environment on every
     # request (most of a millisecond here); they are read once instead.
     session.trust_env = False
+    mount_cuttable_adapters(session)
     return session
 
 
@@ -421,11 +462,13 @@ def _ca_bundle_from_environment() -> str | None:
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
 
 
-def _error_for(reply: Reply, write_key: str) -> RetryableError | APIError:
+def _error_for(reply: Reply, write_key: str, url: str) -> RetryableError | APIError:
     status = reply.status
     text = reply.text[:1000]
+    if status < 200:
+        return RetryableError(f"HTTP {status}: an interim answer, and no final one", status=status)
     if 300 <= status < 400:
-        return _redirect(reply, write_key)
+        return _redirect(reply, write_key, url)
     code, message = error_fields(text, "code", "message")
     if is_retryable_status(status):
         retry_after = parse_retry_after(_header(reply, "Retry-After"), time.time())
@@ -438,23 +481,81 @@ def _error_for(reply: Reply, write_key: str) -> RetryableError | APIError:
     return APIError(status, code, message or text or f"HTTP {status}", body=text)
 
 
-def _redirect(reply: Reply, write_key: str) -> RetryableError:
+def _redirect(reply: Reply, write_key: str, url: str) -> RetryableError:
     """A 3xx: a setting to fix (the host). The events stay pending; it is logged once per target."""
-    location = str(_header(reply, "Location") or "(no Location)")[:300]
+    location = redact(str(_header(reply, "Location") or "(no Location)")[:300])
     if write_key:
         location = location.replace(write_key, "<write key>")
     error = RetryableError(
-        f"HTTP {reply.status}: the server redirects to {location}; redirects are never"
+        f"HTTP {reply.status}: {display_url(url)} redirects to {location}; redirects are never"
         " followed (the events stay pending): set host to the API's real address",
         status=reply.status,
     )
-    if location not in _redirects_logged:
-        _redirects_logged.add(location)
+    return _report_once(error, location)
+
+
+def not_an_acknowledgement(reply: Reply) -> str | None:
+    """Why a 2xx answer does not acknowledge the batch; None when it does.
+
+    Segment answers `{"success": true}`, RudderStack `OK`, other receivers
+    nothing at all: each is an acknowledgement. An HTML page is not (a
+    proxy's block page, a captive portal, a web site's catch-all route), nor
+    a JSON object whose `success` is false: the events stay pending, and the
+    setting to fix is named, as for a redirect.
+    """
+    text = reply.text.strip()
+    content_type = (_header(reply, "Content-Type") or "").lower()
+    if "html" in content_type or text[:1] == "<":
+        return (
+            f"HTTP {reply.status} with an HTML page, not an acknowledgement (a proxy's block"
+            " page, a captive portal or a web site answered, not the API): the events stay"
+            " pending; check host and the network's proxy"
+        )
+    if text[:1] == "{":
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            return None
+        if isinstance(payload, dict) and payload.get("success") is False:
+            said = payload.get("message") or payload.get("error") or ""
+            return (
+                f"HTTP {reply.status} with success false ({str(said)[:200]}): not an"
+                " acknowledgement; the events stay pending"
+            )
+    return None
+
+
+def _report_once(error: RetryableError, key: str) -> RetryableError:
+    """Log a settings error once per process and cause (it comes back on every retry)."""
+    if key not in _settings_errors_logged:
+        _settings_errors_logged.add(key)
         log.error("%s", error)
     return error
 
 
-_redirects_logged: set[str] = set()
+_settings_errors_logged: set[str] = set()
+
+
+def display_url(url: str) -> str:
+    """`url` as scheme://host:port, the way it is shown in every text: no credentials, no path."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(an unreadable URL)"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
+
+
+# scheme://user:password@ in any text (a proxy's URL in requests' words, a Location)
+_USERINFO = re.compile(r"(?<=://)[^/\s@]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URL in it left out."""
+    return _USERINFO.sub("", text)
 
 
 def _header(reply: Reply, name: str) -> str | None:
@@ -477,11 +578,14 @@ def error_fields(text: str, code_key: str, message_key: str) -> tuple[str, str]:
     return str(payload.get(code_key, "unknown")), str(payload.get(message_key, ""))
 
 
-def _describe(exc: requests.RequestException, url: str) -> str:
+def _describe(exc: Exception, url: str) -> str:
     """What went wrong, in a few words an operator can act on (requests' own are long chains)."""
+    return redact(_describe_in_full(exc, display_url(url)))
+
+
+def _describe_in_full(exc: Exception, where: str) -> str:
     import requests
 
-    where = urllib.parse.urlsplit(url).netloc
     if isinstance(exc, requests.exceptions.InvalidHeader):
         # Its words quote the header's value: the write key or a token.
         return "a request header was refused (its value is not shown: check the key or token)"

@@ -18,7 +18,7 @@ import tenacity
 
 from .. import process
 from ..errors import RetryableError
-from ..request import Requester, encode_batch
+from ..request import CallerDeadline, Requester, encode_batch
 from ..utils import utc_now_iso
 from .schedule import Schedule
 
@@ -141,6 +141,8 @@ class Sender:
                     requester.send(
                         body, retry_count=number - 1, deadline=deadline, meanwhile=meanwhile
                     )
+                except CallerDeadline:
+                    raise last_failure or Interrupted() from None
                 except RetryableError as failure:
                     last_failure = failure
                     raise

@@ -1,0 +1,220 @@
+"""The HTTP wire under requests: calls that can be cut off, interim answers skipped, bounded reads.
+
+requests bounds each socket read, not a whole call: a server that trickles a
+byte a second, or whose body never ends, would hold a request forever, and a
+request given up on would keep its thread and socket. Here every connection
+a session opens is known to the call using it (`Call`), so that the thread
+waiting for the call can shut its sockets at the deadline: the call then
+fails at once and its thread is free again.
+
+Two more things requests leaves to us:
+- An interim answer (`102 Processing`, `103 Early Hints`) before the final
+  one is skipped, as `100 Continue` already is; requests would return it as
+  the answer.
+- Bodies are read up to `MAX_ANSWER_BYTES`, decompressed within that bound:
+  a gzip answer that inflates to gigabytes costs at most that much memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import threading
+import zlib
+from typing import TYPE_CHECKING, Any
+
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+if TYPE_CHECKING:
+    import requests
+
+__all__ = ["MAX_ANSWER_BYTES", "Call", "mount_cuttable_adapters", "read_answer"]
+
+# Segment's answers are a few dozen bytes; a token answer, a few kilobytes.
+MAX_ANSWER_BYTES = 64 * 1024
+_READ_CHUNK = 16 * 1024
+# What we can decode within the bound; no brotli or zstd is asked for.
+ACCEPT_ENCODING = "gzip, deflate"
+
+
+class Call:
+    """One call on the wire, and the sockets it uses: `cut()` shuts them, from any thread.
+
+    Shutting a socket (not closing it: its descriptor stays with the thread
+    using it) wakes a blocked read or write with an error at once. Each
+    socket is a duplicate of the connection's, so it can be shut even during
+    the TLS handshake, and is closed when the call ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._cut = False
+
+    def watch(self, sock: socket.socket | None) -> None:
+        """The call uses `sock`: keep a way to shut it (at once, if cut already)."""
+        if sock is None or sock.fileno() < 0:
+            return
+        handle = sock.dup()
+        with self._lock:
+            self._sockets.append(handle)
+            if self._cut:
+                _shut(handle)
+
+    def cut(self) -> None:
+        """The deadline passed: every read and write of the call fails now."""
+        with self._lock:
+            self._cut = True
+            for handle in self._sockets:
+                _shut(handle)
+
+    @property
+    def was_cut(self) -> bool:
+        return self._cut
+
+    def end(self) -> None:
+        """The call is over: close the duplicates (the connections stay the pool's)."""
+        with self._lock:
+            for handle in self._sockets:
+                handle.close()
+            self._sockets.clear()
+
+    # The call a thread is making, for the connections it opens or reuses.
+    _current = threading.local()
+
+    def __enter__(self) -> Call:
+        Call._current.call = self
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        Call._current.call = None
+        self.end()
+
+
+def _shut(handle: socket.socket) -> None:
+    # Not connected yet, or closed by the peer: nothing left to wake.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(handle, socket.SHUT_RDWR)  # the plain socket's, even under TLS
+
+
+def _watch_on_this_thread(sock: socket.socket | None) -> None:
+    call: Call | None = getattr(Call._current, "call", None)
+    if call is not None:
+        call.watch(sock)
+
+
+class _FinalAnswer(http.client.HTTPResponse):
+    """Skips interim answers (1xx but 101) before the final one; http.client skips only 100."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not (100 < status < 200) or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim answer's headers: not ours
+
+
+class _WatchedMixin:
+    """What our connections add: their sockets are watched by the call using them."""
+
+    response_class: type[http.client.HTTPResponse] = _FinalAnswer
+    sock: socket.socket | None
+
+    def _new_conn(self) -> socket.socket:
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        _watch_on_this_thread(sock)  # before any TLS handshake
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watch_on_this_thread(self.sock)  # a kept-alive connection, used again
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _WatchedHTTPConnection(_WatchedMixin, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedMixin, HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+def mount_cuttable_adapters(session: requests.Session) -> None:
+    """Make `session` open only connections that a `Call` can cut (proxied ones included)."""
+    import requests.adapters
+
+    class _Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = dict(_POOLS)
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if hasattr(manager, "pool_classes_by_scheme") and not proxy.startswith("socks"):
+                manager.pool_classes_by_scheme = dict(_POOLS)
+            return manager
+
+    session.mount("http://", _Adapter())
+    session.mount("https://", _Adapter())
+
+
+def read_answer(response: requests.Response, limit: int = MAX_ANSWER_BYTES) -> tuple[str, bool]:
+    """The body of a response made with `stream=True`, decoded; and whether it was cut at `limit`.
+
+    At most `limit` bytes are read from the wire and at most `limit` bytes
+    come out of decompression. A body not read to its end is closed with its
+    connection, which is not reused.
+    """
+    raw = b""
+    complete = False
+    try:
+        while len(raw) <= limit:
+            chunk = response.raw.read(_READ_CHUNK, decode_content=False)
+            if not chunk:
+                complete = True
+                break
+            raw += chunk
+    finally:
+        if not complete:
+            response.close()
+    encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
+    body, inflated_whole = _decode(raw[:limit], encoding, limit)
+    truncated = not complete or not inflated_whole
+    return _text(body, response.encoding), truncated
+
+
+def _text(body: bytes, charset: str | None) -> str:
+    """The body as text in its declared charset; UTF-8 when it names none we know."""
+    try:
+        return body.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # a charset no codec has, named by the server
+        return body.decode("utf-8", errors="replace")
+
+
+def _decode(raw: bytes, encoding: str, limit: int) -> tuple[bytes, bool]:
+    """The body without its content coding, at most `limit` bytes; and whether that is all of it."""
+    if encoding in ("", "identity"):
+        return raw, True
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return f"(a body in {encoding[:40]} coding, not read)".encode(), True
+    # 32 + 15: gzip or zlib headers, found by looking; raw deflate is tried after.
+    for window in (47, -15):
+        inflater = zlib.decompressobj(window)
+        try:
+            body = inflater.decompress(raw, limit)
+        except zlib.error:
+            continue
+        return body, not inflater.unconsumed_tail
+    return b"(a compressed body that does not decompress)", True

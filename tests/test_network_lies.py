@@ -1,0 +1,326 @@
+"""Servers that lie: answers that never end, gzip bombs, interim answers, 2xx that is no ack.
+
+Each server here is a real socket on 127.0.0.1 scripted byte by byte, since
+http.server cannot misbehave the way proxies, portals and broken receivers do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import socket
+import threading
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import tenacity
+
+from outbox_analytics import Client, RetryableError
+from outbox_analytics.request import Requester, not_an_acknowledgement
+from outbox_analytics.transport import Reply as TransportReply
+
+from .receiver import Reply
+
+Script = Callable[[socket.socket], None]
+
+
+class RawServer:
+    """Answers each connection with `script(conn)`, after reading the request; counts them."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.open = 0  # connections not closed by the client yet
+        self.requests = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.open += 1
+        try:
+            with conn:
+                while self._read_request(conn):
+                    with self._lock:
+                        self.requests += 1
+                    self.script(conn)
+        except OSError:
+            pass  # the client went away
+        finally:
+            with self._lock:
+                self.open -= 1
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        while len(body) < length:
+            body += conn.recv(65536)
+        return True
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[Script], RawServer]]:
+    servers: list[RawServer] = []
+
+    def start(script: Script) -> RawServer:
+        servers.append(RawServer(script))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def answer(status_line: str, body: bytes = b"", **headers: str) -> Script:
+    def script(conn: socket.socket) -> None:
+        lines = [f"HTTP/1.1 {status_line}", f"Content-Length: {len(body)}"]
+        lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    return script
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _request_threads() -> int:
+    return sum(t.name == "outbox-analytics-request" for t in threading.enumerate())
+
+
+def _endless_body(conn: socket.socket) -> None:
+    """A 200 whose body never ends: a byte every 50 ms, for as long as anyone listens."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+    while True:
+        time.sleep(0.05)
+        conn.sendall(b"x")
+
+
+def test_a_request_cut_at_its_deadline_is_closed_and_its_thread_serves_the_next(
+    raw_server,
+) -> None:
+    server = raw_server(_endless_body)
+    requester = Requester("k", server.url, timeout=0.3)
+    with pytest.raises(RetryableError, match="no complete answer"):
+        requester.send(b'{"batch": []}')  # the thread and the session's pool are made
+    threads, descriptors = _request_threads(), _open_descriptors()
+    for _ in range(8):
+        with pytest.raises(RetryableError, match="no complete answer"):
+            requester.send(b'{"batch": []}')
+    deadline = time.monotonic() + 2
+    while server.open and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.requests == 9
+    assert server.open == 0  # every connection was closed, not left reading
+    assert _request_threads() == threads  # one thread, the same, not one per attempt
+    assert _open_descriptors() <= descriptors
+    requester.close()
+
+
+def _trickled_token(conn: socket.socket) -> None:
+    """A token answer that comes a byte every 0.1 s."""
+    body = b'{"access_token": "t", "expires_in": 3600}'
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body):
+        time.sleep(0.1)
+        conn.sendall(bytes([byte]))
+
+
+def test_the_token_request_is_under_the_requests_deadline(
+    raw_server, receiver, key_pem: str, outbox_file: Path
+) -> None:
+    token_server = raw_server(_trickled_token)
+    client = Client(
+        "k", host=receiver.url, outbox_path=str(outbox_file), sync_mode=True, timeout=0.5,
+        max_retries=0, oauth_client_id="c", oauth_client_key=key_pem, oauth_key_id="k1",
+        oauth_auth_server=token_server.url,
+    )  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(RetryableError):
+        client.track("user", "E")
+    assert time.monotonic() - started < 2.5  # the trickle lasts 6 s
+    started = time.monotonic()
+    client.drain(timeout=1)
+    assert time.monotonic() - started < 2.5
+    assert receiver.requests == []  # no token: no batch went out
+    client.shutdown(timeout=1)
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """`size` zero bytes, gzipped (about a thousandth of that), made without holding them."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    parts = [packer.compress(block) for _ in range(size >> 20)]
+    return b"".join(parts) + packer.flush()
+
+
+@pytest.mark.parametrize("status", ["200 OK", "500 Internal Server Error"])
+def test_a_gzip_bomb_costs_at_most_the_answer_bound(raw_server, status: str) -> None:
+    bomb = _gzip_bomb(64 << 20)  # 64 MB inflated, 64 KB on the wire
+    server = raw_server(answer(status, bomb, Content_Encoding="gzip"))
+    requester = Requester("k", server.url, timeout=5)
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(RetryableError):
+            requester.send(b'{"batch": []}')
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        requester.close()
+    assert peak < 4 << 20  # it was 64 MB and more: the whole body, inflated
+
+
+def test_a_gzip_answer_within_the_bound_is_read(raw_server) -> None:
+    body = gzip.compress(json.dumps({"code": "bad", "message": "no such event"}).encode())
+    server = raw_server(answer("400 Bad Request", body, Content_Encoding="gzip"))
+    requester = Requester("k", server.url, timeout=5)
+    with pytest.raises(Exception, match="no such event"):
+        requester.send(b'{"batch": []}')
+    requester.close()
+
+
+@pytest.mark.parametrize("interim", ["102 Processing", "103 Early Hints"])
+def test_an_interim_answer_before_the_final_one_is_skipped(
+    raw_server, outbox_file: Path, interim: str
+) -> None:
+    final = answer("200 OK", b'{"success": true}')
+
+    def script(conn: socket.socket) -> None:
+        conn.sendall(f"HTTP/1.1 {interim}\r\nLink: </style.css>; rel=preload\r\n\r\n".encode())
+        final(conn)
+
+    server = raw_server(script)
+    client = Client("k", host=server.url, outbox_path=str(outbox_file), max_retries=0)
+    for n in range(5):
+        client.track("user", "E", {"n": n})
+    assert client.flush(timeout=10).pending == 0
+    stats = client.stats()
+    assert stats is not None and stats.dead == 0 and server.requests >= 1
+    client.shutdown(timeout=1)
+
+
+NOT_ACKS = {
+    "proxy block page": Reply(
+        200, {"Content-Type": "text/html"}, "<html><body>Blocked by policy</body></html>"
+    ),
+    "a web app's index": Reply(200, {"Content-Type": "text/plain"}, "<!doctype html><h1>Hi"),
+    "success false": Reply(200, {"Content-Type": "application/json"}, '{"success": false}'),
+    "202 success false": Reply(202, {}, '{"success": false, "message": "quota"}'),
+}
+ACKS = {
+    "segment": Reply(200, {"Content-Type": "application/json"}, '{"success": true}'),
+    "empty 200": Reply(200, {}, ""),
+    "rudderstack": Reply(200, {"Content-Type": "text/plain; charset=utf-8"}, "OK"),
+    "204": Reply(204, {}, ""),
+    "json without success": Reply(200, {"Content-Type": "application/json"}, "{}"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_ACKS))
+def test_a_2xx_that_is_not_an_acknowledgement_keeps_the_events(
+    make_client, receiver, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.responder = lambda request: NOT_ACKS[name]
+    reports: list[Exception] = []
+    client = make_client(max_retries=1, on_error=lambda exc, batch: reports.append(exc))
+    for n in range(10):
+        client.track("user", "E", {"n": n})
+    result = client.flush(timeout=10)
+    stats = client.stats()
+    assert result.pending == 10 and stats is not None and stats.dead == 0
+    assert reports and "not an acknowledgement" in str(reports[0])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len([e for e in errors if "not an acknowledgement" in e]) == 1  # once, not per retry
+    receiver.responder = lambda request: Reply()
+    assert client.flush(timeout=10).pending == 0  # nothing lost: delivered once it is fixed
+    assert len({m["messageId"] for m in receiver.accepted()}) == 10
+
+
+@pytest.mark.parametrize("name", list(ACKS))
+def test_what_receivers_really_answer_is_an_acknowledgement(
+    make_client, receiver, name: str
+) -> None:
+    receiver.responder = lambda request: ACKS[name]
+    client = make_client()
+    client.track("user", "E")
+    assert client.flush(timeout=10).pending == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "text", "ack"),
+    [
+        ({}, '{"success": true}', True),
+        ({}, "", True),
+        ({}, "OK", True),
+        ({}, "  <html>", False),
+        ({"content-type": "text/html; charset=utf-8"}, "Welcome", False),
+        ({}, '{"success": false}', False),
+        ({}, '{"success": "false"}', True),  # only the JSON false says no
+        ({}, '{"success": 0, "x": 1}', True),
+        ({}, "[1, 2]", True),
+        ({}, "{not json", True),
+    ],
+)
+def test_the_acknowledgement_rule(headers: dict[str, str], text: str, ack: bool) -> None:
+    reply = TransportReply(200, headers, text)
+    assert (not_an_acknowledgement(reply) is None) is ack
+
+
+def test_an_answer_cut_at_the_bound_is_not_an_acknowledgement(raw_server) -> None:
+    server = raw_server(answer("200 OK", b"x" * (200 * 1024)))
+    requester = Requester("k", server.url, timeout=5)
+    with pytest.raises(RetryableError, match="64 KB"):
+        requester.send(b'{"batch": []}')
+    requester.close()
+
+
+def test_flush_with_a_never_ending_answer_keeps_one_thread(raw_server, outbox_file: Path) -> None:
+    server = raw_server(_endless_body)
+    client = Client(
+        "k", host=server.url, outbox_path=str(outbox_file), timeout=0.2, max_retries=2,
+        retry_wait=tenacity.wait_fixed(0.01),
+    )  # fmt: skip
+    client.track("user", "E")
+    client.flush(timeout=3)
+    assert _request_threads() <= 1 + 1  # this client's, and one another test may still end
+    assert client.stats().pending == 1
+    client.shutdown(timeout=1)
+
+
+def test_a_charset_no_codec_has_is_read_as_utf8(raw_server) -> None:
+    body = b'{"code": "bad", "message": "r\xc3\xa9sum\xc3\xa9 refused"}'
+    server = raw_server(answer("400 Bad Request", body, Content_Type="text/plain; charset=klingon"))
+    requester = Requester("k", server.url, timeout=5)
+    with pytest.raises(Exception, match="résumé refused"):
+        requester.send(b'{"batch": []}')
+    requester.close()
