@@ -410,6 +410,9 @@ def _status_table(stats: OutboxStats) -> str:
         ("oldest pending", "-" if age is None else f"{age:.1f}s ago"),
         ("uploader alive", "yes" if stats.uploader_alive else "no"),
     ]
+    if stats.wal_pinned_since is not None:
+        held = f"{max(0.0, time.time() - stats.wal_pinned_since):.0f}s"
+        lines.append(("log pinned", f"for {held} by a reader's open transaction (WAL over bound)"))
     if stats.head_last_error:
         lines.append(("head failing", f"{stats.head_attempts} attempts"))
         lines.append(("last error", _one_line(stats.head_last_error, 200)))
@@ -760,7 +763,7 @@ def _why(client: Client) -> str:
     stats = _read_stats(client.outbox_path)
     if stats.uploader_alive:
         return "another process holds the upload lease and is sending them"
-    return stats.head_last_error or "the time ran out"
+    return stats.head_last_error or "--timeout ran out before the server answered"
 
 
 @contextlib.contextmanager

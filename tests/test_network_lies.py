@@ -324,3 +324,73 @@ def test_a_charset_no_codec_has_is_read_as_utf8(raw_server) -> None:
     with pytest.raises(Exception, match="résumé refused"):
         requester.send(b'{"batch": []}')
     requester.close()
+
+
+def _problem_details(status: int, title: str) -> str:
+    """ASP.NET Core's error body: a fresh traceId in each one."""
+    trace = os.urandom(16).hex()
+    return json.dumps(
+        {"type": "https://tools.ietf.org/html/rfc9110#section-15.5.16", "title": title,
+         "status": status, "traceId": f"00-{trace}-{os.urandom(8).hex()}-00"}
+    )  # fmt: skip
+
+
+def _spring_error(status: int, error: str) -> str:
+    """Spring Boot's error body: a timestamp to the millisecond in each one."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S") + f".{time.time_ns() % 1000:03d}+00:00"
+    return json.dumps({"timestamp": now, "status": status, "error": error, "path": "/v1/batch"})
+
+
+def _cloudflare_page() -> str:
+    ray = os.urandom(8).hex()
+    return (
+        "<!DOCTYPE html><html><head><title>Attention Required! | Cloudflare</title></head>"
+        f"<body>Sorry, you have been blocked. Cloudflare Ray ID: {ray}</body></html>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "alike"),
+    [
+        (lambda: _problem_details(415, "Unsupported Media Type"),
+         lambda: _problem_details(415, "Unsupported Media Type"), True),
+        (lambda: _spring_error(400, "Bad Request"),
+         lambda: _spring_error(400, "Bad Request"), True),
+        (_cloudflare_page, _cloudflare_page, True),
+        (lambda: f"Bad request {os.urandom(6).hex()} at {time.time()}",
+         lambda: f"Bad request {os.urandom(6).hex()} at {time.time()}", True),
+        (lambda: '{"code": "invalid", "message": "event name too long"}',
+         lambda: '{"code": "invalid", "message": "timestamp is not a date"}', False),
+        (lambda: '{"code": "invalid"}', lambda: '{"code": "too_large"}', False),
+        (lambda: _spring_error(400, "Bad Request"), lambda: _cloudflare_page(), False),
+    ],
+)  # fmt: skip
+def test_rejections_are_alike_by_what_they_mean_not_their_bytes(first, second, alike) -> None:
+    from outbox_analytics.delivery.triage import answer_meaning
+
+    one, two = first(), second()
+    time.sleep(0.002)
+    assert (answer_meaning(one) == answer_meaning(two)) is alike
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "most_requests"),
+    [
+        (415, lambda: _problem_details(415, "Unsupported Media Type"), 1),  # never split
+        (400, _cloudflare_page, 1),  # an HTML page: never split
+        (400, lambda: _spring_error(400, "Bad Request"), 2 * 50 - 1),  # split, then judged
+    ],
+)
+def test_a_wrong_host_whose_errors_carry_fresh_ids_keeps_the_backlog_pending(
+    make_client, receiver, status: int, body, most_requests: int
+) -> None:
+    receiver.responder = lambda request: Reply(status, {"Content-Type": "text/html"}, body())
+    client = make_client(upload_size=50, max_retries=0)
+    with client.batch():
+        for n in range(50):
+            client.track("u", "Backlog", {"n": n})
+    result = client.flush(timeout=20)
+    assert (result.dead, result.pending) == (0, 50)
+    assert len(receiver.requests) <= most_requests
+    receiver.responder = lambda request: Reply()
+    assert client.flush(timeout=10).sent == 50

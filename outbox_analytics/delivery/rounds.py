@@ -26,7 +26,15 @@ from ..utils import RateLimitedLog
 from .lease_holder import LeaseHolder
 from .schedule import Schedule, SteadyWallClock
 from .sender import Interrupted, Interruption, Sender
-from .triage import EndpointToBlame, Rejections, endpoint_error, error_text, judge, rejection_key
+from .triage import (
+    EndpointToBlame,
+    Rejections,
+    about_the_endpoint,
+    endpoint_error,
+    error_text,
+    judge,
+    rejection_key,
+)
 
 __all__ = ["Rounds", "Tally"]
 
@@ -232,8 +240,8 @@ class Rounds:
         try:
             self._send(batch, rows)
         except APIError as exc:
-            if len(rows) == 1:
-                rejected.append((rows[0], exc))
+            if len(rows) == 1 or about_the_endpoint(exc):
+                rejected.extend((row, exc) for row in rows)  # each, alike: no split needed
                 return
             if batch.deadline is not None and time.monotonic() >= batch.deadline:
                 raise RetryableError(

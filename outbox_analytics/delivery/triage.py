@@ -4,8 +4,15 @@ A batch the server rejects (400, 413...) is split until the offending events
 are found, and only those are dead-lettered. But a wrong host, path or key
 rejects every event alike: dead-lettering a whole outbox for a typo in a
 setting would serve no one. So when every event of a batch is rejected with
-the same answer, the endpoint is to blame and the events stay pending. One
-event alone cannot tell; the second lone event in a row rejected alike can.
+answers that mean the same, the endpoint is to blame and the events stay
+pending. One event alone cannot tell; the second lone event in a row rejected
+alike can.
+
+"Mean the same" is judged on what an answer says, not its bytes: real error
+pages carry a request id, a trace id or a time (ASP.NET's traceId, Spring's
+timestamp, Cloudflare's Ray ID). And some answers are about the endpoint
+whatever the events: a web server's HTML page, 405 (wrong method: a wrong
+path) and 415 (wrong media type: not the API). Those are not split at all.
 
 `Rejections` remembers the last such verdict for one file (shared by the
 clients of this process on that file); `judge()` is a pure decision on what
@@ -15,20 +22,72 @@ a split found. Nothing here sends, stores or reads a clock.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from ..errors import APIError, EndpointRejected
 from ..store import Row
 
-__all__ = ["BuryThem", "EndpointToBlame", "Rejections", "endpoint_error", "error_text", "judge"]
+__all__ = [
+    "BuryThem",
+    "EndpointToBlame",
+    "Rejections",
+    "about_the_endpoint",
+    "answer_meaning",
+    "endpoint_error",
+    "error_text",
+    "judge",
+]
 
 RejectionKey = tuple[Optional[int], str]  # run time on 3.9: no `int | None` here
 
+# Parts of an answer that change from one response to the next: numbers,
+# long hex runs and UUIDs (ids, times, trace ids).
+_VARYING = re.compile(r"[0-9a-fA-F]{8,}(?:-[0-9a-fA-F]{4,})*|\d+")
+# The fields of a JSON error that say what went wrong (not when, nor for which request).
+_MEANING_FIELDS = ("code", "error", "type", "title", "message", "error_description", "detail")
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+# Statuses about the request's form, the same for every event.
+_ENDPOINT_STATUSES = frozenset({405, 415})
+
 
 def rejection_key(exc: APIError) -> RejectionKey:
-    """What makes two rejections alike: the status and the server's words."""
-    return exc.status, exc.body or str(exc)
+    """What makes two rejections alike: the status and what the server's answer means."""
+    return exc.status, answer_meaning(exc.body or str(exc))
+
+
+def answer_meaning(body: str) -> str:
+    """An answer without what varies between responses: its kind and its words that matter."""
+    text = body.strip()
+    if looks_like_html(text):
+        title = _TITLE.search(text)
+        return "html:" + _VARYING.sub("#", title.group(1).strip() if title else "")
+    try:
+        payload: Any = json.loads(text)
+    except ValueError:
+        return "text:" + _VARYING.sub("#", text)
+    if not isinstance(payload, dict):
+        return "json:" + type(payload).__name__
+    said = [f"{key}={payload[key]}" for key in _MEANING_FIELDS if isinstance(payload.get(key), str)]
+    if not said:
+        said = sorted(payload)
+    return "json:" + _VARYING.sub("#", "|".join(said))
+
+
+def looks_like_html(text: str) -> bool:
+    return text.lstrip()[:1] == "<"
+
+
+def about_the_endpoint(exc: APIError) -> bool:
+    """A rejection that no event could have caused: it need not be split to be judged.
+
+    A 413 is about the batch's size, even on a proxy's HTML page: splitting helps.
+    """
+    if exc.status == 413:
+        return False
+    return exc.status in _ENDPOINT_STATUSES or looks_like_html(exc.body)
 
 
 @dataclasses.dataclass
