@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from .. import process
 from ..errors import OutboxBusy, OutboxDamaged, OutboxError, OutboxUnavailable
+from . import files
 
 try:
     import fcntl
@@ -69,6 +70,13 @@ _CODE_OF_TEXT = {
 # that grew costs about twice one of a file rewritten in place; the default's
 # small WAL is soon rewritten from its start.
 _CHECKPOINT_PAGES = 10_000
+# The write-ahead log's bound (the README's "up to 20 MB"): the checkpoints
+# above keep it under this (10,000 frames of 2 KiB pages are 20.7 MB), and
+# SQLite cuts it back to this size when it starts the log afresh after a
+# checkpoint (journal_size_limit). Only a reader holding an old snapshot (the
+# sqlite3 shell left in a transaction, a backup) makes it grow past: frames
+# it may still read cannot be copied back (see checkpoint_if_over_bound).
+WAL_LIMIT_BYTES = 20 << 20
 _READER_MMAP_BYTES = 1 << 31
 # How long SQLite itself waits for a lock before we release ours and retry.
 _BUSY_SLICE = 0.01
@@ -141,7 +149,11 @@ class Database:
         self.readonly = readonly
         self.fsync = fsync
         self.wait = wait
-        self.identity = file_identity(path)
+        if readonly:  # readers change nothing: they may read a file that is not ours
+            self.identity = file_identity(path)
+        else:
+            info = files.check_file(path)  # (never a link: the path was resolved before)
+            self.identity = info.st_dev, info.st_ino
         self._file = _lock_for(self.identity)
         self._conn: sqlite3.Connection | None = None
         self._made_sidecars = False  # a reader whose opening made the -wal and -shm
@@ -372,6 +384,8 @@ class Database:
                     # create: the file cannot change under us, and SQLite need
                     # not make (and fail to make) files beside it.
                     mode += "&immutable=1"
+            if not self.readonly:
+                files.check_sidecars(self.path)  # before SQLite opens any of them
             conn = sqlite3.connect(
                 f"file:{urllib.parse.quote(self.path)}?mode={mode}",
                 uri=True,
@@ -387,6 +401,9 @@ class Database:
                     conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
                 if self.readonly:  # views that fill in our columns live in memory
                     conn.execute("PRAGMA temp_store=MEMORY")
+                else:
+                    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+                    self._check_what_sqlite_opened(conn)
                 if self.on_connect is not None:
                     self.on_connect(conn)
             except BaseException:
@@ -398,6 +415,43 @@ class Database:
                 raise
             self._conn = conn
         return self._conn
+
+    def _check_what_sqlite_opened(self, conn: sqlite3.Connection) -> None:
+        """A writer's new connection uses our file and our sidecars, or is refused (abandoned).
+
+        Checked before the connection writes anything. SQLite opens the name
+        we checked: still our file there means it opened ours (no one else
+        can swap a file in a directory that `files` accepted). Reading the
+        header opens the -wal and -shm of a WAL database: they must be ours.
+        """
+        wal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        if not self.still_at_path():
+            raise OutboxUnavailable("the outbox file was replaced while it was opened", self.path)
+        files.check_sidecars(self.path, wal_mode=wal_mode)
+
+    def checkpoint_if_over_bound(self) -> bool:
+        """Cut back a write-ahead log grown past WAL_LIMIT_BYTES; whether a reader prevents it.
+
+        For a writer that just committed. A PASSIVE checkpoint copies what it
+        can without waiting for anyone; if it copied every frame, a TRUNCATE
+        one empties the log (waiting a few milliseconds at most for readers
+        of the newest frames). If frames are left, a reader holds a snapshot
+        older than them: True, and the log stays until it is gone.
+        """
+        try:
+            if os.stat(self.path + "-wal").st_size <= WAL_LIMIT_BYTES:
+                return False
+        except OSError:
+            return False
+
+        def checkpoint(conn: sqlite3.Connection) -> bool:
+            _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if copied < frames:
+                return True
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return False
+
+        return self._call(checkpoint, None, "checkpoint the write-ahead log", _BUSY_SLICE)
 
     def _sidecars_missing(self) -> bool:
         """A WAL database with no -wal and -shm beside it (its last connection closed cleanly)."""
@@ -491,11 +545,18 @@ class Database:
             self._drop_connection()
 
     def moved(self) -> bool:
-        """Whether the file at our path is no longer the one this connection uses."""
+        """Whether the file at our path is no longer the one this connection uses.
+
+        Removed, moved away or replaced: a single stat (about a microsecond).
+        """
+        return not self.still_at_path()
+
+    def still_at_path(self) -> bool:
         try:
-            return file_identity(self.path) != self.identity
-        except OutboxError:
-            return True
+            info = os.lstat(self.path)
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino) == self.identity
 
     def _forget_parent(self) -> None:
         """In a new process: the parent's connection is never used, nor closed (see close())."""
@@ -578,12 +639,13 @@ _stray_handles: list[int] = []
 
 def _open_descriptor(path: str) -> int:
     """Read-write if we may (the lease's lock needs it), else read-only (a read-only mount)."""
+    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC  # a link planted at the name is never followed
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | nofollow)
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | nofollow)
 
 
 _taken_for_fork: list[threading.Lock] = []

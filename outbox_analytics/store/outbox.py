@@ -9,6 +9,7 @@ damage is handled by `recovery`, operator commands by `maintenance`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -30,9 +31,9 @@ from ..errors import (
     OutboxMismatch,
     OutboxUnavailable,
 )
-from . import recovery, schema
+from . import connection, recovery, schema
 from .connection import Database, FileMoved, file_identity
-from .files import create_private_file
+from .files import create_outbox_file
 from .group_commit import GroupCommit
 from .lease import (
     UploadLease,
@@ -57,6 +58,13 @@ _RECOUNT_INTERVAL = 1.0
 _RECOUNT_WHEN_FULL = 0.1  # a full outbox looks again sooner, to refuse no longer than needed
 # Recording a drop must not hold up the caller whose event was just refused.
 _DROP_RECORD_WAIT = 0.1
+# Files made at the path for one commit, each removed again at once, before
+# the commit gives up (a loop deleting the file).
+_FOLLOW_ATTEMPTS = 3
+# How often a writer looks whether the write-ahead log grew past its bound
+# (a stat of the -wal after a commit; see Database.checkpoint_if_over_bound).
+_WAL_CHECK_INTERVAL = 0.5
+_WAL_PINNED_KEY = "wal_pinned_since"
 
 
 def default_outbox_path(write_key: str, host: str) -> str:
@@ -116,7 +124,7 @@ class Outbox:
             if not os.path.isfile(self.path):
                 raise OutboxUnavailable("no outbox file there", self.path)
         else:
-            create_private_file(self.path)
+            create_outbox_file(self.path)
         self._db = self._open(recover=not readonly)
         mark_writer(self._db)  # (a no-op for readers): vacuum asks who writes the file
         self._marked = not readonly
@@ -129,6 +137,8 @@ class Outbox:
                 self._db.close()
             raise
         self._counted_at = self._exactly_counted_at = time.monotonic()
+        self._wal_checked_at = 0.0
+        self._wal_pinned: bool | None = None  # as last noted in the file by this outbox
         _live_outboxes.add(self)
 
     def _open(self, recover: bool = False) -> Database:
@@ -137,16 +147,21 @@ class Outbox:
         With `recover`, a damaged file is moved aside and replaced (see
         recovery.py); the opening then happens under a shared lock on the
         directory, so it never falls between another process's moving the
-        file aside and its creating the fresh one.
+        file aside and its creating the fresh one. A salvage that stopped
+        before its end (a full disk) goes on once the file is open.
         """
         if not recover:
             return self._connect()
         with recovery.opening(self.path):
             try:
-                return self._connect()
+                db = self._connect()
             except OutboxDamaged as exc:
                 damage, damaged = exc, file_identity(self.path)
-        return recovery.recover(self.path, damage, damaged, self._connect)
+                db = None
+        if db is None:
+            return recovery.recover(self.path, damage, damaged, self._connect)
+        recovery.finish_salvages(self.path, db)  # (it takes the directory's lock exclusively)
+        return db
 
     def _connect(self) -> Database:
         db = Database(
@@ -217,15 +232,14 @@ class Outbox:
         self.close()
 
     def _follow_file(self) -> None:
-        """Reopen if the file at our path is no longer the one we have open (moved aside)."""
-        try:
-            info = os.stat(self.path)
-            moved = (info.st_dev, info.st_ino) != self._db.identity
-        except OSError:
-            moved = True
-        if moved and not self.readonly:
-            self._db.abandon()
-            create_private_file(self.path)
+        """Reopen if the file at our path is no longer the one we have open.
+
+        Moved aside by a recovery, removed (an operator's rm, a tmp cleaner),
+        moved away or replaced: a file is made at the path if none is there.
+        """
+        if self._db.moved() and not self.readonly:
+            self._db.abandon()  # never closed: closing would remove the -wal and -shm by name
+            create_outbox_file(self.path)
             self._db = self._open(recover=True)
             self._remark()
 
@@ -326,6 +340,42 @@ class Outbox:
 
     def _store_now(self, rows: Sequence[tuple[bytes, float]]) -> int:
         try:
+            row_id = self._commit_at_path(rows)
+        except OutboxError:
+            self._count_unrecorded_drops(len(rows))
+            raise
+        self._pending_estimate += len(rows)
+        self._keep_wal_bounded()
+        return row_id
+
+    def _keep_wal_bounded(self) -> None:
+        """Now and then after a commit: cut back a grown WAL; note in the file if a reader pins it.
+
+        The note is for `status`, which another process runs: it says since
+        when a reader has kept the log from being checkpointed.
+        """
+        now = time.monotonic()
+        if now - self._wal_checked_at < _WAL_CHECK_INTERVAL:
+            return
+        self._wal_checked_at = now
+        try:
+            pinned = self._db.checkpoint_if_over_bound()
+            if pinned != self._wal_pinned:  # (unknown at first: a stale note is cleared)
+                note = functools.partial(_note_wal_pinned, pinned=pinned)
+                self._db.write(note, "note the write-ahead log's state", _DROP_RECORD_WAIT)
+                self._wal_pinned = pinned
+        except OutboxError:
+            pass  # a busy file, a full disk: the next look tries again
+
+    def _commit_at_path(self, rows: Sequence[tuple[bytes, float]]) -> int:
+        """Commit rows into the file the path names once they are committed; the last row id.
+
+        Looked at after each commit (a stat): a file removed or moved away
+        before or while we committed would take the rows where the next run
+        never looks. They are committed again in a file made at the path.
+        (With group commit, the leader's commit covers every thread's rows.)
+        """
+        for _ in range(_FOLLOW_ATTEMPTS):
             try:
                 row_id = self._commit(rows)
             except FileMoved:  # another process put it aside: on to the fresh file
@@ -336,11 +386,10 @@ class Outbox:
                     raise
                 self._recover(damage)
                 row_id = self._commit(rows)
-        except OutboxError:
-            self._count_unrecorded_drops(len(rows))
-            raise
-        self._pending_estimate += len(rows)
-        return row_id
+            if self.readonly or self._db.still_at_path():
+                return row_id
+            self._follow_file()
+        raise OutboxUnavailable("the outbox file is removed again as soon as it is made", self.path)
 
     def _commit(self, rows: Sequence[tuple[bytes, float]]) -> int:
         """Insert rows (and any drops not yet recorded) in one transaction; the last row id."""
@@ -519,10 +568,13 @@ class Outbox:
                     " ORDER BY _id LIMIT 1"
                 ).fetchall()
             dropped = schema.read_meta(conn, "dropped")
-            return pending, taken, min(heads, default=None), dropped
+            pinned_since = schema.read_meta(conn, _WAL_PINNED_KEY)
+            return pending, taken, min(heads, default=None), dropped, pinned_since
 
         with self._db.memory_mapped():
-            pending, taken, head, dropped = self._db.snapshot(read)
+            pending, taken, head, dropped, pinned_since = self._db.snapshot(read)
+        if wal_bytes(self.path) <= connection.WAL_LIMIT_BYTES:
+            pinned_since = None  # (a note left by a writer that stopped since: the log is back)
         inflight = int(taken.get(schema.INFLIGHT, 0))
         if not alive:
             pending, inflight = pending + inflight, 0
@@ -539,6 +591,7 @@ class Outbox:
             head_last_status=head[3] if head else None,
             head_last_error=head[4] if head else None,
             head_next_attempt_at=head[5] if head else None,
+            wal_pinned_since=pinned_since,
         )
 
     def rows(self, state: str = "pending", limit: int | None = None) -> Iterator[Row]:
@@ -588,6 +641,20 @@ def _resolve(path: str | os.PathLike[str]) -> str:
 
 def _fingerprint(salt: str, value: str) -> str:
     return "sha256-" + hashlib.sha256(f"{salt}\n{value}".encode()).hexdigest()
+
+
+def _note_wal_pinned(conn: sqlite3.Connection, pinned: bool) -> None:
+    if pinned:
+        schema.write_meta(conn, _WAL_PINNED_KEY, int(time.time()))
+    else:
+        conn.execute("DELETE FROM outbox_meta WHERE key = ?", (_WAL_PINNED_KEY,))
+
+
+def wal_bytes(path: str) -> int:
+    try:
+        return os.path.getsize(path + "-wal")
+    except OSError:
+        return 0
 
 
 def file_bytes(path: str) -> int:

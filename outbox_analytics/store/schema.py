@@ -175,6 +175,9 @@ class OutboxStats:
     head_last_status: int | None = None
     head_last_error: str | None = None
     head_next_attempt_at: float | None = None
+    # Since when (unix time) a reader's old snapshot (the sqlite3 shell left in
+    # a transaction, a backup) keeps the write-ahead log over its bound.
+    wal_pinned_since: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
