@@ -44,6 +44,7 @@ from .client import (
 from .errors import OutboxAnalyticsError, OutboxBusy, OutboxDamaged, OutboxMismatch
 from .metrics import prometheus_text
 from .store import Outbox, OutboxStats, Row, maintenance
+from .utils import printable
 from .version import VERSION
 
 __all__ = ["main"]
@@ -849,22 +850,3 @@ def _one_line(text: str, width: int) -> str:
     """
     flat = printable(" ".join(text.split()))
     return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def printable(text: str) -> str:
-    """`text` for a terminal: every character a terminal acts on or a reader cannot see, escaped.
-
-    For anything from a server, an event, a file or the environment in human
-    output. Escaped (as Python writes them: \\n, \\x1b, \\u202e) is what
-    str.isprintable() refuses: C0 and C1 controls and DEL (they clear the
-    screen, move the cursor, set the window title; 0x9b is an 8-bit CSI), line
-    and paragraph separators, bidi embeddings, overrides, isolates and marks
-    (they reorder what the operator reads), zero-width and other format
-    characters, spaces other than the ASCII one (they make two different
-    values look the same), and bytes that were not UTF-8 (lone surrogates).
-    So a value stays on its line and in its column. JSON output never comes
-    through here: it keeps the exact strings (json.dumps escapes them itself).
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

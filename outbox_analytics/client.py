@@ -177,6 +177,7 @@ class Client:
         if host is not None:
             require("host", host, str)
             check_host(host)
+            host = _without_credentials("host", host)
         if proxies is not None:
             require("proxies", proxies, dict)
         if outbox_path is not None:
@@ -205,7 +206,7 @@ class Client:
         self.oauth_client_id = oauth_client_id
         self.oauth_client_key = oauth_client_key
         self.oauth_key_id = oauth_key_id
-        self.oauth_auth_server = oauth_auth_server
+        self.oauth_auth_server = _without_credentials("oauth_auth_server", oauth_auth_server)
         self.oauth_scope = oauth_scope
         # A bad key fails here, at the call, not later in the uploader's thread.
         self._oauth_key = _oauth_key(oauth_client_id, oauth_client_key, oauth_key_id)
@@ -752,6 +753,23 @@ def validate_message(message: Any) -> dict[str, Any]:
     if size > MAX_MESSAGE_BYTES:
         raise ValueError(f"{size} bytes of JSON, over the {MAX_MESSAGE_BYTES // 1024} KB limit")
     return cleaned
+
+
+def _without_credentials(name: str, url: str) -> str:
+    """`url` without a user:password@ part, which is never sent, stored or shown (Segment's way).
+
+    requests would send it as Basic auth in place of the write key, and it
+    would be quoted in every error, log line and the outbox file.
+    """
+    parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    if parts is None or "@" not in parts.netloc:
+        return url
+    log.warning(
+        "%s carries credentials (user:password@): they are ignored, never sent or shown;"
+        " the write key (or OAuth) authenticates",
+        name,
+    )
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def check_host(host: str) -> None:

@@ -21,6 +21,8 @@ behaves the same. Everything the library itself raises derives from
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 __all__ = [
     "APIError",
     "DeliveryError",
@@ -34,6 +36,7 @@ __all__ = [
     "OutboxUnavailable",
     "OutboxFull",
     "RetryableError",
+    "without_frames",
 ]
 
 
@@ -126,3 +129,21 @@ class APIError(DeliveryError):
         self.code = code
         self.message = message
         self.body = body
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def without_frames(exc: _E) -> _E:
+    """`exc` with no traceback and no chained exception: how user code (on_error) gets it.
+
+    Error trackers (Sentry by default, rich, better_exceptions) record each
+    frame's local variables: the frames of a delivery hold the request's
+    headers and body (the write key, a bearer token), the token request's
+    signed client assertion. Its message already says what went wrong.
+    """
+    exc.__traceback__ = None
+    exc.__cause__ = None
+    exc.__context__ = None
+    exc.__suppress_context__ = True
+    return exc

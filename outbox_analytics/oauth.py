@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .errors import RetryableError
 from .request import capped_wait, error_fields, parse_retry_after
-from .utils import RateLimitedLog
+from .utils import RateLimitedLog, printable
 from .wire import read_answer
 
 __all__ = ["AuthError", "TokenManager", "load_private_key"]
@@ -213,7 +213,7 @@ class TokenManager:
             )
             suppressed = self._error_log.ready()
             if suppressed is not None:
-                log.error("%s (%d more since the last report)", error, suppressed)
+                log.error("%s (%d more since the last report)", printable(str(error)), suppressed)
             return error
         return RetryableError(f"OAuth token server answered {status}", status=status)
 

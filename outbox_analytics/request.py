@@ -29,6 +29,7 @@ import orjson
 
 from .errors import APIError, RetryableError
 from .transport import Reply, Transport
+from .utils import printable
 from .version import VERSION
 from .wire import ACCEPT_ENCODING, MAX_ANSWER_BYTES, Call, mount_cuttable_adapters, read_answer
 
@@ -529,7 +530,7 @@ def _report_once(error: RetryableError, key: str) -> RetryableError:
     """Log a settings error once per process and cause (it comes back on every retry)."""
     if key not in _settings_errors_logged:
         _settings_errors_logged.add(key)
-        log.error("%s", error)
+        log.error("%s", printable(str(error)))  # a Location may carry escape sequences
     return error
 
 

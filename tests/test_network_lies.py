@@ -394,3 +394,18 @@ def test_a_wrong_host_whose_errors_carry_fresh_ids_keeps_the_backlog_pending(
     assert len(receiver.requests) <= most_requests
     receiver.responder = lambda request: Reply()
     assert client.flush(timeout=10).sent == 50
+
+
+def test_escape_sequences_in_a_servers_answer_reach_no_log_line(
+    make_client, receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    hostile = '{"message": "\\u001b[2J\\u001b]0;owned\\u0007all good\\r\\u009b1A"}'
+    receiver.responder = lambda request: Reply(503, body=hostile)
+    client = make_client(max_retries=0)
+    client.track("user", "E")
+    client.flush(timeout=5)
+    logged = [r.getMessage() for r in caplog.records if "all good" in r.getMessage()]
+    assert logged and not [t for t in logged if any(c in t for c in "\x1b\x07\r\x9b")]
+    assert "\\x1b[2J" in logged[0]  # shown, escaped
+    stats = client.stats()
+    assert stats is not None and "\x1b[2J" in (stats.head_last_error or "")  # the file: exact

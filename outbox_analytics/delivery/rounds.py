@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import APIError, DeliveryError, RetryableError
+from ..errors import APIError, DeliveryError, RetryableError, without_frames
 from ..request import MAX_BATCH_BYTES, encode_messages
 from ..store import Row, UploadLease
-from ..utils import RateLimitedLog
+from ..utils import RateLimitedLog, printable
 from .lease_holder import LeaseHolder
 from .schedule import Schedule, SteadyWallClock
 from .sender import Interrupted, Interruption, Sender
@@ -304,7 +304,7 @@ class Rounds:
             log.error(
                 "%d event(s) rejected and moved to the dead-letter state: %s"
                 " (%d more since the last report)",
-                len(ids), error_text(exc), suppressed,
+                len(ids), printable(error_text(exc)), suppressed,
             )  # fmt: skip
         self._report(exc, rows)
 
@@ -335,7 +335,8 @@ class Rounds:
             log.warning(
                 "could not deliver %d event(s) after %d attempts: %s; they stay in the"
                 " outbox and will be retried (%d more such reports suppressed)",
-                len(unfinished), self.sender.max_retries + 1, error_text(exc), suppressed,
+                len(unfinished), self.sender.max_retries + 1, printable(error_text(exc)),
+                suppressed,
             )  # fmt: skip
         self._report(exc, unfinished)
 
@@ -359,6 +360,6 @@ class Rounds:
         if self.on_error is None:
             return
         try:
-            self.on_error(exc, [row.message for row in rows])
+            self.on_error(without_frames(exc), [row.message for row in rows])
         except BaseException:  # even SystemExit: the callback must not stop delivery
             log.exception("on_error raised; delivery goes on")

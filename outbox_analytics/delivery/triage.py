@@ -163,7 +163,7 @@ def endpoint_error(exc: APIError) -> EndpointRejected:
 
 
 def error_text(exc: BaseException) -> str:
-    """An error with the server's words, for logs, on_error and the file's last_error."""
+    """An error with the server's words, for logs and the file's last_error (exact there)."""
     body = getattr(exc, "body", "")
     text = str(exc)
     return f"{text}: {body}" if body and body not in text else text

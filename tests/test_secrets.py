@@ -1,0 +1,114 @@
+"""Secrets stay home: no key, token, assertion or password in any text we give out.
+
+"Any text" includes what error trackers make of an exception: Sentry, rich and
+better_exceptions record the local variables of every frame of its traceback
+and of the exceptions chained to it. `formatted()` does the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import traceback
+from pathlib import Path
+
+import pytest
+
+from outbox_analytics import Client, DeliveryError, cli
+
+from .receiver import Reply
+from .test_oauth import CLIENT_ID, KEY_ID, AuthServer
+
+WRITE_KEY = "test-write-key"
+BASIC = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+
+
+def formatted(exc: BaseException) -> str:
+    """The exception as an error tracker records it: every frame, with its locals."""
+    return "".join(traceback.TracebackException.from_exception(exc, capture_locals=True).format())
+
+
+def stored(outbox_file: Path) -> bytes:
+    return b"".join(
+        path.read_bytes()
+        for path in outbox_file.parent.iterdir()
+        if path.name.startswith(outbox_file.name)
+    )
+
+
+@pytest.mark.parametrize("status", [500, 400])
+def test_on_error_and_sync_errors_carry_no_frame_holding_the_write_key(
+    make_client, receiver, status: int
+) -> None:
+    receiver.responder = lambda request: Reply(status, body='{"message": "no"}')
+    reports: list[Exception] = []
+    client = make_client(max_retries=1, on_error=lambda exc, batch: reports.append(exc))
+    client.track("user", "E")
+    client.flush(timeout=10)
+    synced = make_client(sync_mode=True, max_retries=0)
+    with pytest.raises(DeliveryError) as raised:
+        synced.track("user", "F")
+    assert reports
+    for exc in [*reports, raised.value]:
+        text = formatted(exc)
+        assert WRITE_KEY not in text and BASIC not in text
+
+
+def test_oauth_failures_carry_no_token_or_assertion(
+    make_client, receiver, key_pem: str, outbox_file: Path
+) -> None:
+    auth = AuthServer(receiver, key_pem)
+    auth.token_script = [Reply(503)]  # the first token request fails: from the token's frames
+    failures = iter([Reply(500), Reply(500)])  # then batches fail: from the request's frames
+
+    def respond(request):
+        if request.path == "/token":
+            return auth.token(request)
+        checked = auth.batch(request)
+        return checked if checked.status != 200 else next(failures, checked)
+
+    receiver.responder = respond
+    reports: list[Exception] = []
+    client = make_client(
+        max_retries=0, on_error=lambda exc, batch: reports.append(exc),
+        oauth_client_id=CLIENT_ID, oauth_client_key=key_pem, oauth_key_id=KEY_ID,
+        oauth_auth_server=auth.url,
+    )  # fmt: skip
+    client.track("user", "E")
+    for _ in range(4):
+        client.flush(timeout=5)
+    assert len(reports) >= 2 and auth.issued
+    secrets = [*auth.issued, *(form["client_assertion"] for form in auth.forms), WRITE_KEY]
+    for exc in reports:
+        text = formatted(exc)
+        assert not [secret for secret in secrets if secret in text]
+
+
+def test_a_password_in_the_host_is_never_sent_stored_or_shown(
+    receiver, outbox_file: Path, caplog: pytest.LogCaptureFixture, capsys
+) -> None:
+    password = "S3cretPassw0rd"
+    receiver.responder = lambda request: Reply(302, {"Location": receiver.url + "/elsewhere"})
+    reports: list[Exception] = []
+    client = Client(
+        WRITE_KEY, host=receiver.url.replace("://", f"://admin:{password}@"), max_retries=0,
+        outbox_path=str(outbox_file), on_error=lambda exc, batch: reports.append(exc),
+    )  # fmt: skip
+    client.track("user", "E")
+    client.flush(timeout=5)
+    stats = client.stats()
+    client.shutdown(timeout=1)
+    assert receiver.requests and reports and stats is not None and stats.head_last_error
+    assert receiver.requests[0].headers["Authorization"] == f"Basic {BASIC}"  # the key's
+    cli.main(["status", "--json", str(outbox_file)])
+    shown = [
+        capsys.readouterr().out,
+        stats.head_last_error,
+        *(formatted(exc) for exc in reports),
+        *(record.getMessage() for record in caplog.records),
+        client.host,
+    ]
+    assert "ignored" in "\n".join(shown)  # said once, at Client()
+    assert not [text for text in shown if password in text or "admin" in text]
+    assert password.encode() not in stored(outbox_file)
+    assert json.loads(shown[0])["pending"] == 1
