@@ -283,7 +283,9 @@ def test_what_receivers_really_answer_is_an_acknowledgement(
         ({}, "", True),
         ({}, "OK", True),
         ({}, "  <html>", False),
-        ({"content-type": "text/html; charset=utf-8"}, "Welcome", False),
+        ({"content-type": "text/html; charset=utf-8"}, "OK", True),  # Flask's "OK"
+        ({"content-type": "text/html; charset=utf-8"}, "", True),
+        ({"content-type": "text/html"}, "\n<!DOCTYPE html><title>Sign in</title>", False),
         ({}, '{"success": false}', False),
         ({}, '{"success": "false"}', True),  # only the JSON false says no
         ({}, '{"success": 0, "x": 1}', True),
