@@ -122,7 +122,7 @@ def test_a_reader_may_read_another_users_outbox(tmp_path: Path) -> None:
     assert "owned by uid" in refused(path)  # writing it stays refused
 
 
-@pytest.mark.parametrize("mode", [0o666, 0o660, 0o606])
+@pytest.mark.parametrize("mode", [0o666, 0o660, 0o606], ids=oct)
 def test_a_file_others_may_write_is_refused_naming_the_fix(tmp_path: Path, mode: int) -> None:
     path = tmp_path / "outbox.sqlite3"
     outbox_with(path, 2)

@@ -32,7 +32,7 @@ from ..errors import (
     OutboxUnavailable,
 )
 from . import connection, recovery, schema
-from .connection import Database, FileMoved, file_identity
+from .connection import Database, file_identity
 from .files import create_outbox_file
 from .group_commit import GroupCommit
 from .lease import (
@@ -377,19 +377,25 @@ class Outbox:
         """
         for _ in range(_FOLLOW_ATTEMPTS):
             try:
-                row_id = self._commit(rows)
-            except FileMoved:  # another process put it aside: on to the fresh file
-                self._follow_file()
-                row_id = self._commit(rows)
-            except OutboxDamaged as damage:
-                if self.readonly:
+                row_id = self._commit_here(rows)
+            except OutboxUnavailable:  # FileMoved, or a connection to a file that is gone
+                if self.readonly or self._db.still_at_path():
                     raise
-                self._recover(damage)
-                row_id = self._commit(rows)
-            if self.readonly or self._db.still_at_path():
-                return row_id
+            else:
+                if self.readonly or self._db.still_at_path():
+                    return row_id
             self._follow_file()
         raise OutboxUnavailable("the outbox file is removed again as soon as it is made", self.path)
+
+    def _commit_here(self, rows: Sequence[tuple[bytes, float]]) -> int:
+        """Commit into the file we have open; one found damaged is recovered first."""
+        try:
+            return self._commit(rows)
+        except OutboxDamaged as damage:
+            if self.readonly:
+                raise
+            self._recover(damage)
+            return self._commit(rows)
 
     def _commit(self, rows: Sequence[tuple[bytes, float]]) -> int:
         """Insert rows (and any drops not yet recorded) in one transaction; the last row id."""
