@@ -78,7 +78,7 @@ def test_the_decision() -> None:
     assert refusal(a_stat(stat.S_IFREG | 0o644, me), me) is None  # readable: a warning only
     other = refusal(a_stat(stat.S_IFREG | 0o600, 1001), me)
     assert other is not None and "owned by uid 1001, not by you (uid 1000)" in other
-    assert "remove it or choose another outbox_path" in other
+    assert "run as its owner, or remove it or choose another outbox_path" in other
     # Root too uses only its own files for writing.
     assert refusal(a_stat(stat.S_IFREG | 0o600, 1001), 0) is not None
     for mode in (0o666, 0o620, 0o602):
@@ -262,3 +262,27 @@ def test_a_directory_its_group_may_write_is_trusted(tmp_path: Path) -> None:
     with Outbox(shared / "outbox.sqlite3") as outbox:
         outbox.append(b"\x80")
         assert outbox.stats().pending == 1
+
+
+def test_in_a_directory_others_may_write_the_journal_name_is_held(tmp_path: Path) -> None:
+    """SQLite copies a "hot" -journal into the file when a first connection opens it, even
+    in WAL mode: in /tmp, an empty one of ours keeps another user from planting one."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    path = shared / "outbox.sqlite3"
+    for _ in range(2):  # a new file (SQLite removes the name once), then an existing one
+        with Outbox(path) as outbox:
+            outbox.append(b"\x80")
+    journal = os.lstat(str(path) + "-journal")
+    assert (journal.st_uid, stat.S_IMODE(journal.st_mode), journal.st_size) == (
+        os.geteuid(),
+        0o600,
+        0,
+    )
+    with Outbox(path, readonly=True) as outbox:
+        assert outbox.stats().pending == 2
+    private = tmp_path / "private.sqlite3"  # (elsewhere, nothing is added)
+    with Outbox(private) as outbox:
+        outbox.append(b"\x80")
+    assert not Path(str(private) + "-journal").exists()

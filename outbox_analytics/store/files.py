@@ -16,6 +16,8 @@ into it. So, as ssh does with its keys, a writer uses only what is its own:
 - The file is created with O_EXCL and opened with O_NOFOLLOW: a symbolic link
   planted at its name is refused, never followed. After SQLite opened it, the
   name must still be the file checked, and the sidecars SQLite opened ours.
+  In a directory others may write, an empty -journal of ours holds the name
+  that SQLite would otherwise read a planted one from (see _claim_journal).
 
 Readers (the CLI's reading commands) change nothing and are not checked: an
 operator (root) may inspect any job's outbox.
@@ -154,8 +156,8 @@ def refusal(info: os.stat_result, uid: int, what: str = "the outbox file") -> st
         return f"{what} is not a regular file"
     if info.st_uid != uid:
         return (
-            f"{what} is owned by uid {info.st_uid}, not by you (uid {uid}): remove it"
-            " or choose another outbox_path (run as its owner to use it)"
+            f"{what} is owned by uid {info.st_uid}, not by you (uid {uid}): run as its owner,"
+            " or remove it or choose another outbox_path if it is not meant for you"
         )
     if info.st_mode & _WRITABLE_BY_OTHERS:
         mode = stat.S_IMODE(info.st_mode)
@@ -211,6 +213,34 @@ def check_sidecars(path: str, *, wal_mode: bool = False) -> None:
         except OSError as exc:
             raise OutboxUnavailable(f"cannot check the outbox ({exc.strerror})", name) from exc
         _refuse_unless_ours(info, name, f"the outbox's {suffix} file")
+    if not os.path.lexists(path + "-journal") and _others_may_write(os.path.dirname(path)):
+        _claim_journal(path)
+
+
+def _others_may_write(folder: str) -> bool:
+    try:
+        return bool(os.stat(folder).st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    except OSError:
+        return False
+
+
+def _claim_journal(path: str) -> None:
+    """Make an empty -journal of ours, in a directory others may write (/tmp).
+
+    SQLite looks for a "hot" -journal whenever a first connection opens the
+    file, even in WAL mode, and copies its pages into the database: one
+    planted between our check and SQLite's look would forge the outbox's
+    content. An empty one of ours is never hot and, once the file holds a
+    page, never removed by SQLite (it only uses a -wal from then on); no one
+    else may remove or replace it in a sticky directory.
+    """
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        os.close(os.open(path + "-journal", flags, 0o600))
+    except FileExistsError:  # made meanwhile: by whom?
+        check_sidecars(path)
+    except OSError as exc:
+        raise OutboxUnavailable(f"cannot create the outbox ({exc.strerror})", path) from exc
 
 
 def check_directories(path: str) -> None:

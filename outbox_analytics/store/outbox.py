@@ -355,8 +355,8 @@ class Outbox:
         when a reader has kept the log from being checkpointed.
         """
         now = time.monotonic()
-        if now - self._wal_checked_at < _WAL_CHECK_INTERVAL:
-            return
+        if now - self._wal_checked_at < _WAL_CHECK_INTERVAL or self._db.in_call_here():
+            return  # (in a signal handler whose thread is inside a call: next time)
         self._wal_checked_at = now
         try:
             pinned = self._db.checkpoint_if_over_bound()
