@@ -109,6 +109,24 @@ def test_a_call_that_cannot_follow_the_file_fails(tmp_path: Path) -> None:
         client.shutdown()
 
 
+def test_a_file_moved_and_linked_back_is_still_the_one_written(tmp_path: Path) -> None:
+    """An operator moving the outbox to another disk, with a link at the old path."""
+    path = tmp_path / "outbox.sqlite3"
+    elsewhere = tmp_path / "bigger-disk.sqlite3"
+    client = Client("key", outbox_path=str(path), upload=False)
+    try:
+        assert client.track("u", "Before")[0]
+        os.rename(path, elsewhere)
+        os.symlink(elsewhere, path)
+        for _ in range(20):
+            assert client.track("u", "After")[0]
+    finally:
+        client.shutdown()
+    assert client.outbox.unrecorded_drops == 0
+    with Outbox(elsewhere, readonly=True) as outbox:
+        assert outbox.stats().pending == 21
+
+
 WRITER = """
 import signal, sys
 from outbox_analytics import Client

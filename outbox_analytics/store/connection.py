@@ -552,8 +552,9 @@ class Database:
         return not self.still_at_path()
 
     def still_at_path(self) -> bool:
+        """Whether the path still leads to our file (through a link an operator made, too)."""
         try:
-            info = os.lstat(self.path)
+            info = os.stat(self.path)
         except OSError:
             return False
         return (info.st_dev, info.st_ino) == self.identity
