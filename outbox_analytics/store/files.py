@@ -53,6 +53,7 @@ SIDECARS = ("-wal", "-shm", "-journal")
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 _READABLE_BY_OTHERS = stat.S_IRGRP | stat.S_IROTH
 _warned_readable: set[str] = set()  # paths warned about once in this process
+_CREATE_ATTEMPTS = 5
 
 
 def create_private_file(path: str) -> None:
@@ -66,17 +67,27 @@ def create_private_file(path: str) -> None:
     except OSError as exc:
         raise OutboxUnavailable(f"cannot create the outbox ({exc.strerror})", path) from exc
     check_directories(path)
-    try:
-        # O_EXCL never follows a link at the name: it fails as for any existing name.
-        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
-        os.close(fd)  # a new, empty file: SQLite holds no lock on it yet
-    except FileExistsError:
-        if os.path.isdir(path):
-            raise OutboxUnavailable("the outbox path is a directory", path) from None
-        check_file(path)  # before anything reads it (a planted file is not ours to read)
-    except OSError as exc:
-        raise OutboxUnavailable(f"cannot create the outbox ({exc.strerror})", path) from exc
+    # O_EXCL never follows a link at the name: it fails as for any existing name.
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(_CREATE_ATTEMPTS):
+        try:
+            os.close(os.open(path, flags, 0o600))  # new and empty: SQLite holds no lock on it
+            return
+        except FileExistsError:
+            if os.path.isdir(path):
+                raise OutboxUnavailable("the outbox path is a directory", path) from None
+        except OSError as exc:
+            raise OutboxUnavailable(f"cannot create the outbox ({exc.strerror})", path) from exc
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue  # moved aside meanwhile by a recovery: make it, or find the fresh one
+        except OSError as exc:
+            raise OutboxUnavailable(f"cannot open the outbox ({exc.strerror})", path) from exc
+        _refuse_unless_ours(info, path, "the outbox file")  # before anything reads it
+        _warn_if_readable(info, path)
+        return
+    raise OutboxUnavailable("the outbox file vanishes each time it is made", path)
 
 
 def create_outbox_file(path: str) -> None:
@@ -172,7 +183,7 @@ def check_file(path: str, what: str = "the outbox file") -> os.stat_result:
     except OSError as exc:
         raise OutboxUnavailable(f"cannot open the outbox ({exc.strerror})", path) from exc
     _refuse_unless_ours(info, path, what)
-    _warn_if_readable(info, path)  # (not for the sidecars: SQLite gives them this file's mode)
+    _warn_if_readable(info, path)
     return info
 
 
@@ -183,6 +194,7 @@ def _refuse_unless_ours(info: os.stat_result, path: str, what: str) -> None:
 
 
 def _warn_if_readable(info: os.stat_result, path: str) -> None:
+    """(Not for the sidecars: SQLite gives them the file's mode.)"""
     if info.st_mode & _READABLE_BY_OTHERS and path not in _warned_readable:
         _warned_readable.add(path)
         log.warning(
