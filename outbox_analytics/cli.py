@@ -33,11 +33,11 @@ from datetime import datetime
 from typing import IO, Any, NoReturn, TypeVar
 
 from .client import (
-    DEFAULT_HOST,
     KILL_SWITCH_ENV,
     MESSAGE_TYPES,
     Client,
     check_host,
+    client_host,
     kill_switch_on,
     validate_message,
 )
@@ -709,7 +709,7 @@ def _drain(args: argparse.Namespace) -> int:
         check_host(args.host)  # before --force records it as the file's owner
     if args.force:  # the operator says these events are this key's now (a rotated key)
         with Outbox(path) as outbox:
-            outbox.bind(key, (args.host or DEFAULT_HOST).rstrip("/"), force=True)
+            outbox.bind(key, client_host(args.host), force=True)
     try:
         client = _drain_client(args, path, key)
     except OutboxMismatch as exc:

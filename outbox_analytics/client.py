@@ -177,7 +177,6 @@ class Client:
         if host is not None:
             require("host", host, str)
             check_host(host)
-            host = _without_credentials("host", host)
         if proxies is not None:
             require("proxies", proxies, dict)
         if outbox_path is not None:
@@ -187,7 +186,7 @@ class Client:
         self.before_send = before_send
         self.transport = transport
         self.dropped_by_before_send = 0  # events before_send dropped or failed on
-        self.host = (host or DEFAULT_HOST).rstrip("/")
+        self.host = client_host(host)
         self.on_error = on_error
         self.debug = debug
         self.send = send
@@ -273,6 +272,7 @@ class Client:
                 # The auth server's own: NO_PROXY may name it and not the API.
                 proxies=proxies_for(self.oauth_auth_server.rstrip("/") + "/token", self.proxies),
                 verify=requester.verify,
+                redactor=requester.redactor,
             )
         return requester
 
@@ -755,6 +755,11 @@ def validate_message(message: Any) -> dict[str, Any]:
     return cleaned
 
 
+def client_host(host: str | None) -> str:
+    """The host as the client uses, stores and shows it: the default for None, no credentials."""
+    return _without_credentials("host", host or DEFAULT_HOST).rstrip("/")
+
+
 def _without_credentials(name: str, url: str) -> str:
     """`url` without a user:password@ part, which is never sent, stored or shown (Segment's way).
 
@@ -764,12 +769,18 @@ def _without_credentials(name: str, url: str) -> str:
     parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
     if parts is None or "@" not in parts.netloc:
         return url
-    log.warning(
-        "%s carries credentials (user:password@): they are ignored, never sent or shown;"
-        " the write key (or OAuth) authenticates",
-        name,
-    )
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    if bare not in _credentials_warned:  # once per process: the CLI and its client both ask
+        _credentials_warned.add(bare)
+        log.warning(
+            "%s carries credentials (user:password@): they are ignored, never sent or shown;"
+            " the write key (or OAuth) authenticates",
+            name,
+        )
+    return bare
+
+
+_credentials_warned: set[str] = set()
 
 
 def check_host(host: str) -> None:

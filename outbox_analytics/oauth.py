@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .errors import RetryableError
-from .request import capped_wait, error_fields, parse_retry_after
+from .request import Redactor, capped_wait, error_fields, parse_retry_after
 from .utils import RateLimitedLog, printable
 from .wire import read_answer
 
@@ -84,6 +84,7 @@ class TokenManager:
         timeout: float,
         proxies: dict[str, str] | None = None,
         verify: bool | str = True,
+        redactor: Redactor | None = None,
     ) -> None:
         self.client_id = client_id
         self.key_id = key_id
@@ -101,6 +102,8 @@ class TokenManager:
         self.clock_offset = 0.0  # the token server's clock minus ours, seconds
         self.fetches = 0  # token requests made (for stats and tests)
         self._error_log = RateLimitedLog()
+        # Tokens and assertions, left out of what a server says (it may quote them).
+        self.redactor = redactor or Redactor()
 
     def authorization(self) -> str:
         """The Authorization header value; fetches a token when none is fresh."""
@@ -128,9 +131,11 @@ class TokenManager:
             "exp": now + ASSERTION_LIFETIME,
             "jti": str(uuid.uuid4()),
         }
-        return jwt.encode(
+        assertion = jwt.encode(
             claims, self._private_key, algorithm="RS256", headers={"kid": self.key_id}
         )
+        self.redactor.add_recent(assertion)
+        return assertion
 
     def _fetch(self) -> None:
         self.fetches += 1
@@ -152,11 +157,11 @@ class TokenManager:
                 allow_redirects=False,
                 stream=True,  # read within bounds
             )
-            text, _ = read_answer(response)
+            text, problem = read_answer(response)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise RetryableError(f"OAuth token request failed: {type(exc).__name__}") from None
         self._learn_clock(response.headers.get("Date"))
-        if response.status_code == 200:
+        if response.status_code == 200 and problem is None:
             self._accept(text)
             return
         raise self._error_for(response, text)
@@ -174,6 +179,7 @@ class TokenManager:
             # Empty, or what no header may carry (a newline, a space): requests
             # would refuse every batch, quoting the token in its error.
             raise RetryableError("OAuth token response has no usable access_token", status=200)
+        self.redactor.add_recent(token)
         self._token = token
         self._renew_at = time.monotonic() + max(1.0, lifetime) * _REFRESH_AT
         log.debug("OAuth token obtained, valid for %.0fs", lifetime)
@@ -188,8 +194,8 @@ class TokenManager:
 
     def _error_for(self, response: requests.Response, text: str) -> RetryableError:
         status = response.status_code
-        code, description = error_fields(text, "error", "error_description")
-        description = description or response.reason or ""
+        code, description = error_fields(self.redactor(text), "error", "error_description")
+        description = description or self.redactor(response.reason or "")
         if status == 429:
             wait = _rate_limit_reset(response.headers.get("X-RateLimit-Reset"), time.time())
             if wait is None:

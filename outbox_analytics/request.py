@@ -8,6 +8,7 @@ batch may succeed later", `APIError` means "the server rejected these events".
 from __future__ import annotations
 
 import base64
+import collections
 import gzip as gzip_module
 import json
 import logging
@@ -31,7 +32,7 @@ from .errors import APIError, RetryableError
 from .transport import Reply, Transport
 from .utils import printable
 from .version import VERSION
-from .wire import ACCEPT_ENCODING, MAX_ANSWER_BYTES, Call, mount_cuttable_adapters, read_answer
+from .wire import ACCEPT_ENCODING, Call, mount_cuttable_adapters, read_answer
 
 # requests (with urllib3, idna, charset_normalizer, certifi) takes about 70 ms
 # to import: it is imported where it is used, and by a client that will
@@ -82,6 +83,7 @@ __all__ = [
     "is_retryable_status",
     "not_an_acknowledgement",
     "parse_retry_after",
+    "Redactor",
     "redact",
 ]
 
@@ -99,7 +101,7 @@ log = logging.getLogger("outbox_analytics")
 MAX_BATCH_BYTES = 500_000  # Segment's limit on one request body, as JSON
 MAX_RETRY_AFTER = 300.0  # a server may ask us to wait; not for longer than this
 # A request's thread gets this much longer than `timeout` before we stop waiting.
-_DEADLINE_GRACE = 0.5
+_DEADLINE_GRACE = 0.05
 
 # Statuses that say nothing about the events themselves, so that retrying the
 # same batch later can succeed. Segment 2.4.0's list (408, 410, 429, 460, 5xx
@@ -208,6 +210,12 @@ class Requester:
         self.token_manager = token_manager
         self._poster: _Poster | None = None  # started with the first request
         self._basic = "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
+        # A server may quote what we sent it (an Authorization header, a key)
+        # in its answer: those values are left out of every text made from it.
+        self.redactor = Redactor()
+        self.redactor.add(write_key, self._basic.split(" ")[1])
+        for proxy in (self.proxies or {}).values():
+            self.redactor.add_credentials_of(proxy)
 
     def authorization(self) -> str:
         if self.token_manager is None:
@@ -238,6 +246,7 @@ class Requester:
             headers["Content-Encoding"] = "gzip"
             body = gzip_module.compress(body, compresslevel=6)
         reply = self._post(body, headers, deadline, meanwhile)
+        reply = Reply(reply.status, reply.headers, self.redactor(reply.text))
         if 200 <= reply.status < 300:
             refusal = not_an_acknowledgement(reply)
             if refusal is None:
@@ -245,7 +254,7 @@ class Requester:
             raise _report_once(RetryableError(refusal, status=reply.status), self.url)
         if reply.status in (401, 403) and self.token_manager is not None:
             self.token_manager.invalidate()
-        raise _error_for(reply, self.write_key, self.url)
+        raise _error_for(reply, self.url, self.redactor)
 
     def _post(
         self,
@@ -317,21 +326,21 @@ class Requester:
                     allow_redirects=False,
                     stream=True,  # read within bounds by read_answer
                 )
-                text, cut = read_answer(response)
-            except requests.RequestException as exc:
-                raise RetryableError(f"request failed: {_describe(exc, self.url)}") from exc
-            except urllib3.exceptions.HTTPError as exc:  # reading the body: urllib3's own
-                raise RetryableError(f"request failed: {_describe(exc, self.url)}") from exc
+                text, problem = read_answer(response)
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+                # (urllib3's own: reading the body)
+                said = self.redactor(_describe(exc, self.url))
+                raise RetryableError(f"request failed: {said}") from exc
             except (OSError, ValueError) as exc:
                 # Not requests' own errors, raised before any byte is sent: a
                 # CA bundle that is not there, a setting urllib3 refuses. Still a
                 # failure to report and retry with backoff, not a crash to loop on.
-                text = redact(f"{type(exc).__name__}: {str(exc)[:300]}")
+                text = self.redactor(f"{type(exc).__name__}: {str(exc)[:300]}")
                 raise RetryableError(f"request failed: {text}") from exc
-        if cut and 200 <= response.status_code < 300:
+        if problem is not None and 200 <= response.status_code < 300:
             raise RetryableError(
-                f"HTTP {response.status_code} with an answer over {MAX_ANSWER_BYTES // 1024} KB:"
-                " not an acknowledgement (the API's are tiny); the events stay pending",
+                f"HTTP {response.status_code} with an answer {problem}: not an acknowledgement"
+                " (the API's are a few bytes of JSON); the events stay pending",
                 status=response.status_code,
             )
         return Reply(response.status_code, dict(response.headers), text)
@@ -463,13 +472,13 @@ def _ca_bundle_from_environment() -> str | None:
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
 
 
-def _error_for(reply: Reply, write_key: str, url: str) -> RetryableError | APIError:
+def _error_for(reply: Reply, url: str, redactor: Redactor) -> RetryableError | APIError:
     status = reply.status
     text = reply.text[:1000]
     if status < 200:
         return RetryableError(f"HTTP {status}: an interim answer, and no final one", status=status)
     if 300 <= status < 400:
-        return _redirect(reply, write_key, url)
+        return _redirect(reply, url, redactor)
     code, message = error_fields(text, "code", "message")
     if is_retryable_status(status):
         retry_after = parse_retry_after(_header(reply, "Retry-After"), time.time())
@@ -482,11 +491,9 @@ def _error_for(reply: Reply, write_key: str, url: str) -> RetryableError | APIEr
     return APIError(status, code, message or text or f"HTTP {status}", body=text)
 
 
-def _redirect(reply: Reply, write_key: str, url: str) -> RetryableError:
+def _redirect(reply: Reply, url: str, redactor: Redactor) -> RetryableError:
     """A 3xx: a setting to fix (the host). The events stay pending; it is logged once per target."""
-    location = redact(str(_header(reply, "Location") or "(no Location)")[:300])
-    if write_key:
-        location = location.replace(write_key, "<write key>")
+    location = redactor(str(_header(reply, "Location") or "(no Location)")[:300])
     error = RetryableError(
         f"HTTP {reply.status}: {display_url(url)} redirects to {location}; redirects are never"
         " followed (the events stay pending): set host to the API's real address",
@@ -504,7 +511,7 @@ def not_an_acknowledgement(reply: Reply) -> str | None:
     a JSON object whose `success` is false: the events stay pending, and the
     setting to fix is named, as for a redirect.
     """
-    text = reply.text.strip()
+    text = reply.text.lstrip("\ufeff").strip()  # (a byte order mark before the page)
     # By the body, not Content-Type: a small Flask receiver answers "OK" as text/html.
     if text[:1] == "<":
         return (
@@ -517,13 +524,20 @@ def not_an_acknowledgement(reply: Reply) -> str | None:
             payload = json.loads(text)
         except ValueError:
             return None
-        if isinstance(payload, dict) and payload.get("success") is False:
+        if isinstance(payload, dict) and _says_no(payload.get("success", True)):
             said = payload.get("message") or payload.get("error") or ""
             return (
                 f"HTTP {reply.status} with success false ({str(said)[:200]}): not an"
                 " acknowledgement; the events stay pending"
             )
     return None
+
+
+def _says_no(success: Any) -> bool:
+    """`success` false, however a receiver spells it: false, 0, null, "false", "0"."""
+    if isinstance(success, str):
+        return success.strip().lower() in ("false", "0", "no", "")
+    return not success
 
 
 def _report_once(error: RetryableError, key: str) -> RetryableError:
@@ -559,6 +573,46 @@ def redact(text: str) -> str:
     return _USERINFO.sub("", text)
 
 
+class Redactor:
+    """The secrets a server may quote back to us; `redactor(text)` leaves them out of `text`.
+
+    The write key and its Basic header and proxy credentials, for good; OAuth
+    tokens and client assertions as they are made (the latest few: older ones
+    expired long ago). A 401 that quotes the Authorization header, a token
+    server that quotes the assertion it refused, must not put them in a log
+    line, an error or the outbox file.
+    """
+
+    def __init__(self) -> None:
+        self._lasting: list[str] = []
+        self._recent: collections.deque[str] = collections.deque(maxlen=16)
+
+    def add(self, *values: str) -> None:
+        self._lasting.extend(value for value in values if _is_secret_like(value))
+
+    def add_recent(self, value: str) -> None:
+        if _is_secret_like(value):
+            self._recent.append(value)
+
+    def add_credentials_of(self, url: str) -> None:
+        """A proxy's `user:password@`: as written, decoded, and as its Basic header."""
+        userinfo = urllib.parse.urlsplit(url).netloc.rpartition("@")[0]
+        if userinfo:
+            plain = urllib.parse.unquote(userinfo)
+            self.add(userinfo, plain, base64.b64encode(plain.encode()).decode())
+            self.add(*plain.split(":", 1))
+
+    def __call__(self, text: str) -> str:
+        for secret in [*self._lasting, *self._recent]:
+            if secret in text:
+                text = text.replace(secret, "<redacted>")
+        return redact(text)
+
+
+def _is_secret_like(value: str) -> bool:
+    return len(value) >= 4  # not "", nor a user called "a" whose every letter would go
+
+
 def _header(reply: Reply, name: str) -> str | None:
     """A header of the reply, whatever the case of its name."""
     wanted = name.lower()
@@ -589,14 +643,15 @@ def _describe_in_full(exc: Exception, where: str) -> str:
 
     if isinstance(exc, requests.exceptions.InvalidHeader):
         # Its words quote the header's value: the write key or a token.
-        return "a request header was refused (its value is not shown: check the key or token)"
+        return "a header was refused, ours or the answer's (its value is not shown)"
     cause = _os_error_under(exc)
+    if isinstance(exc, requests.exceptions.ProxyError):  # first: its cause is the proxy's
+        why = cause.strerror.lower() if cause is not None and cause.strerror else str(exc)[:200]
+        return f"the proxy for {where} failed ({why})"
     if isinstance(cause, ConnectionRefusedError):
         return f"connection refused by {where}"
     if isinstance(cause, socket.gaierror):
         return f"cannot resolve the host of {where} ({cause.strerror})"
-    if isinstance(exc, requests.exceptions.ProxyError):
-        return f"the proxy failed for {where}: {str(exc)[:200]}"
     if isinstance(exc, requests.exceptions.SSLError):
         return f"TLS failed with {where}: {str(exc)[:200]}"
     if isinstance(exc, requests.exceptions.ConnectTimeout):

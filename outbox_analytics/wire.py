@@ -17,6 +17,7 @@ Two more things requests leaves to us:
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import http.client
 import socket
@@ -170,12 +171,16 @@ def mount_cuttable_adapters(session: requests.Session) -> None:
     session.mount("https://", _Adapter())
 
 
-def read_answer(response: requests.Response, limit: int = MAX_ANSWER_BYTES) -> tuple[str, bool]:
-    """The body of a response made with `stream=True`, decoded; and whether it was cut at `limit`.
+def read_answer(
+    response: requests.Response, limit: int = MAX_ANSWER_BYTES
+) -> tuple[str, str | None]:
+    """The body of a response made with `stream=True`, decoded; and what kept it from being whole.
 
     At most `limit` bytes are read from the wire and at most `limit` bytes
-    come out of decompression. A body not read to its end is closed with its
-    connection, which is not reused.
+    come out of each decompression. A body not read to its end is closed
+    with its connection, which is not reused. The second value is None for a
+    body read whole, or says why it was not ("over 64 KB", "in br coding"...):
+    such an answer is no acknowledgement.
     """
     raw = b""
     complete = False
@@ -189,32 +194,50 @@ def read_answer(response: requests.Response, limit: int = MAX_ANSWER_BYTES) -> t
     finally:
         if not complete:
             response.close()
-    encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
-    body, inflated_whole = _decode(raw[:limit], encoding, limit)
-    truncated = not complete or not inflated_whole
-    return _text(body, response.encoding), truncated
+    codings = (response.headers.get("Content-Encoding") or "").lower().split(",")
+    body, problem = _decode(raw[:limit], codings, limit)
+    if not complete:
+        problem = f"over {limit // 1024} KB"
+    return _text(body, response.encoding), problem
 
 
 def _text(body: bytes, charset: str | None) -> str:
     """The body as text in its declared charset; UTF-8 when it names none we know."""
+    if body.startswith(codecs.BOM_UTF8):  # whatever the charset says (or requests guessed)
+        return body[3:].decode("utf-8", errors="replace")
     try:
         return body.decode(charset or "utf-8", errors="replace")
     except LookupError:  # a charset no codec has, named by the server
         return body.decode("utf-8", errors="replace")
 
 
-def _decode(raw: bytes, encoding: str, limit: int) -> tuple[bytes, bool]:
-    """The body without its content coding, at most `limit` bytes; and whether that is all of it."""
-    if encoding in ("", "identity"):
-        return raw, True
-    if encoding not in ("gzip", "x-gzip", "deflate"):
-        return f"(a body in {encoding[:40]} coding, not read)".encode(), True
+def _decode(raw: bytes, codings: list[str], limit: int) -> tuple[bytes, str | None]:
+    """The body without its content codings (the last applied first), within `limit` bytes each."""
+    body = raw
+    for coding in reversed([coding.strip() for coding in codings]):
+        if coding in ("", "identity"):
+            continue
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            return f"(a body in {coding[:40]} coding)".encode(), f"in {coding[:40]} coding"
+        inflated = _inflate(body, limit)
+        if inflated is None:
+            return b"(a compressed body that does not decompress)", "that does not decompress"
+        body, whole = inflated
+        if not whole:
+            return body, f"over {limit // 1024} KB decompressed"
+    return body, None
+
+
+def _inflate(data: bytes, limit: int) -> tuple[bytes, bool] | None:
+    """gzip, zlib or raw deflate data inflated to at most `limit` bytes, and whether that is all."""
     # 32 + 15: gzip or zlib headers, found by looking; raw deflate is tried after.
     for window in (47, -15):
         inflater = zlib.decompressobj(window)
         try:
-            body = inflater.decompress(raw, limit)
+            body = inflater.decompress(data, limit)
         except zlib.error:
             continue
-        return body, not inflater.unconsumed_tail
-    return b"(a compressed body that does not decompress)", True
+        if inflater.unconsumed_tail or inflater.eof or not data:
+            return body, not inflater.unconsumed_tail
+        return None  # cut short: a corrupt or truncated stream
+    return None

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import tenacity
 
-from outbox_analytics import Client, RetryableError
+from outbox_analytics import Client, EndpointRejected, RetryableError
 from outbox_analytics.request import Requester, not_an_acknowledgement
 from outbox_analytics.transport import Reply as TransportReply
 
@@ -40,6 +40,7 @@ class RawServer:
         self.stop = threading.Event()
         self.open = 0  # connections not closed by the client yet
         self.requests = 0
+        self.last_request = b""  # the head of the last request read
         self._lock = threading.Lock()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -67,8 +68,7 @@ class RawServer:
             with self._lock:
                 self.open -= 1
 
-    @staticmethod
-    def _read_request(conn: socket.socket) -> bool:
+    def _read_request(self, conn: socket.socket) -> bool:
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = conn.recv(65536)
@@ -76,6 +76,7 @@ class RawServer:
                 return False
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
+        self.last_request = head
         length = 0
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"content-length:"):
@@ -287,8 +288,10 @@ def test_what_receivers_really_answer_is_an_acknowledgement(
         ({"content-type": "text/html; charset=utf-8"}, "", True),
         ({"content-type": "text/html"}, "\n<!DOCTYPE html><title>Sign in</title>", False),
         ({}, '{"success": false}', False),
-        ({}, '{"success": "false"}', True),  # only the JSON false says no
-        ({}, '{"success": 0, "x": 1}', True),
+        ({}, '{"success": "false"}', False),  # however a receiver spells it
+        ({}, '{"success": 0, "x": 1}', False),
+        ({}, '{"success": null}', False),
+        ({}, "\ufeff<!DOCTYPE html>", False),  # a byte order mark before the page
         ({}, "[1, 2]", True),
         ({}, "{not json", True),
     ],
@@ -411,3 +414,68 @@ def test_escape_sequences_in_a_servers_answer_reach_no_log_line(
     assert "\\x1b[2J" in logged[0]  # shown, escaped
     stats = client.stats()
     assert stats is not None and "\x1b[2J" in (stats.head_last_error or "")  # the file: exact
+
+
+def _gzipped(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+BLOCK_PAGE = b"<html><body>Blocked</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({}, b"\xef\xbb\xbf" + BLOCK_PAGE),
+        ({"Content-Encoding": "identity, gzip"}, _gzipped(BLOCK_PAGE)),
+        ({"Content-Encoding": "gzip, gzip"}, _gzipped(_gzipped(BLOCK_PAGE))),
+        ({"Content-Encoding": "br"}, b"\x1b\x20\x00\xf8"),
+        ({"Content-Encoding": "gzip"}, _gzipped(BLOCK_PAGE)[:-12] + b"garbage!"),
+        ({"Content-Encoding": "gzip, gzip, gzip"}, _gzipped(_gzipped(_gzip_bomb(256 << 20)))),
+    ],
+    ids=["bom", "identity-gzip", "gzip-twice", "brotli", "corrupt-gzip", "bomb-in-layers"],
+)
+def test_a_2xx_whose_body_cannot_be_read_whole_is_not_an_acknowledgement(
+    raw_server, headers: dict[str, str], body: bytes
+) -> None:
+    named = {name.replace("-", "_"): value for name, value in headers.items()}
+    server = raw_server(answer("200 OK", body, **named))
+    requester = Requester("k", server.url, timeout=5)
+    with pytest.raises(RetryableError, match="not an acknowledgement"):
+        requester.send(b'{"batch": []}')
+    requester.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(400, "<html><body><h1>400 Bad Request</h1><hr>nginx</body></html>"),
+     (405, '{"error": "method not allowed"}'), (415, '{"title": "Unsupported Media Type"}')],
+)  # fmt: skip
+def test_a_lone_event_is_not_dead_lettered_for_an_answer_about_the_endpoint(
+    make_client, receiver, status: int, body: str
+) -> None:
+    receiver.responder = lambda request: Reply(status, body=body)
+    client = make_client(sync_mode=True, max_retries=0)
+    with pytest.raises(EndpointRejected):
+        client.track("user", "E")
+    stats = client.stats()
+    assert stats is not None and (stats.pending, stats.dead) == (1, 0)
+
+
+def test_escape_sequences_reach_no_debug_line_either(
+    make_client, receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="outbox_analytics")
+    receiver.responder = lambda request: Reply(500, body="oops\x1b]0;owned\x07\x1b[2J\rFAKE")
+    client = make_client(max_retries=2)
+    client.track("user", "E")
+    client.flush(timeout=5)
+    failed = [r.getMessage() for r in caplog.records if "FAKE" in r.getMessage()]
+    assert failed and not [t for t in failed if any(c in t for c in "\x1b\x07\r")]
+
+
+def test_a_proxy_that_is_down_is_named_as_the_cause(receiver, outbox_file: Path) -> None:
+    requester = Requester("k", receiver.url, timeout=5, proxies={"http": "http://127.0.0.1:1"})
+    with pytest.raises(RetryableError, match=r"the proxy for \S+ failed \(connection refused\)"):
+        requester.send(b'{"batch": []}')
+    requester.close()

@@ -112,3 +112,95 @@ def test_a_password_in_the_host_is_never_sent_stored_or_shown(
     assert not [text for text in shown if password in text or "admin" in text]
     assert password.encode() not in stored(outbox_file)
     assert json.loads(shown[0])["pending"] == 1
+
+
+def test_a_token_server_quoting_the_assertion_puts_it_nowhere(
+    make_client, receiver, key_pem: str, outbox_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="outbox_analytics")
+    auth = AuthServer(receiver, key_pem)
+    refused: list[str] = []
+
+    def quote_it(request):
+        if request.path != "/token":
+            return auth.batch(request)
+        refused.append(request.form["client_assertion"])
+        error = {"error": "invalid_client", "error_description": f"{refused[-1]} refused"}
+        return Reply(400, body=json.dumps(error))
+
+    receiver.responder = quote_it
+    reports: list[Exception] = []
+    client = make_client(
+        max_retries=0, on_error=lambda exc, batch: reports.append(exc),
+        oauth_client_id=CLIENT_ID, oauth_client_key=key_pem, oauth_key_id=KEY_ID,
+        oauth_auth_server=auth.url,
+    )  # fmt: skip
+    client.track("user", "E")
+    client.flush(timeout=5)
+    stats = client.stats()
+    assert refused and reports and stats is not None
+    texts = [stats.head_last_error or "", *(r.getMessage() for r in caplog.records)]
+    texts += [str(exc) for exc in reports]
+    assert "<redacted> refused" in texts[0]
+    for assertion in refused:
+        assert not [text for text in texts if assertion[:40] in text]
+        assert assertion[:40].encode() not in stored(outbox_file)
+
+
+def test_an_answer_quoting_the_key_or_its_header_puts_them_nowhere(
+    make_client, receiver, outbox_file: Path, caplog: pytest.LogCaptureFixture, capsys
+) -> None:
+    quoted = f'{{"error": "bad credentials: Basic {BASIC} ({WRITE_KEY}:)"}}'
+    receiver.responder = lambda request: Reply(401, body=quoted)
+    client = make_client(max_retries=0)
+    client.track("user", "E")
+    client.flush(timeout=5)
+    stats = client.stats()
+    client.shutdown(timeout=1)
+    cli.main(["list", str(outbox_file)])
+    texts = [stats.head_last_error or "", capsys.readouterr().out]
+    texts += [r.getMessage() for r in caplog.records]
+    assert "bad credentials: Basic <redacted>" in texts[0]
+    assert not [text for text in texts if WRITE_KEY in text or BASIC in text]
+    assert WRITE_KEY.encode() not in stored(outbox_file)
+
+
+def test_a_proxy_quoting_its_credentials_puts_them_nowhere(
+    outbox_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .test_network_lies import RawServer
+
+    def proxy_refuses(conn) -> None:  # quotes what it was sent, as some proxies' pages do
+        body = f"denied: {proxy.last_request!r}".encode()
+        conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
+        conn.sendall(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    proxy = RawServer(proxy_refuses)
+    try:
+        client = Client(
+            WRITE_KEY, host="http://api.invalid", outbox_path=str(outbox_file), max_retries=0,
+            proxies={"http": proxy.url.replace("://", "://proxyuser:Pr0xyPassw0rd@")},
+        )  # fmt: skip
+        client.track("user", "E")
+        client.flush(timeout=5)
+        stats = client.stats()
+        client.shutdown(timeout=1)
+    finally:
+        proxy.close()
+    assert stats is not None and b"Proxy-Authorization" in proxy.last_request
+    proxy_basic = base64.b64encode(b"proxyuser:Pr0xyPassw0rd").decode()
+    texts = [stats.head_last_error or "", *(r.getMessage() for r in caplog.records)]
+    assert "407" in texts[0] and "<redacted>" in texts[0]
+    for secret in (proxy_basic, "Pr0xyPassw0rd", BASIC):
+        assert not [text for text in texts if secret in text]
+
+
+def test_drain_force_with_credentials_in_host_records_the_bare_host(
+    outbox_file: Path, receiver
+) -> None:
+    Client(WRITE_KEY, host="http://127.0.0.1:1", outbox_path=str(outbox_file), upload=False)
+    with_credentials = receiver.url.replace("://", "://u:p@")
+    args = ["drain", "--write-key", WRITE_KEY, "--host", with_credentials, "--force"]
+    assert cli.main([*args, "--timeout", "5", str(outbox_file)]) == 0
+    client = Client(WRITE_KEY, host=receiver.url, outbox_path=str(outbox_file))  # no mismatch
+    client.shutdown(timeout=1)

@@ -19,7 +19,7 @@ import tenacity
 from .. import process
 from ..errors import RetryableError
 from ..request import CallerDeadline, Requester, encode_batch
-from ..utils import utc_now_iso
+from ..utils import printable, utc_now_iso
 from .schedule import Schedule
 
 __all__ = ["DEFAULT_RETRY_WAIT", "Interrupted", "Interruption", "Sender"]
@@ -173,4 +173,5 @@ def _stop_at(deadline: float) -> tenacity.stop.stop_base:
 def _log_retry(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0.0
-    log.debug("attempt %d failed (%s); retrying in %.2fs", state.attempt_number, exc, wait)
+    said = printable(str(exc))  # a server's words may hold escape sequences
+    log.debug("attempt %d failed (%s); retrying in %.2fs", state.attempt_number, said, wait)

@@ -77,7 +77,7 @@ def answer_meaning(body: str) -> str:
 
 
 def looks_like_html(text: str) -> bool:
-    return text.lstrip()[:1] == "<"
+    return text.lstrip("\ufeff \t\r\n")[:1] == "<"  # (\ufeff: a byte order mark)
 
 
 def about_the_endpoint(exc: APIError) -> bool:
@@ -143,7 +143,7 @@ def judge(
     keys = {rejection_key(exc) for _, exc in rejected}
     if len(rejected) == len(rows) and len(keys) == 1 and not endpoint_judges_events:
         key = next(iter(keys))
-        if len(rows) > 1 or key == memory.lone:
+        if len(rows) > 1 or key == memory.lone or about_the_endpoint(rejected[0][1]):
             memory.endpoint = (key, rows[0].id, rows[-1].id)
             return EndpointToBlame(endpoint_error(rejected[0][1]))
         memory.lone = key
