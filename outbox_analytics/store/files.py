@@ -142,6 +142,9 @@ def _directory_locked(path: str) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        # Unlocked first: gevent (25.8+) closes a directory's descriptor later,
+        # from its hub, and our next open would wait for that lock for good.
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)  # a directory: no SQLite lock lives on it
 
 
