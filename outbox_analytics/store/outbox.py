@@ -147,16 +147,21 @@ class Outbox:
         With `recover`, a damaged file is moved aside and replaced (see
         recovery.py); the opening then happens under a shared lock on the
         directory, so it never falls between another process's moving the
-        file aside and its creating the fresh one.
+        file aside and its creating the fresh one. A salvage that stopped
+        before its end (a full disk) goes on once the file is open.
         """
         if not recover:
             return self._connect()
         with recovery.opening(self.path):
             try:
-                return self._connect()
+                db = self._connect()
             except OutboxDamaged as exc:
                 damage, damaged = exc, file_identity(self.path)
-        return recovery.recover(self.path, damage, damaged, self._connect)
+                db = None
+        if db is None:
+            return recovery.recover(self.path, damage, damaged, self._connect)
+        recovery.finish_salvages(self.path, db)  # (it takes the directory's lock exclusively)
+        return db
 
     def _connect(self) -> Database:
         db = Database(
