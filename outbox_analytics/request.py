@@ -338,11 +338,12 @@ class Requester:
                 text = self.redactor(f"{type(exc).__name__}: {str(exc)[:300]}")
                 raise RetryableError(f"request failed: {text}") from exc
         if problem is not None and 200 <= response.status_code < 300:
-            raise RetryableError(
+            error = RetryableError(
                 f"HTTP {response.status_code} with an answer {problem}: not an acknowledgement"
                 " (the API's are a few bytes of JSON); the events stay pending",
                 status=response.status_code,
             )
+            raise _report_once(error, problem)
         return Reply(response.status_code, dict(response.headers), text)
 
     def close(self) -> None:
