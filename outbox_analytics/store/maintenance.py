@@ -3,18 +3,26 @@
 Each function is one call on an open `Outbox`; the CLI parses, calls one of
 these and prints. None of them claims or acknowledges rows (that is the
 upload lease's alone), and none keeps a writer of another process waiting for
-long: `vacuum`, which must rebuild the file, refuses while one is open.
+long: whatever the outbox's size, each write transaction changes at most
+5,000 rows (a few milliseconds), scans run outside them in short reads, and
+memory stays bounded (import keeps the messageIds it compares in a temporary
+table on disk, never in a set). `vacuum`, which must rebuild the file,
+refuses while a writer has it open.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..errors import OutboxBusy, OutboxFull
+from ..errors import OutboxBusy, OutboxError, OutboxFull
 from . import schema
+from .connection import Database
 from .outbox import Outbox, file_bytes
 from .schema import DEAD, DEAD_WHERE, INFLIGHT_WHERE, TABLE, Row
 
@@ -29,7 +37,17 @@ __all__ = [
     "vacuum",
 ]
 
-_ID_CHUNK = 500
+_ID_CHUNK = 500  # ids per statement (older SQLite builds allow 999 parameters)
+# Rows changed per write transaction: a few milliseconds of the write lock, so
+# a job's track() in another process never waits long for an operator.
+_ROWS_PER_TRANSACTION = 5_000
+# Rows read per step of a scan: payloads of up to 32 KB keep a page in megabytes.
+_SCAN_PAGE = 500
+# The pause between two of those transactions while another process has the
+# file open for writing: longer than a waiting writer's cycle (SQLite waits
+# 10 ms, then connection.py sleeps up to 50 ms), so the writer gets its turn
+# instead of meeting the next transaction.
+_GIVE_WAY = 0.07
 
 
 def find(outbox: Outbox, key: str | int) -> Row | None:
@@ -56,32 +74,85 @@ def requeue(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
     """Move dead rows (all of them, or those given) back to pending, as fresh rows.
 
     With `ids`, all or nothing: if any of them is not a dead row, NotDead
-    names them and nothing changes.
+    names them and nothing changes. Rows move in transactions of at most
+    5,000; `--all` moves the rows dead when it starts (not those that die
+    while it runs).
     """
-    fresh = (
-        ", attempts = 0, last_status = NULL, last_error = NULL,"
-        " next_attempt_at = NULL, first_attempt_at = NULL"
-    )
     if ids is None:
-        return int(
-            outbox.database.write(
-                lambda conn: schema.make_pending(conn, DEAD_WHERE, (), fresh), "requeue"
-            )
-        )
+        where, params = f"{DEAD_WHERE} AND _id <= ?", (outbox.last_id(),)
+        return _in_transactions(outbox, "requeue", where, params, _make_fresh)
     chosen = sorted(set(ids))
+    missing = outbox.database.snapshot(lambda conn: _not_dead(conn, chosen), "requeue")
+    if missing:
+        raise NotDead(missing)
+    moved = 0
+    for start in range(0, len(chosen), _ROWS_PER_TRANSACTION):
+        if start:
+            _give_way(outbox)
+        share = chosen[start : start + _ROWS_PER_TRANSACTION]
+        moved += outbox.database.write(functools.partial(_requeue_ids, ids=share), "requeue")
+    return moved
 
-    def move(conn: sqlite3.Connection) -> int:
-        missing = _not_dead(conn, chosen)
-        if missing:
-            raise NotDead(missing)
-        moved = 0
-        for start in range(0, len(chosen), _ID_CHUNK):
-            chunk = chosen[start : start + _ID_CHUNK]
-            where = f"_id IN ({','.join('?' * len(chunk))}) AND {DEAD_WHERE}"
-            moved += schema.make_pending(conn, where, chunk, fresh)
-        return moved
 
-    return int(outbox.database.write(move, "requeue"))
+def _give_way(outbox: Outbox) -> None:
+    """Between two write transactions: let a writer waiting for the lock take it first."""
+    time.sleep(_GIVE_WAY if outbox.other_writers() else 0)  # (0: to this process's threads)
+
+
+_FRESH = (
+    ", attempts = 0, last_status = NULL, last_error = NULL,"
+    " next_attempt_at = NULL, first_attempt_at = NULL"
+)
+
+
+def _make_fresh(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> int:
+    return schema.make_pending(conn, where, params, _FRESH)
+
+
+def _requeue_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> int:
+    moved = 0
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = ids[start : start + _ID_CHUNK]
+        moved += _make_fresh(conn, f"_id IN ({','.join('?' * len(chunk))}) AND {DEAD_WHERE}", chunk)
+    return moved
+
+
+def _in_transactions(
+    outbox: Outbox,
+    doing: str,
+    where: str,
+    params: Sequence[Any],
+    change: Callable[[sqlite3.Connection, str, Sequence[Any]], int],
+) -> int:
+    """`change(conn, where, params)` the rows matching `where`, 5,000 rows per transaction.
+
+    Each transaction takes the next rows in id order (the index of in-flight
+    and dead rows finds them), so the whole is one pass; the sum of what
+    `change` returned.
+    """
+    share = (
+        f"SELECT _id FROM {TABLE} WHERE {where} AND _id > ?"
+        f" ORDER BY _id LIMIT {_ROWS_PER_TRANSACTION}"
+    )
+
+    def step(conn: sqlite3.Connection, after: int) -> tuple[int, int | None]:
+        """Change the next share; how many rows, and the id to go on after (None: done)."""
+        last_id, count = conn.execute(
+            f"SELECT max(_id), count(*) FROM ({share})", (*params, after)
+        ).fetchone()
+        if not count:
+            return 0, None
+        changed = change(conn, f"_id IN ({share})", (*params, after))
+        return changed, last_id if count == _ROWS_PER_TRANSACTION else None
+
+    done, after = 0, 0
+    while True:
+        changed, next_after = outbox.database.write(functools.partial(step, after=after), doing)
+        done += changed
+        if next_after is None:
+            return done
+        after = next_after
+        _give_way(outbox)
 
 
 def count_dead(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
@@ -108,7 +179,8 @@ def _not_dead(conn: sqlite3.Connection, ids: Sequence[int]) -> list[int]:
 def purge(outbox: Outbox, *, older_than: float | None = None, dry_run: bool = False) -> int:
     """Delete dead rows (those enqueued over `older_than` seconds ago); how many.
 
-    With `dry_run`, only count them (a read-only outbox will do).
+    In transactions of at most 5,000 rows; the rows dead when it starts. With
+    `dry_run`, only count them (a read-only outbox will do).
     """
     where: str = DEAD_WHERE
     params: tuple[Any, ...] = ()
@@ -117,7 +189,8 @@ def purge(outbox: Outbox, *, older_than: float | None = None, dry_run: bool = Fa
         params = (time.time() - older_than,)
     if dry_run:
         return int(outbox.database.scalar(f"SELECT count(*) FROM {TABLE} WHERE {where}", params))
-    return int(outbox.database.write(lambda conn: schema.delete_rows(conn, where, params), "purge"))
+    where, params = f"{where} AND _id <= ?", (*params, outbox.last_id())
+    return _in_transactions(outbox, "purge", where, params, schema.delete_rows)
 
 
 def vacuum(outbox: Outbox) -> tuple[int, int]:
@@ -187,38 +260,111 @@ def import_messages(outbox: Outbox, messages: Iterable[dict[str, Any]]) -> tuple
     """Store already-built messages as they are (keeping messageId and timestamp).
 
     Messages whose messageId the outbox already holds, or that came earlier in
-    `messages`, are skipped. One transaction: all of them are stored, or none
-    (an exception raised while iterating `messages` undoes the import). The
-    cap applies. Returns (imported, skipped).
-    """
+    `messages`, are skipped. Nothing is stored before every message has been
+    read (an exception raised while iterating `messages` stores none) and
+    the cap checked; then they are stored in transactions of 5,000, in their
+    order. An import cut short keeps what it stored: run again, it skips
+    those. Returns (imported, skipped).
 
-    def insert(conn: sqlite3.Connection) -> tuple[int, int]:
-        present = _stored_message_ids(conn)
-        imported = skipped = 0
-        now = time.time()
-        for message in messages:
-            if message["messageId"] in present:
-                skipped += 1
-                continue
-            present.add(message["messageId"])
-            conn.execute(schema.INSERT, (schema.encode_message(message), now))
-            imported += 1
-        pending = conn.execute(schema.COUNT_PENDING).fetchone()[0]
-        if pending > outbox.max_pending:
+    The messages wait in a temporary table (on disk, with the messageIds to
+    compare) while the outbox is read in short steps, outside any write
+    transaction: a writer appending meanwhile is never held up, and a
+    message it appends that is also imported is sent twice (delivery is at
+    least once; Segment drops the second by its messageId).
+    """
+    db = outbox.database
+    db.read(lambda conn: conn.executescript(_STAGING), "import messages")
+    try:
+        read = _stage(db, messages)
+        _unstage_stored(db)
+        staged = int(db.scalar("SELECT count(*) FROM temp.import_staged"))
+        pending = int(db.scalar(schema.COUNT_PENDING))
+        if pending + staged > outbox.max_pending:
             raise OutboxFull(
-                f"importing {imported} messages would hold {pending} pending events, over"
+                f"importing {staged} messages would hold {pending + staged} pending events, over"
                 f" max_queue_size {outbox.max_pending}: {outbox.path}"
             )
-        return imported, skipped
+        _store_staged(outbox)
+        return staged, read - staged
+    finally:
+        with contextlib.suppress(OutboxError):  # (it goes with the connection anyway)
+            db.read(lambda conn: conn.execute("DROP TABLE IF EXISTS temp.import_staged"))
 
-    return outbox.database.write(insert, "import messages")
+
+# The first message of each messageId, in the order read (rowid).
+_STAGING = """
+DROP TABLE IF EXISTS temp.import_staged;
+CREATE TEMP TABLE import_staged (message_id TEXT NOT NULL UNIQUE, data BLOB NOT NULL);
+"""
 
 
-def _stored_message_ids(conn: sqlite3.Connection) -> set[str]:
-    found = set()
-    for row_id, data in conn.execute(f"SELECT _id, data FROM {TABLE}"):
+def _stage(db: Database, messages: Iterable[dict[str, Any]]) -> int:
+    """Put the messages in the temporary table, the first of each messageId; how many read."""
+    read = 0
+    iterator = iter(messages)
+    while batch := list(itertools.islice(iterator, _SCAN_PAGE)):
+        rows = [(message["messageId"], schema.encode_message(message)) for message in batch]
+        db.read(functools.partial(_run_many, sql=_STAGE, rows=rows), "import messages")
+        read += len(batch)
+    return read
+
+
+def _unstage_stored(db: Database) -> None:
+    """Drop from the temporary table every message whose messageId the outbox holds.
+
+    The outbox is read in pages of ids, each in a statement of its own,
+    decoded outside the file's lock: no write lock is taken, no set of
+    messageIds is built.
+    """
+    after = 0
+    while db.scalar("SELECT EXISTS (SELECT 1 FROM temp.import_staged)"):
+        page = db.rows(
+            f"SELECT _id, data FROM {TABLE} WHERE _id > ? ORDER BY _id LIMIT ?",
+            (after, _SCAN_PAGE),
+        )
+        if not page:
+            return
+        stored = [(message_id,) for message_id in _message_ids(page)]
+        db.read(functools.partial(_run_many, sql=_UNSTAGE, rows=stored), "import messages")
+        after = page[-1][0]
+
+
+_STAGE = "INSERT OR IGNORE INTO temp.import_staged (message_id, data) VALUES (?, ?)"
+_UNSTAGE = "DELETE FROM temp.import_staged WHERE message_id = ?"
+
+
+def _run_many(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    conn.executemany(sql, rows)
+
+
+def _message_ids(rows: Iterable[tuple[int, Any]]) -> Iterable[str]:
+    for row_id, data in rows:
         try:
-            found.add(str(schema.decode_message(row_id, data).get("messageId")))
+            message_id = schema.decode_message(row_id, data).get("messageId")
         except ValueError:
             continue  # an undecodable row has no messageId to compare
-    return found
+        if message_id is not None:
+            yield str(message_id)
+
+
+def _store_staged(outbox: Outbox) -> None:
+    """Copy the staged messages into the outbox, 5,000 per write transaction, in order."""
+    share = f"FROM temp.import_staged WHERE rowid > ? ORDER BY rowid LIMIT {_ROWS_PER_TRANSACTION}"
+
+    def store(conn: sqlite3.Connection, after: int) -> int | None:
+        """Store the next share; the rowid to go on after (None: done)."""
+        last_rowid, count = conn.execute(
+            f"SELECT max(rowid), count(*) FROM (SELECT rowid {share})", (after,)
+        ).fetchone()
+        if count:
+            conn.execute(
+                f"INSERT INTO {TABLE} (data, timestamp, status)"
+                f" SELECT data, ?, {schema.NEW} {share}",
+                (time.time(), after),
+            )
+        return last_rowid if count == _ROWS_PER_TRANSACTION else None
+
+    after = outbox.database.write(functools.partial(store, after=0), "import messages")
+    while after is not None:
+        _give_way(outbox)
+        after = outbox.database.write(functools.partial(store, after=after), "import messages")
