@@ -17,7 +17,7 @@ import dataclasses
 import sqlite3
 import threading
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import msgpack
 
@@ -189,18 +189,57 @@ class OutboxStats:
 def inspect(conn: sqlite3.Connection, path: str) -> bool:
     """Refuse a database that is not an outbox; True if it is empty (new).
 
-    Only reads: a file we refuse is left exactly as it was.
+    Ours: a file with our metadata table, or persist-queue's table of
+    msgpack messages (a file an earlier pipeline filled: adopted). Not ours:
+    another program's database, and a persist-queue file of pickles (its
+    default), JSON or no item at all to tell by, which persist-queue could
+    no longer read once we wrote into it. Only reads, and never unpickles
+    (that runs code from the file): a file we refuse is left as it was.
     """
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if tables and TABLE_NAME not in tables:
-        raise NotAnOutbox(f"not an outbox: an SQLite database without the {TABLE_NAME} table", path)
-    if tables - OUR_TABLES:
-        raise NotAnOutbox(
-            f"not an outbox: the database also holds {sorted(tables - OUR_TABLES)}", path
-        )
+    queues = sorted(name for name in tables - {TABLE_NAME} if name.startswith("ack_queue_"))
+    if queues:
+        names = ", ".join(repr(name.removeprefix("ack_queue_")) for name in queues)
+        _refuse(f"a persist-queue file (queue {names}) of another program", path)
+    if (tables and TABLE_NAME not in tables) or tables - OUR_TABLES:
+        _refuse(f"an SQLite database of another program (tables {sorted(tables)})", path)
     if TABLE_NAME in tables and not {"_id", "data", "timestamp", "status"} <= _columns(conn):
         raise NotAnOutbox(f"not an outbox: {TABLE_NAME} has unexpected columns", path)
+    if TABLE_NAME in tables and "outbox_meta" not in tables:
+        _refuse_unless_msgpack(conn, path)
     return not tables
+
+
+# What a refusal of another program's file says to do with its events.
+_IMPORT_ADVICE = (
+    "to send its events, write them one JSON message per line to a file and run"
+    " `outbox-analytics import OUTBOX FILE` with an outbox file of their own"
+)
+
+
+def _refuse(what: str, path: str, advice: str = _IMPORT_ADVICE) -> NoReturn:
+    raise NotAnOutbox(f"not an outbox: {what}, left as it is; {advice}", path)
+
+
+def _refuse_unless_msgpack(conn: sqlite3.Connection, path: str) -> None:
+    """A persist-queue file: ours to adopt only if its first and last items are our messages."""
+    samples = conn.execute(
+        f"SELECT * FROM (SELECT _id, data FROM {TABLE} WHERE data IS NOT NULL ORDER BY _id LIMIT 1)"
+        f" UNION SELECT * FROM (SELECT _id, data FROM {TABLE} WHERE data IS NOT NULL"
+        " ORDER BY _id DESC LIMIT 1)"
+    ).fetchall()
+    if not samples:
+        advice = "give the outbox a file of its own (or remove this one if nothing uses it)"
+        _refuse("a persist-queue file with no item to tell its format by", path, advice)
+    for row_id, data in samples:
+        try:
+            decode_message(row_id, data)
+        except ValueError:
+            _refuse(
+                "a persist-queue file whose items are not msgpack messages (persist-queue's"
+                " default is pickle, which is never read here)",
+                path,
+            )
 
 
 def is_current(conn: sqlite3.Connection) -> bool:
