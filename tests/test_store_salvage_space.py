@@ -253,3 +253,34 @@ def test_a_damaged_file_removed_before_its_salvage_finished_is_given_up(
     assert _leftovers(tmp_path) == []
     assert len(_salvaged(path)) == limited["pending"]  # what was salvaged stays
     assert any("is gone" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "other-user"])
+def test_a_damaged_file_planted_by_someone_else_is_not_salvaged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, planted: str
+) -> None:
+    """Its rows would be sent under this outbox's write key: they never enter the outbox."""
+    path = tmp_path / "outbox.sqlite3"
+    Client("k", outbox_path=str(path), upload=False).shutdown()
+    elsewhere = tmp_path / "elsewhere.sqlite3"
+    _outbox_with(elsewhere, 5)
+    aside = tmp_path / "outbox.sqlite3.corrupt-20261201T000000-4242"
+    mark = tmp_path / f"{aside.name}.unsalvaged"
+    if planted == "symlink":
+        aside.symlink_to(elsewhere)
+        mark.touch()
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give files to another user")
+        shutil.copyfile(elsewhere, aside)
+        mark.touch()
+        for name in (aside, mark):
+            os.chown(name, 65534, 65534)
+
+    caplog.set_level("ERROR", logger="outbox_analytics")
+    client = Client("k", outbox_path=str(path), upload=False)
+    assert client.stats().pending == 0
+    client.shutdown()
+    assert _salvaged(path) == []
+    assert mark.exists()  # left for its owner (or the operator) to deal with
+    assert any("not salvaging" in r.getMessage() for r in caplog.records)

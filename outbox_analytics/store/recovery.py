@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import OutboxDamaged, OutboxError, OutboxUnavailable
-from . import schema
+from . import files, schema
 from .connection import Database, Identity, file_handle, file_identity, translate
 from .files import create_private_file
 
@@ -123,6 +123,10 @@ def finish_salvages(path: str, into: Database) -> None:
 def _finish_salvages(path: str, into: Database) -> None:
     """Under the directory's exclusive lock: salvage what is still marked, oldest first."""
     for aside in _unsalvaged(path):  # again: another process may have finished meanwhile
+        refused = _not_ours(aside)
+        if refused:  # planted by another user: its rows would be sent under our key
+            log.error("outbox %s: not salvaging %s: %s", path, aside, refused)
+            continue
         salvaged = _salvage(aside, into)
         if salvaged.gone:
             log.error(
@@ -137,6 +141,21 @@ def _finish_salvages(path: str, into: Database) -> None:
         )  # fmt: skip
         if salvaged.stopped is not None:
             return
+
+
+def _not_ours(aside: str) -> str | None:
+    """Why a damaged file found beside the outbox, or a mark of it, is not ours to salvage."""
+    for name in (aside, *(aside + mark for mark in (_UNSALVAGED, _OLD_SCRATCH))):
+        try:
+            info = os.lstat(name)
+        except FileNotFoundError:
+            continue  # (a damaged file gone is given up by _salvage)
+        except OSError as exc:
+            return f"cannot look at {name} ({exc.strerror})"
+        why = files.refusal(info, os.geteuid(), name)
+        if why is not None:
+            return why
+    return None
 
 
 def _unsalvaged(path: str) -> list[str]:
