@@ -284,3 +284,43 @@ def test_a_damaged_file_planted_by_someone_else_is_not_salvaged(
     assert _salvaged(path) == []
     assert mark.exists()  # left for its owner (or the operator) to deal with
     assert any("not salvaging" in r.getMessage() for r in caplog.records)
+
+
+# A Client() whose process is killed (SIGKILL) after the salvage committed two
+# transactions of rows: the third is under way.
+KILLED = """
+import os, signal, sys
+from outbox_analytics.store import recovery
+
+copies = []
+real_insert = recovery._insert
+
+def insert(conn, **kwargs):
+    copies.append(1)
+    if len(copies) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_insert(conn, **kwargs)
+
+recovery._insert = insert
+import outbox_analytics
+outbox_analytics.Client("k", outbox_path=sys.argv[1], upload=False)
+"""
+
+
+def test_a_salvage_killed_midway_goes_on_without_copying_a_row_twice(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    damaged = _damaged_outbox(path)
+    expected = _salvaged_with_room(tmp_path, damaged)
+    killed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(KILLED), str(path)],
+        capture_output=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(CODE)),
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert 0 < len(_salvaged(path)) < len(expected)  # what the two transactions copied
+    assert [name.endswith(".unsalvaged") for name in _leftovers(tmp_path)] == [True]
+
+    Client("k", outbox_path=str(path), upload=False).shutdown()
+    assert _salvaged(path) == expected
+    assert _leftovers(tmp_path) == []
