@@ -626,7 +626,10 @@ def _existing(path: str) -> str:
 
 
 def _import(args: argparse.Namespace) -> int:
-    """Validate every line first (nothing is opened before), then store all in one transaction."""
+    """Validate every line first (nothing is opened before), then store them in transactions.
+
+    Of 5,000 each: a run cut short keeps what it stored, and a re-run skips it.
+    """
     with _seekable(args.file) as source:
         for _ in _read_messages(source, args.file):
             pass

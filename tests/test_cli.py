@@ -661,7 +661,8 @@ def test_drain_names_a_refused_connection(cli, populated: Path) -> None:
     result = drain(cli, populated, "http://127.0.0.1:9", "--max-retries", "1", "--timeout", "20")
     assert result.code == 75
     assert result.json()["pending"] == 8
-    assert "8 events still pending: request failed: connection refused by http://127.0.0.1:9" in result.err
+    said = "8 events still pending: request failed: connection refused by http://127.0.0.1:9"
+    assert said in result.err
 
 
 def test_drain_names_the_status_and_the_servers_words(cli, populated: Path, receiver) -> None:
