@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import http.client
 import socket
 import threading
 import zlib
 from typing import TYPE_CHECKING, Any
-
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 if TYPE_CHECKING:
     import requests
@@ -133,23 +131,25 @@ class _WatchedMixin:
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _WatchedHTTPConnection(_WatchedMixin, HTTPConnection):
-    pass
+@functools.cache
+def _watched_pools() -> dict[str, type]:
+    """urllib3's pools, opening our connections (made when first needed: urllib3 loads slowly)."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+    class WatchedHTTPConnection(_WatchedMixin, HTTPConnection):
+        pass
 
-class _WatchedHTTPSConnection(_WatchedMixin, HTTPSConnection):
-    pass
+    class WatchedHTTPSConnection(_WatchedMixin, HTTPSConnection):
+        pass
 
+    class WatchedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = WatchedHTTPConnection
 
-class _WatchedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
+    class WatchedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = WatchedHTTPSConnection
 
-
-class _WatchedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
-_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+    return {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
 
 
 def mount_cuttable_adapters(session: requests.Session) -> None:
@@ -159,12 +159,12 @@ def mount_cuttable_adapters(session: requests.Session) -> None:
     class _Adapter(requests.adapters.HTTPAdapter):
         def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
             super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = dict(_POOLS)
+            self.poolmanager.pool_classes_by_scheme = dict(_watched_pools())
 
         def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
             manager = super().proxy_manager_for(proxy, **kwargs)
             if hasattr(manager, "pool_classes_by_scheme") and not proxy.startswith("socks"):
-                manager.pool_classes_by_scheme = dict(_POOLS)
+                manager.pool_classes_by_scheme = dict(_watched_pools())
             return manager
 
     session.mount("http://", _Adapter())
