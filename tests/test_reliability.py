@@ -395,7 +395,9 @@ def test_crash_loops_with_faults_lose_nothing(
     for source, numbers in order.items():
         assert numbers == sorted(numbers), source  # per-source order
     assert (stats.pending, stats.inflight, stats.dead) == (0, 0, 0)
-    assert sum(faults.values()) > 50 and events > 1000
+    # Enough of it happened, on a quiet machine or a loaded one (fewer events, as many faults
+    # per request: about 28% are meant to fail).
+    assert events > 200 and sum(faults.values()) > 0.15 * len(receiver.requests) > 10
 
 
 # -- many processes, one file -------------------------------------------------------
