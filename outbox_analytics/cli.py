@@ -41,9 +41,16 @@ from .client import (
     kill_switch_on,
     validate_message,
 )
-from .errors import OutboxAnalyticsError, OutboxBusy, OutboxDamaged, OutboxMismatch
+from .errors import (
+    NotAnOutbox,
+    OutboxAnalyticsError,
+    OutboxBusy,
+    OutboxDamaged,
+    OutboxMismatch,
+)
 from .metrics import prometheus_text
 from .store import Outbox, OutboxStats, Row, maintenance
+from .store.outbox import PATH_ENV, default_directories, wal_bytes
 from .utils import printable
 from .version import VERSION
 
@@ -55,6 +62,8 @@ EXIT_OK, EXIT_PROBLEM, EXIT_BAD_INPUT, EXIT_TEMPFAIL = 0, 1, 2, 75
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
 WRITE_KEY_ENV = "OUTBOX_ANALYTICS_WRITE_KEY"
+SEGMENT_WRITE_KEY_ENV = "SEGMENT_WRITE_KEY"  # where a Segment user's deployment may have it
+_WRITE_KEY_HELP = f"the write key (default: ${WRITE_KEY_ENV}, then ${SEGMENT_WRITE_KEY_ENV})"
 
 
 class UsageError(Exception):
@@ -158,16 +167,36 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every dead message")
     _destructive(requeue)
 
-    purge = command("purge", _purge, "delete dead messages for good")
+    purge = command(
+        "purge", _purge, "delete dead messages, or a person's events (erasure), for good"
+    )
     _path(purge)
-    purge.add_argument("--state", choices=["dead"], required=True, help="only dead rows")
+    purge.add_argument("--state", choices=["dead"], help="dead rows")
     purge.add_argument("--older-than", type=_duration, help="enqueued longer ago than this")
+    purge.add_argument(
+        "--user-id", action="append", default=[], help="a person's pending and dead events"
+    )
+    purge.add_argument(
+        "--anonymous-id", action="append", default=[], help="the same, by anonymousId"
+    )
     _destructive(purge)
+
+    listing_files = command("ls", _ls, "the outbox files in the default places, and whose")
+    listing_files.add_argument(
+        "places",
+        nargs="*",
+        metavar="PATH",
+        help="directories or files (default: where clients"
+        " put outbox files: the state directory and the fallback under the temp directory)",
+    )
+    _json_flags(listing_files)
 
     drain = command("drain", _drain, "send what is pending now, then exit")
     _path(drain)
-    drain.add_argument("--write-key", help=f"the write key (default: ${WRITE_KEY_ENV})")
-    drain.add_argument("--host", help="the API's base URL (default: Segment's)")
+    drain.add_argument("--write-key", help=_WRITE_KEY_HELP)
+    drain.add_argument(
+        "--host", help="the API's base URL (default: the one the file records, else Segment's)"
+    )
     drain.add_argument("--timeout", type=_seconds, help="give up after this many seconds in all")
     drain.add_argument("--max-retries", type=_count, default=3, help="per batch (default 3)")
     drain.add_argument(
@@ -190,6 +219,13 @@ def _parser() -> argparse.ArgumentParser:
     collector.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
     collector.add_argument("--port", type=_count, default=0, help="port (default: a free one)")
     collector.add_argument("--out", help="append messages as JSON Lines here (default stdout)")
+    collector.add_argument(
+        "--report-every",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="print the counts on stderr this often, when they changed (default 10)",
+    )
 
     demo = command("demo", _demo, "a crash, a replay and a count: no account, no network")
     demo.add_argument("--events", type=_demo_events, default=3000, help="events the job tracks")
@@ -249,7 +285,7 @@ def _destructive(parser: argparse.ArgumentParser) -> None:
 
 def _event_command(parser: argparse.ArgumentParser, call: str) -> None:
     _path(parser)
-    parser.add_argument("--write-key", help=f"the write key (default: ${WRITE_KEY_ENV})")
+    parser.add_argument("--write-key", help=_WRITE_KEY_HELP)
     parser.add_argument("--user-id")
     if call != "alias":
         parser.add_argument("--anonymous-id")
@@ -403,7 +439,7 @@ def _status_table(stats: OutboxStats) -> str:
     age = stats.oldest_pending_age_s
     lines = [
         ("file", stats.path),
-        ("size", f"{stats.file_bytes:,} bytes"),
+        ("size", _sizes(stats)),
         ("pending", stats.pending),
         ("in flight", stats.inflight),
         ("dead", stats.dead),
@@ -421,6 +457,97 @@ def _status_table(stats: OutboxStats) -> str:
         if retry:
             lines.append(("next retry", f"in {max(0.0, retry - time.time()):.0f}s"))
     return "\n".join(f"{name:16} {printable(str(value))}" for name, value in lines)
+
+
+def _sizes(stats: OutboxStats) -> str:
+    """The database's size, and the write-ahead log's apart (up to 20 MB, emptied when copied)."""
+    database = max(0, stats.file_bytes - stats.wal_bytes)
+    if not stats.wal_bytes:
+        return f"{database:,} bytes"
+    return f"{database:,} bytes, and {stats.wal_bytes:,} in the write-ahead log"
+
+
+def _ls(args: argparse.Namespace) -> int:
+    """One line per outbox file found: whose (the host), what waits, and whether it is sent."""
+    places = args.places or _default_places()
+    found = [_file_summary(path) for path in _candidate_files(places)]
+    listed = [summary for summary in found if summary is not None]
+    if args.json:
+        print(json.dumps(listed, indent=2))
+    elif listed:
+        print(f"{'pending':>8} {'dead':>6} {'oldest':>8}  {'uploader':8} {'host':32} file")
+        for entry in listed:
+            print(_ls_line(entry))
+    if not listed:
+        print(f"outbox-analytics: no outbox files in {', '.join(places)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _default_places() -> list[str]:
+    """Where clients put outbox files unless told otherwise.
+
+    The state directory, the fallback directory under the system's temp
+    directory, and $OUTBOX_ANALYTICS_PATH's file when it is set.
+    """
+    places = default_directories()
+    override = os.environ.get(PATH_ENV)
+    return [*places, override] if override else places
+
+
+# Files beside an outbox that are its own, or its past: never listed as outboxes.
+_NOT_OUTBOXES = re.compile(r"(-wal|-shm|-journal|\.lock|\.unsalvaged)$|\.corrupt-")
+
+
+def _candidate_files(places: Sequence[str]) -> Iterator[str]:
+    for place in places:
+        if os.path.isfile(place):
+            yield place
+        elif os.path.isdir(place):
+            for name in sorted(os.listdir(place)):
+                path = os.path.join(place, name)
+                if not _NOT_OUTBOXES.search(name) and os.path.isfile(path):
+                    yield path
+
+
+def _file_summary(path: str) -> dict[str, Any] | None:
+    """What `ls` shows of one file; None if it is not an outbox."""
+    try:
+        with _reader(path) as outbox:
+            stats, host = outbox.stats(), outbox.owner_host()
+    except NotAnOutbox:
+        return None
+    except OutboxDamaged as exc:
+        return {"path": path, "error": f"damaged: {exc}"}
+    except (OutboxAnalyticsError, OSError) as exc:
+        return {"path": path, "error": str(exc)}
+    return {
+        "path": stats.path,
+        "host": host,
+        "pending": stats.pending,
+        "inflight": stats.inflight,
+        "dead": stats.dead,
+        "oldest_pending_age_s": stats.oldest_pending_age_s,
+        "uploader_alive": stats.uploader_alive,
+    }
+
+
+def _ls_line(entry: dict[str, Any]) -> str:
+    if "error" in entry:
+        return printable(f"{'?':>8} {'?':>6} {'?':>8}  {'?':8} {entry['error']:32} {entry['path']}")
+    age = entry["oldest_pending_age_s"]
+    oldest = "-" if age is None else _short_age(age)
+    alive = "alive" if entry["uploader_alive"] else "none"
+    host = entry["host"] or "(not recorded)"
+    return printable(
+        f"{entry['pending']:>8} {entry['dead']:>6} {oldest:>8}  {alive:8} {host:32} {entry['path']}"
+    )
+
+
+def _short_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -558,6 +685,13 @@ def _requeue(args: argparse.Namespace) -> int:
 
 
 def _purge(args: argparse.Namespace) -> int:
+    person = args.user_id or args.anonymous_id
+    if person and (args.state or args.older_than is not None):
+        raise UsageError("--user-id/--anonymous-id erase a person's events: not with --state")
+    if person:
+        return _erase(args)
+    if args.state is None:
+        raise UsageError("say what to purge: --state dead, --user-id ID or --anonymous-id ID")
     older_than = args.older_than
     return _change_dead_rows(
         args,
@@ -589,6 +723,38 @@ def _change_dead_rows(
     return EXIT_OK
 
 
+def _erase(args: argparse.Namespace) -> int:
+    """Delete a person's pending and dead events; say what a live uploader has in flight."""
+    if any(not person for person in (*args.user_id, *args.anonymous_id)):
+        raise UsageError("an empty id names nobody")
+    people = {"user_ids": args.user_id, "anonymous_ids": args.anonymous_id}
+    if args.dry_run:
+        erased = _read_only(args.path, lambda o: maintenance.erase(o, **people, dry_run=True))
+        print(json.dumps({"would_purge": erased.removed, "in_flight": erased.in_flight}))
+    else:
+        found = _count_before_change(
+            args, lambda outbox: maintenance.erase(outbox, **people, dry_run=True).removed
+        )
+        if found:
+            _confirm(args, f"Delete {found} event(s) of this person for good?")
+        erased = _writing(args.path, lambda outbox: maintenance.erase(outbox, **people))
+        print(json.dumps({"purged": erased.removed, "in_flight": erased.in_flight}))
+    if erased.in_flight:
+        print(
+            f"outbox-analytics: {erased.in_flight} of this person's events are in flight with"
+            " a live uploader and were left alone: they may be on the wire already, so the"
+            " destination may receive them; include this person in the deletion request"
+            " you send it",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _read_only(path: str, work: Callable[[Outbox], T]) -> T:
+    with _reader(path) as outbox:
+        return work(outbox)
+
+
 def _vacuum(args: argparse.Namespace) -> int:
     before, after = _writing(args.path, maintenance.vacuum)
     print(json.dumps({"bytes_before": before, "bytes_after": after}))
@@ -610,8 +776,11 @@ def _count_before_change(args: argparse.Namespace, count: Callable[[Outbox], int
 
 
 def _writing(path: str, work: Callable[[Outbox], T], create: bool = False) -> T:
-    """Run `work` on the outbox opened for writing; a damaged file is salvaged, as a client does."""
-    with Outbox(path if create else _existing(path)) as outbox:
+    """Run `work` on the outbox opened for writing; a damaged file is salvaged, as a client does.
+
+    With `create`, a missing file becomes a new outbox; an existing one must be an outbox.
+    """
+    with Outbox(_new_or_outbox(path) if create else _existing(path)) as outbox:
         try:
             return work(outbox)
         except OutboxDamaged as damage:
@@ -620,9 +789,22 @@ def _writing(path: str, work: Callable[[Outbox], T], create: bool = False) -> T:
 
 
 def _existing(path: str) -> str:
+    """`path`, if an outbox is there: a writing command makes none of a wrong path.
+
+    An empty file or database is refused as reading commands refuse it (a
+    client would make it an outbox); a damaged one passes, to be salvaged.
+    """
     if not os.path.isfile(path):
         raise UsageError(f"no outbox file at {path}")
+    if os.path.getsize(path) == 0 and wal_bytes(path) == 0:
+        raise UsageError(f"{path} is an empty file, not an outbox (is the path right?)")
+    with contextlib.suppress(OutboxDamaged):
+        Outbox(path, readonly=True).close()  # NotAnOutbox for an empty database
     return path
+
+
+def _new_or_outbox(path: str) -> str:
+    return _existing(path) if os.path.exists(path) else path
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -673,7 +855,7 @@ def _read_messages(source: IO[str], name: str) -> Iterator[dict[str, Any]]:
 
 
 def _append(args: argparse.Namespace) -> int:
-    client = Client(_write_key(args), outbox_path=args.path, upload=False)
+    client = Client(_write_key(args), outbox_path=_new_or_outbox(args.path), upload=False)
     options = {
         name: getattr(args, name)
         for name in (
@@ -694,9 +876,9 @@ def _append(args: argparse.Namespace) -> int:
 
 
 def _write_key(args: argparse.Namespace) -> str:
-    key = args.write_key or os.environ.get(WRITE_KEY_ENV)
+    key = args.write_key or os.environ.get(WRITE_KEY_ENV) or os.environ.get(SEGMENT_WRITE_KEY_ENV)
     if not key:
-        raise UsageError(f"give --write-key or set ${WRITE_KEY_ENV}")
+        raise UsageError(f"give --write-key or set ${WRITE_KEY_ENV} (or ${SEGMENT_WRITE_KEY_ENV})")
     return str(key)
 
 
@@ -710,13 +892,14 @@ def _drain(args: argparse.Namespace) -> int:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     if args.host is not None:
         check_host(args.host)  # before --force records it as the file's owner
+    host = args.host or _recorded_host(path)
     if args.force:  # the operator says these events are this key's now (a rotated key)
         with Outbox(path) as outbox:
-            outbox.bind(key, client_host(args.host), force=True)
+            outbox.bind(key, client_host(host), force=True)
     try:
-        client = _drain_client(args, path, key)
+        client = _drain_client(args, path, key, host)
     except OutboxMismatch as exc:
-        raise UsageError(f"{exc} (drain --force makes this key and host its owners)") from None
+        raise UsageError(f"{exc} ({_mismatch_advice(str(exc))})") from None
     with _signals_raise(), _progress(client):
         try:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -729,17 +912,49 @@ def _drain(args: argparse.Namespace) -> int:
         finally:
             client.shutdown(timeout=0)
     pending = _print_drained(client)
+    dead = client.uploader.dead if client.uploader else 0
+    if dead:  # rejected for good: sending again changes nothing until someone looks
+        print(
+            f"outbox-analytics: {dead} events were rejected and dead-lettered"
+            f"{_dead_reason(path)}; see them with `outbox-analytics list {path}"
+            " --state dead`, send them again with `requeue`",
+            file=sys.stderr,
+        )
     if pending:
         why = printable(_why(client))
         print(f"outbox-analytics: {pending} events still pending: {why}", file=sys.stderr)
         return EXIT_TEMPFAIL
-    return EXIT_OK
+    return EXIT_PROBLEM if dead else EXIT_OK
 
 
-def _drain_client(args: argparse.Namespace, path: str, key: str) -> Client:
+def _recorded_host(path: str) -> str | None:
+    """The host the file says its events go to (None: not recorded, or unreadable for now)."""
+    try:
+        with _reader(path) as outbox:
+            host = outbox.owner_host()
+    except OutboxDamaged:
+        return None  # the drain's client salvages it; the host is then the default
+    if host is not None:
+        print(f"outbox-analytics: sending to {printable(host)} (the file's host)", file=sys.stderr)
+    return host
+
+
+def _dead_reason(path: str) -> str:
+    """The latest dead row's error, to quote (the server's words), or ''."""
+    error = _read_only(path, maintenance.latest_dead_error)
+    return f" ({_one_line(error, 200)})" if error else ""
+
+
+def _mismatch_advice(mismatch: str) -> str:
+    if "another write key" in mismatch:
+        return "give the key these events were stored with, or --force to make this key their owner"
+    return "pass --host with the file's host, or --force to send them to this host"
+
+
+def _drain_client(args: argparse.Namespace, path: str, key: str, host: str | None) -> Client:
     return Client(
         key,
-        host=args.host,
+        host=host,
         outbox_path=path,
         max_retries=args.max_retries,
         sync_mode=True,  # no background thread: drain() sends on this one
@@ -823,18 +1038,44 @@ def _collector(args: argparse.Namespace) -> int:
     from .collector import Collector
 
     out: IO[str] = _private_file(args.out, append=True) if args.out else sys.stdout
-    collector = Collector(args.host, args.port, out=out)
+    # Messages are streamed to `out`, never kept: memory stays bounded however many arrive.
+    collector = Collector(args.host, args.port, out=out, keep_messages=False)
     print(f"collector listening on {collector.url}", file=sys.stderr, flush=True)
+    stop_reporting = _report_counts(collector, args.report_every)
     try:
         collector.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        stop_reporting()
         collector.stop()
         print(json.dumps(collector.counts()), file=sys.stderr)
         if args.out:
             out.close()
     return EXIT_OK
+
+
+def _report_counts(collector: Any, every: float) -> Callable[[], None]:
+    """Print the collector's counts on stderr every `every` seconds when they changed."""
+    done = threading.Event()
+
+    def run() -> None:
+        shown = None
+        while not done.wait(every):
+            counts = collector.counts()
+            if counts != shown:
+                words = ", ".join(f"{name} {value}" for name, value in counts.items())
+                print(f"{time.strftime('%H:%M:%S')} {words}", file=sys.stderr, flush=True)
+                shown = counts
+
+    thread = threading.Thread(target=run, name="collector-counts", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        done.set()
+        thread.join()
+
+    return stop
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""What the operator's commands do to an outbox: find, requeue, purge, vacuum, check, import.
+"""What the operator's commands do to an outbox: find, requeue, purge, erase, vacuum, check, import.
 
 Each function is one call on an open `Outbox`; the CLI parses, calls one of
 these and prints. None of them claims or acknowledges rows (that is the
@@ -17,8 +17,8 @@ import functools
 import itertools
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any, NamedTuple
 
 from ..errors import OutboxBusy, OutboxError, OutboxFull
 from . import schema
@@ -30,8 +30,10 @@ __all__ = [
     "NotDead",
     "check",
     "count_dead",
+    "erase",
     "find",
     "import_messages",
+    "latest_dead_error",
     "purge",
     "requeue",
     "vacuum",
@@ -166,6 +168,15 @@ def count_dead(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
     return len(chosen)
 
 
+def latest_dead_error(outbox: Outbox) -> str | None:
+    """The error of the row dead-lettered last (by when its batch was sent), to quote."""
+    error = outbox.database.scalar(
+        f"SELECT last_error FROM {TABLE} WHERE {DEAD_WHERE}"
+        " ORDER BY coalesce(first_attempt_at, 0) DESC, _id DESC LIMIT 1"
+    )
+    return None if error is None else str(error)
+
+
 def _not_dead(conn: sqlite3.Connection, ids: Sequence[int]) -> list[int]:
     found: set[int] = set()
     for start in range(0, len(ids), _ID_CHUNK):
@@ -191,6 +202,96 @@ def purge(outbox: Outbox, *, older_than: float | None = None, dry_run: bool = Fa
         return int(outbox.database.scalar(f"SELECT count(*) FROM {TABLE} WHERE {where}", params))
     where, params = f"{where} AND _id <= ?", (*params, outbox.last_id())
     return _in_transactions(outbox, "purge", where, params, schema.delete_rows)
+
+
+class Erased(NamedTuple):
+    """What `erase` did (or, with dry_run, would do)."""
+
+    removed: int  # pending and dead rows deleted
+    in_flight: int  # rows a live uploader is sending: left alone, maybe already on the wire
+
+
+def erase(
+    outbox: Outbox,
+    *,
+    user_ids: Collection[str] = (),
+    anonymous_ids: Collection[str] = (),
+    dry_run: bool = False,
+) -> Erased:
+    """Delete a person's pending and dead rows (a deletion request reaching the outbox).
+
+    A row is the person's if its userId is one of `user_ids`, its
+    anonymousId one of `anonymous_ids`, or (an alias) its previousId one of
+    either. The file is scanned in short reads, outside any transaction; the
+    rows found are deleted 5,000 per transaction, giving way to a job
+    writing the file. While it deletes, this holds the upload lease when it
+    is free: rows a dead uploader left in flight become pending (and are
+    deleted) and no uploader starts sending the person's rows meanwhile.
+    Rows a live uploader holds in flight are left alone and counted: they
+    may be on the wire already. Rows stored after the scan are not seen.
+    With `dry_run`, only count (a read-only outbox will do).
+    """
+    users, anonymous = set(user_ids), set(anonymous_ids)
+    if not users and not anonymous:
+        raise ValueError("erase needs a user id or an anonymous id")
+    lease = None if dry_run else outbox.try_lease()
+    try:
+        live_uploader = lease is None and not outbox.lease_is_free()
+        found, in_flight = [], 0
+        for row in outbox.rows("all"):
+            if not _names_person(row.message, users, anonymous):
+                continue
+            if row.state == "inflight" and live_uploader:
+                in_flight += 1
+            else:  # (in flight with no uploader alive: the next one would send it)
+                found.append(row.id)
+        if dry_run:
+            return Erased(len(found), in_flight)
+        removed = _delete_unclaimed(outbox, found)
+        # Rows claimed between the scan and their deletion are on their way too.
+        return Erased(removed, in_flight + len(found) - removed)
+    finally:
+        if lease is not None:
+            lease.close()
+
+
+def _names_person(message: dict[str, Any], users: set[str], anonymous: set[str]) -> bool:
+    previous = _as_id(message.get("previousId"))
+    return (
+        _as_id(message.get("userId")) in users
+        or _as_id(message.get("anonymousId")) in anonymous
+        or (previous is not None and (previous in users or previous in anonymous))
+    )
+
+
+def _as_id(value: Any) -> str | None:
+    """An id as text: Segment accepts numbers too (user 42 is "42" on the command line)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _delete_unclaimed(outbox: Outbox, ids: Sequence[int]) -> int:
+    """Delete those of `ids` still pending or dead, 5,000 per transaction; how many."""
+
+    def delete(conn: sqlite3.Connection, share: Sequence[int]) -> int:
+        deleted = 0
+        for start in range(0, len(share), _ID_CHUNK):
+            chunk = share[start : start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            where = f"_id IN ({marks}) AND ({schema.PENDING_WHERE} OR {DEAD_WHERE})"
+            deleted += schema.delete_rows(conn, where, chunk)
+        return deleted
+
+    removed = 0
+    for start in range(0, len(ids), _ROWS_PER_TRANSACTION):
+        if start:
+            _give_way(outbox)
+        share = ids[start : start + _ROWS_PER_TRANSACTION]
+        removed += outbox.database.write(functools.partial(delete, share=share), "erase")
+    return removed
 
 
 def vacuum(outbox: Outbox) -> tuple[int, int]:

@@ -123,6 +123,9 @@ ROW_COLUMNS = (
     " next_attempt_at, first_attempt_at, coalesce(length(data), 0)"
 )
 ADD_DROPPED = "UPDATE outbox_meta SET value = value + ? WHERE key = 'dropped'"
+# The owner's host as people read it (scheme://host:port); the key and host
+# themselves are kept only as salted hashes (Outbox.bind).
+OWNER_HOST_URL = "owner_host_url"
 
 
 class Row(NamedTuple):
@@ -178,6 +181,9 @@ class OutboxStats:
     # Since when (unix time) a reader's old snapshot (the sqlite3 shell left in
     # a transaction, a backup) keeps the write-ahead log over its bound.
     wal_pinned_since: float | None = None
+    # The write-ahead log's part of `file_bytes` (up to about 20 MB, emptied
+    # when copied back), so the database itself can be told from it.
+    wal_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
