@@ -1,24 +1,45 @@
 """Value cleaning, validation and time helpers.
 
-Cleaning follows segment-analytics-python 2.x (Decimal to float, set/tuple to
-list, Enum to its value, bytes to text, dates to ISO strings) with two fixes:
-a UUID becomes its string instead of vanishing, and a value that cannot be
-represented raises at the call site, naming where it sits, instead of being
-dropped with a log line. Nothing is ever dropped silently.
+Cleaning follows segment-analytics-python 2.x: Decimal to float, set and
+tuple to list, Enum to its value, bytes to text, dates to ISO strings, dict
+keys that are numbers, booleans or None to the text json.dumps writes for
+them; a value with no JSON form is dropped, never raising at the call. What
+differs, so that every stored event can be sent as valid JSON and stored as
+msgpack:
+
+- NaN and the infinities are sent as null (Segment writes `NaN`, which is
+  not JSON: a receiver refuses the whole batch);
+- an unsupported object is left out of its dict (as Segment does) or of its
+  list (Segment drops the whole list); a UUID is sent as its text, and a
+  numbers.Integral (numpy.int64) as its exact int;
+- an integer wider than 64 bits (msgpack's limit) is sent as the float a
+  JSON reader makes of Segment's digits (null beyond the float range);
+- text with lone surrogates, and bytes that are not UTF-8 (Segment raises
+  for these), are sent with U+FFFD in place of the bad part;
+- a cycle, or nesting deeper than 100 levels, is left out where it passes
+  the limit (Segment raises RecursionError for a cycle).
+
+Each change logs a warning naming where the value sat
+(`properties.items[2].price`), rate-limited per kind of change. Only a dict
+key JSON cannot have (a tuple, say) raises TypeError at the call, as
+Segment's json.dumps does.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import numbers
 import os
+import reprlib
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from . import process
@@ -34,6 +55,8 @@ __all__ = [
     "RateLimitedLog",
 ]
 
+log = logging.getLogger("outbox_analytics")
+
 # msgpack stores integers of at most 64 bits; anything wider cannot be kept
 # exactly, and most JSON parsers on the server side would round it anyway.
 _INT_MIN = -(2**63)
@@ -46,7 +69,31 @@ _MAX_DEPTH = 100
 def require(name: str, value: Any, data_type: Any) -> None:
     """Raise AssertionError, as Segment's client does, when `value` has the wrong type."""
     if not isinstance(value, data_type):
-        raise AssertionError(f"{name} must have {data_type}, got: {value!r}")
+        raise AssertionError(f"{name} must be {_type_names(data_type)}, got {_shown(name, value)}")
+
+
+_TYPE_NAMES = {
+    str: "a string",
+    numbers.Number: "a number",
+    dict: "a dict",
+    bytes: "bytes",
+    datetime: "a datetime",
+    os.PathLike: "a path",
+}
+
+
+def _type_names(data_type: Any) -> str:
+    """`(str, numbers.Number)` as "a string or a number"."""
+    kinds = data_type if isinstance(data_type, tuple) else (data_type,)
+    return " or ".join(_TYPE_NAMES.get(kind, f"a {kind.__name__}") for kind in kinds)
+
+
+def _shown(name: str, value: Any) -> str:
+    if value is None:
+        return "None"
+    if "key" in name:  # a key's value would reach logs and tracebacks: its type only
+        return f"a value of type {type(value).__name__}"
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
 
 
 def stringify_id(value: Any) -> str | None:
@@ -120,158 +167,227 @@ def guess_timezone(dt: datetime) -> datetime:
 def clean(value: Any) -> Any:
     """Return a copy of `value` made only of JSON- and msgpack-safe types.
 
-    Raises TypeError or ValueError naming where the offending value sits (for
-    example ``'properties.items[2]'``). This runs on every track(): the
-    common types are dispatched by exact type, and the path is only built
-    when something is wrong.
+    Never raises for a value (Segment's clean does not either), except for a
+    dict key JSON cannot have, which Segment's json.dumps refuses too: a
+    value that has no JSON form is replaced or left out as described in the
+    module docstring, with a rate-limited warning naming where it sat (for
+    example ``properties.items[2]``). This runs on every track(): the common
+    types are dispatched by exact type, and the path is only built when
+    something is wrong.
     """
-    try:
-        return _clean(value, 0)
-    except _Unrepresentable as exc:
-        raise exc.error_class(f"{_where(exc.path)}: {exc.reason}") from exc.__cause__
+    cleaned = _clean(value, 0, None, None)
+    return None if cleaned is _LEFT_OUT else cleaned
 
 
-class _Unrepresentable(Exception):
-    """Carries a problem up the tree, collecting the path on the way."""
+# Where a value sits: (the node of its container, its key or index there);
+# the message itself is (None, None). Built once per container, and for a
+# leaf only when it needs a warning.
+_Node = tuple[Any, Any]
 
-    def __init__(self, error_class: type[Exception], reason: str) -> None:
-        super().__init__(reason)
-        self.error_class = error_class
-        self.reason = reason
-        self.keys: list[str] = []
-
-    @property
-    def path(self) -> str:
-        text = ""
-        for key in reversed(self.keys):
-            text += key if key.startswith("[") or not text else "." + key
-        return text
+_T = TypeVar("_T")
+_LEFT_OUT: Any = object()  # an unsupported value: left out of its dict or list
 
 
-def _clean(value: Any, depth: int) -> Any:
+def _clean(value: Any, depth: int, parent: _Node | None, key: Any) -> Any:
     kind = type(value)
     if kind is str:
-        if not value.isascii():
-            _check_text(value)
-        return value
+        return value if value.isascii() else _valid_text(value, (parent, key))
     if kind is dict:
-        return _clean_mapping(value, depth)
+        return _clean_mapping(value, depth, (parent, key))
     if kind is float:
         if value - value != 0.0:  # true for NaN and the infinities only
-            raise _Unrepresentable(
-                ValueError, f"{value} is not a finite number and has no JSON form"
-            )
+            return _changed("not finite", (parent, key), f"{value} has no JSON form", None)
         return value
     if kind is int:
-        if not _INT_MIN <= value <= _INT_MAX:
-            raise _Unrepresentable(ValueError, f"integer {value} does not fit in 64 bits")
-        return value
+        return value if _INT_MIN <= value <= _INT_MAX else _wide_integer(value, (parent, key))
     if value is None or kind is bool:
         return value
     if kind is list:
-        return _clean_sequence(value, depth)
-    return _clean_other(value, depth)
+        return _clean_sequence(value, depth, (parent, key))
+    return _clean_other(value, depth, parent, key)
 
 
-def _clean_mapping(mapping: Mapping[Any, Any], depth: int) -> dict[str, Any]:
+def _clean_mapping(mapping: Mapping[Any, Any], depth: int, node: _Node) -> Any:
     if depth >= _MAX_DEPTH:
-        raise _Unrepresentable(ValueError, f"nested deeper than {_MAX_DEPTH} levels (a cycle?)")
+        return _too_deep(node)
     cleaned: dict[str, Any] = {}
     for key, item in mapping.items():
-        name = key if type(key) is str and key.isascii() else _key_name(key, mapping)
-        kind = type(item)
+        name = key if type(key) is str and key.isascii() else _key_name(key, mapping, node)
         # Plain ASCII text needs no work: keep it without a call (the hot path).
-        if kind is str and item.isascii():
+        if type(item) is str and item.isascii():
             cleaned[name] = item
             continue
-        try:
-            cleaned[name] = _clean(item, depth + 1)
-        except _Unrepresentable as exc:
-            exc.keys.append(name)
-            raise
+        item = _clean(item, depth + 1, node, name)
+        if item is not _LEFT_OUT:
+            cleaned[name] = item
     return cleaned
 
 
-def _clean_sequence(items: Iterable[Any], depth: int) -> list[Any]:
+def _clean_sequence(items: Iterable[Any], depth: int, node: _Node) -> Any:
     if depth >= _MAX_DEPTH:
-        raise _Unrepresentable(ValueError, f"nested deeper than {_MAX_DEPTH} levels (a cycle?)")
+        return _too_deep(node)
     cleaned = []
     for index, item in enumerate(items):
-        try:
-            cleaned.append(_clean(item, depth + 1))
-        except _Unrepresentable as exc:
-            exc.keys.append(f"[{index}]")
-            raise
+        item = _clean(item, depth + 1, node, index)
+        if item is not _LEFT_OUT:
+            cleaned.append(item)
     return cleaned
 
 
-def _clean_other(value: Any, depth: int) -> Any:
+def _clean_other(value: Any, depth: int, parent: _Node | None, key: Any) -> Any:
     """Everything but the exact built-in JSON types: subclasses and conversions."""
     if isinstance(value, Enum):  # before str and int: a (str, Enum) sends its value
-        return _clean(value.value, depth)
+        return _clean(value.value, depth, parent, key)
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, str):
-        return _clean(str(value), depth)
+        return _clean(str.__str__(value), depth, parent, key)  # its text, not its __str__
     if isinstance(value, int):
-        return _clean(int(value), depth)
+        return _clean(int(value), depth, parent, key)
     if isinstance(value, float):
-        return _clean(float(value), depth)
+        return _clean(float(value), depth, parent, key)
     if isinstance(value, Mapping):
-        return _clean_mapping(value, depth)
+        return _clean_mapping(value, depth, (parent, key))
     if isinstance(value, (list, tuple, set, frozenset)):
-        return _clean_sequence(value, depth)
+        return _clean_sequence(value, depth, (parent, key))
     if isinstance(value, Decimal):
-        return _clean(_to_float(value), depth)
+        return _to_float(value, (parent, key))
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     if isinstance(value, UUID):
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _Unrepresentable(ValueError, "bytes are not valid UTF-8") from exc
+        return _decoded(bytes(value), (parent, key))
+    if isinstance(value, numbers.Integral):  # numpy.int64 and the like: exactly
+        return _clean(int(value), depth, parent, key)
     if isinstance(value, numbers.Real):  # Fraction and other real numbers
-        return _clean(_to_float(value), depth)
-    raise _Unrepresentable(
-        TypeError, f"value of type {type(value).__name__} cannot be sent as JSON"
+        return _to_float(value, (parent, key))
+    return _changed(
+        "unsupported",
+        (parent, key),
+        f"a value of type {type(value).__name__} has no JSON form",
+        _LEFT_OUT,
     )
 
 
-def _to_float(number: Any) -> float:
+def _to_float(number: Any, node: _Node) -> float | None:
     try:
-        return float(number)
-    except (OverflowError, ValueError) as exc:  # 10**400 as a Fraction, sNaN
-        raise _Unrepresentable(ValueError, f"{number!r} has no JSON number form") from exc
+        value = float(number)  # Decimal("1e400") gives inf, Decimal("NaN") nan
+    except (OverflowError, ValueError):  # 10**400 as a Fraction, sNaN
+        return _changed("not finite", node, f"{reprlib.repr(number)} has no JSON number", None)
+    if value - value != 0.0:
+        return _changed("not finite", node, f"{reprlib.repr(number)} has no JSON form", None)
+    return value
 
 
-def _key_name(key: Any, mapping: Mapping[Any, Any]) -> str:
-    if isinstance(key, str):
-        _check_text(key)
-        return str(key)
-    # JSON would turn an int key into its text anyway; do it now so that what
-    # is stored is exactly what the server receives. If the text is also a
-    # key of its own, one value would silently replace the other: refuse.
-    if isinstance(key, int) and not isinstance(key, bool):
-        name = str(int(key))
-        if name in mapping:
-            raise _Unrepresentable(ValueError, f"keys {key!r} and {name!r} would collide as text")
-        return name
-    raise _Unrepresentable(TypeError, f"key {key!r} of type {type(key).__name__} is not text")
+def _wide_integer(value: int, node: _Node) -> float | None:
+    """An integer msgpack cannot store: the float a JSON reader would make of Segment's digits.
+
+    Segment writes every digit; JavaScript, most JSON libraries and
+    warehouses read a number that long as a double, which is this float.
+    """
+    shown = str(value) if value.bit_length() <= 256 else f"of {value.bit_length()} bits"
+    try:
+        as_float = float(value)
+    except OverflowError:  # beyond 1.8e308: no double holds it, a reader would fail
+        return _changed("integer", node, f"integer {shown} fits no JSON number", None)
+    return _changed(
+        "integer",
+        node,
+        f"integer {shown} is wider than 64 bits",
+        as_float,
+        f"sent as the float {as_float!r}",
+    )
 
 
-def _check_text(text: str) -> None:
-    # A lone surrogate cannot be encoded as UTF-8, so it could be neither
-    # stored nor sent.
+def _valid_text(text: str, node: _Node) -> str:
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise _Unrepresentable(ValueError, f"text is not valid Unicode ({exc.reason})") from exc
+        return text
+    except UnicodeEncodeError:
+        pass
+    # Lone surrogates (from surrogateescape, or halves of a pair written as
+    # two characters) cannot be UTF-8. Segment sends them as JSON escapes;
+    # a receiver decodes a pair as its character and a lone one as U+FFFD,
+    # which is what this does.
+    repaired = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return _changed(
+        "text", node, "text holds lone surrogates", repaired, "sent with U+FFFD in their place"
+    )
 
 
-def _where(path: str) -> str:
-    return repr(path) if path else "message"
+def _decoded(data: bytes, node: _Node) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        repaired = data.decode("utf-8", "replace")
+    return _changed(
+        "text", node, "bytes are not UTF-8", repaired, "sent with U+FFFD in their place"
+    )
+
+
+def _too_deep(node: _Node) -> Any:
+    return _changed(
+        "too deep", node, f"nested deeper than {_MAX_DEPTH} levels (a cycle?)", _LEFT_OUT
+    )
+
+
+def _key_name(key: Any, mapping: Mapping[Any, Any], node: _Node) -> str:
+    """A key as JSON writes it (json.dumps turns 1, 1.5, True and None into text)."""
+    if isinstance(key, str):
+        name = _valid_text(str.__str__(key), (node, key))
+    elif isinstance(key, bool):
+        name = "true" if key else "false"
+    elif isinstance(key, int):
+        name = int.__repr__(key)  # an IntEnum's number, as json.dumps writes it
+    elif isinstance(key, float):
+        name = json.dumps(float(key))  # "NaN" and "Infinity" too: JSON's way
+    elif key is None:
+        name = "null"
+    else:  # Segment's json.dumps raises here too: a key is the caller's bug, not data
+        raise TypeError(
+            f"{_path(node)}: key {reprlib.repr(key)} is a {type(key).__name__}; JSON keys"
+            " are text (or numbers, booleans and None, written as text)"
+        )
+    if name != key and name in mapping:
+        # Segment sends both, and JSON readers keep the value that comes last.
+        _changed(
+            "key",
+            (node, name),
+            f"key {key!r} is the same as {name!r} in JSON",
+            None,
+            "the later value is kept",
+        )
+    return name
+
+
+def _changed(problem: str, node: _Node, what: str, result: _T, becomes: str = "") -> _T:
+    """Return `result` in place of a value, warning (rate-limited, per problem) where it sat."""
+    suppressed = _warnings[problem].ready()
+    if suppressed is not None:
+        if not becomes:
+            becomes = "left out" if result is _LEFT_OUT else "sent as null"
+        more = f" ({suppressed} more such values since the last warning)" if suppressed else ""
+        log.warning("outbox-analytics: %s: %s; %s%s", _path(node), what, becomes, more)
+    return result
+
+
+def _path(node: _Node | None) -> str:
+    """`properties.items[2].price`, or `message` for the message itself; shortened if long."""
+    keys = []
+    while node is not None and node[0] is not None:
+        node, key = node
+        keys.append(key)
+    text = ""
+    for key in reversed(keys):
+        if isinstance(key, int):
+            text += f"[{key}]"
+        else:
+            text += f".{key}" if text else str(key)
+    text = printable(text)  # keys come from data: keep the log line one line
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return text or "message"
 
 
 class RateLimitedLog:
@@ -294,6 +410,13 @@ class RateLimitedLog:
         self._last = now
         suppressed, self._suppressed = self._suppressed, 0
         return suppressed
+
+
+# One per kind of change, so that a flood of one kind hides no other.
+_warnings = {
+    problem: RateLimitedLog()
+    for problem in ("not finite", "integer", "unsupported", "text", "too deep", "key")
+}
 
 
 def printable(text: str) -> str:

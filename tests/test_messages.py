@@ -669,73 +669,7 @@ def test_str_mixin_enum_becomes_its_value(client):
     assert msg["properties"] == {"c": "red"}
 
 
-def cycle_dict() -> dict[str, Any]:
-    looped: dict[str, Any] = {"name": "loop"}
-    looped["self"] = looped
-    return looped
-
-
-def cycle_list() -> list[Any]:
-    looped: list[Any] = [1]
-    looped.append(looped)
-    return looped
-
-
-BAD_VALUES = [
-    pytest.param(
-        {"items": [{"price": 1}, {"price": object()}]},
-        TypeError,
-        "properties.items[1].price",
-        id="object",
-    ),
-    pytest.param({"a": {"b": float("nan")}}, ValueError, "properties.a.b", id="nan"),
-    pytest.param({"x": float("inf")}, ValueError, "properties.x", id="inf"),
-    pytest.param({"x": [float("-inf")]}, ValueError, "properties.x[0]", id="minus-inf"),
-    pytest.param({"x": [Decimal("NaN")]}, ValueError, "properties.x[0]", id="decimal-nan"),
-    pytest.param({"x": b"\xff"}, ValueError, "properties.x", id="invalid-utf8"),
-    pytest.param({"x": {"y": "a\ud800b"}}, ValueError, "properties.x.y", id="lone-surrogate"),
-    pytest.param({"n": 2**64}, ValueError, "properties.n", id="int-too-big"),
-    pytest.param({"n": [-(2**63) - 1]}, ValueError, "properties.n[0]", id="int-too-small"),
-    pytest.param({"m": {("a", 1): 1}}, TypeError, "properties.m", id="tuple-key"),
-    pytest.param({"m": {1: "a", "1": "b"}}, ValueError, "properties.m", id="colliding-keys"),
-    pytest.param({"loop": cycle_dict()}, ValueError, "properties.loop.self", id="dict-cycle"),
-    pytest.param({"loop": cycle_list()}, ValueError, "properties.loop[1]", id="list-cycle"),
-]
-
-
-@pytest.mark.parametrize(("properties", "error", "path"), BAD_VALUES)
-def test_unrepresentable_value_raises_naming_its_path(stored_client, properties, error, path):
-    with pytest.raises(error) as excinfo:
-        stored_client.track("u1", "e", properties)
-
-    assert path in str(excinfo.value)
-    assert stored_client.stats().pending == 0
-
-
-@pytest.mark.parametrize(
-    ("method", "kwargs", "error", "path"),
-    [
-        ("identify", {"traits": {"t": [object()]}}, TypeError, "traits.t[0]"),
-        ("identify", {"context": {"c": float("nan")}}, ValueError, "context.c"),
-        ("identify", {"integrations": {"X": {"k": b"\xfe"}}}, ValueError, "integrations.X.k"),
-    ],
-)
-def test_unrepresentable_value_outside_properties(stored_client, method, kwargs, error, path):
-    with pytest.raises(error) as excinfo:
-        getattr(stored_client, method)("u1", **kwargs)
-
-    assert path in str(excinfo.value)
-    assert stored_client.stats().pending == 0
-
-
-@pytest.mark.parametrize(
-    "value", [Fraction(10**400), Decimal("sNaN")], ids=["huge-fraction", "decimal-snan"]
-)
-def test_numbers_float_cannot_hold_raise_value_error_with_path(stored_client, value):
-    with pytest.raises(ValueError) as excinfo:
-        stored_client.track("u1", "e", {"a": {"b": value}})
-
-    assert "properties.a.b" in str(excinfo.value)
+# Values with no JSON form (NaN, objects, wide integers...): tests/test_values.py.
 
 
 # -- 6. property-based: anything JSON-like is stored as returned ----------------
