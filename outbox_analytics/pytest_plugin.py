@@ -15,6 +15,8 @@ modules are imported) until the process exits (atexit hooks included):
 - the kill switch (OUTBOX_ANALYTICS_DISABLED) does not hide events from them;
 - nothing is delivered at exit, so no test run pays the exit budget or
   replays what the application's real runs left in their outbox;
+- no process exits handing its events to a sender (OUTBOX_ANALYTICS_HANDOFF=0
+  for the run and the processes it starts, live runs included);
 - processes the tests start inherit the kill switch, so they stay offline.
 
 For integration tests that want the real pipeline: mark one test
@@ -32,6 +34,7 @@ from collections.abc import Iterator
 import pytest
 
 from .client import KILL_SWITCH_ENV, KILL_SWITCH_SETTER_ENV, kill_switch_on
+from .handoff import HANDOFF_ENV
 from .testing import capture, live
 from .transport import MemoryTransport
 
@@ -60,6 +63,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     """Start capturing before the first conftest.py, or its events would escape."""
     global _runs
+    # Live or not: a test suite leaves no sender process behind, its own or
+    # its subprocesses' (a test that wants one sets the variable itself).
+    os.environ.setdefault(HANDOFF_ENV, "0")
     if early_config.getini(LIVE_OPTION):
         return
     import outbox_analytics
