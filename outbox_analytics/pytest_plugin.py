@@ -19,6 +19,10 @@ modules are imported) until the process exits (atexit hooks included):
   for the run and the processes it starts, live runs included);
 - processes the tests start inherit the kill switch, so they stay offline.
 
+Arguments are checked as outside pytest: `Client()` without a write key
+raises AssertionError (Segment's own tests check it); only the module-level
+API records without one, as the README's example does.
+
 For integration tests that want the real pipeline: mark one test
 `@pytest.mark.analytics_live`, or turn the plugin's isolation off for the
 whole run with `outbox_analytics_live = true` in the ini file (or
