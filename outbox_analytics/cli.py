@@ -8,7 +8,8 @@ nothing. Exit codes:
     0    success
     1    a check failed or a problem was found: `status --check` over a
          threshold, `check` found problems, a damaged outbox, ids that are not
-         there, a declined prompt, `demo` lost events
+         there, a declined prompt, `demo` lost events, `drain` had events
+         rejected (dead-lettered) and left none pending
     2    bad usage or bad input: nothing was changed
     75   try again later: `drain` left events pending, the file is busy
     130  interrupted (SIGINT); 143 terminated (SIGTERM)
@@ -125,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="outbox-analytics",
         description="Inspect, repair and drain outbox-analytics outbox files.",
-        epilog="Exit codes: 0 ok, 1 a check failed or a problem was found, 2 bad input"
+        epilog="Exit codes: 0 ok, 1 a check failed or a problem was found (drain: events were"
+        " dead-lettered), 2 bad input"
         " (nothing changed), 75 try again later (drain left events pending),"
         " 130/143 interrupted.",
     )
@@ -514,7 +516,7 @@ def _file_summary(path: str) -> dict[str, Any] | None:
     try:
         with _reader(path) as outbox:
             stats, host = outbox.stats(), outbox.owner_host()
-    except NotAnOutbox:
+    except (NotAnOutbox, UsageError):  # (UsageError: removed since it was listed)
         return None
     except OutboxDamaged as exc:
         return {"path": path, "error": f"damaged: {exc}"}
@@ -895,6 +897,10 @@ def _drain(args: argparse.Namespace) -> int:
     host = args.host or _recorded_host(path)
     if args.force:  # the operator says these events are this key's now (a rotated key)
         with Outbox(path) as outbox:
+            if args.host is None and host and not outbox.owned_by_host(client_host(host)):
+                raise UsageError(
+                    f"the file's host is {host} with a path it does not record: pass --host"
+                )
             outbox.bind(key, client_host(host), force=True)
     try:
         client = _drain_client(args, path, key, host)

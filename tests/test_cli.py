@@ -596,7 +596,7 @@ def test_bad_input_is_one_line_and_exit_2(cli, populated: Path, tmp_path: Path, 
 def test_every_command_has_help(cli) -> None:
     commands = [
         "status", "list", "show", "export", "import", "requeue", "purge", "drain", "vacuum",
-        "check", "track", "identify", "page", "screen", "group", "alias", "collector", "demo",
+        "check", "track", "identify", "page", "screen", "group", "alias", "collector", "demo", "ls",
     ]  # fmt: skip
     for command in commands:
         result = cli(command, "--help")

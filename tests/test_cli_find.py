@@ -165,3 +165,17 @@ def test_drain_force_with_a_new_key_keeps_the_files_host(cli, tmp_path: Path, re
     result = cli("drain", path, "--force", env={"SEGMENT_WRITE_KEY": "rotated-key"})
     assert result.code == 0, result.err
     assert len(receiver.accepted()) == 3
+
+
+def test_a_host_with_a_path_is_never_guessed_from_the_file(cli, tmp_path: Path, receiver) -> None:
+    """The file records scheme, host and port only: a path must be given, never dropped."""
+    path = tmp_path / "o.db"
+    stored_for(path, receiver.url + "/proxy/segment", count=2)
+    plain = cli("drain", path, env={"SEGMENT_WRITE_KEY": "k"})
+    assert plain.code == 2
+    assert f"host {receiver.url} with another path" in plain.err and "--host" in plain.err
+    forced = cli("drain", path, "--force", env={"SEGMENT_WRITE_KEY": "k"})
+    assert forced.code == 2 and "a path it does not record: pass --host" in forced.err
+    assert receiver.requests == []
+    with Outbox(path, readonly=True) as outbox:  # --force refused: the owner is unchanged
+        assert outbox.owned_by_host(receiver.url + "/proxy/segment")

@@ -224,9 +224,9 @@ def erase(
     anonymousId one of `anonymous_ids`, or (an alias) its previousId one of
     either. The file is scanned in short reads, outside any transaction; the
     rows found are deleted 5,000 per transaction, giving way to a job
-    writing the file. While it deletes, this holds the upload lease when it
+    writing the file. While it deletes, this holds the upload lease if it
     is free: rows a dead uploader left in flight become pending (and are
-    deleted) and no uploader starts sending the person's rows meanwhile.
+    deleted), and no uploader starts sending the person's rows meanwhile.
     Rows a live uploader holds in flight are left alone and counted: they
     may be on the wire already. Rows stored after the scan are not seen.
     With `dry_run`, only count (a read-only outbox will do).
@@ -234,25 +234,25 @@ def erase(
     users, anonymous = set(user_ids), set(anonymous_ids)
     if not users and not anonymous:
         raise ValueError("erase needs a user id or an anonymous id")
-    lease = None if dry_run else outbox.try_lease()
+    live_uploader = not outbox.lease_is_free()
+    found, in_flight = [], 0
+    for row in outbox.rows("all"):
+        if not _names_person(row.message, users, anonymous):
+            continue
+        if row.state == "inflight" and live_uploader:
+            in_flight += 1
+        else:  # (in flight with no uploader alive: the next one would send it)
+            found.append(row.id)
+    if dry_run:
+        return Erased(len(found), in_flight)
+    lease = outbox.try_lease()  # (None: an uploader lives; what it claimed stays)
     try:
-        live_uploader = lease is None and not outbox.lease_is_free()
-        found, in_flight = [], 0
-        for row in outbox.rows("all"):
-            if not _names_person(row.message, users, anonymous):
-                continue
-            if row.state == "inflight" and live_uploader:
-                in_flight += 1
-            else:  # (in flight with no uploader alive: the next one would send it)
-                found.append(row.id)
-        if dry_run:
-            return Erased(len(found), in_flight)
         removed = _delete_unclaimed(outbox, found)
-        # Rows claimed between the scan and their deletion are on their way too.
-        return Erased(removed, in_flight + len(found) - removed)
     finally:
         if lease is not None:
             lease.close()
+    # Rows an uploader claimed between the scan and their deletion are on their way too.
+    return Erased(removed, in_flight + len(found) - removed)
 
 
 def _names_person(message: dict[str, Any], users: set[str], anonymous: set[str]) -> bool:
