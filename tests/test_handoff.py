@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -298,3 +299,21 @@ def test_the_pytest_plugin_turns_the_hand_off_off(tmp_path: Path) -> None:
     time.sleep(0.3)
     assert senders(mark) == []
     assert pending(path) == (6, 0)
+
+
+def test_sigterm_stops_the_sender_with_its_rows_in_flight_back_to_pending(
+    tmp_path: Path, receiver
+) -> None:
+    """systemd stopping the unit (KillMode=control-group) terminates the sender: nothing is lost."""
+    receiver.responder = lambda request: Reply(delay=1.0)
+    path, mark = tmp_path / "outbox.sqlite3", uuid.uuid4().hex
+    run_cli(path, receiver.url, 300, mark=mark)
+    deadline = time.monotonic() + 5
+    while not (found := senders(mark)) or len(receiver.requests) < 3:
+        assert time.monotonic() < deadline, "no sender sending"
+        time.sleep(0.02)
+    for pid in found:
+        os.kill(pid, signal.SIGTERM)
+    wait_for_senders_to_end(mark, timeout=3)
+    left, inflight = pending(path)
+    assert inflight == 0 and left >= 300 - len(numbers_received(receiver))  # nothing lost
