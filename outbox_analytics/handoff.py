@@ -59,7 +59,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["HANDOFF_ENV", "SENDER_LIFETIME", "SENDER_MAX_RETRIES", "hand_off", "main"]
+__all__ = [
+    "HANDOFF_ENV",
+    "SENDER_LIFETIME",
+    "SENDER_MAX_RETRIES",
+    "hand_off",
+    "handed_off",
+    "main",
+]
 
 log = logging.getLogger("outbox_analytics")
 
@@ -118,6 +125,11 @@ def hand_off(client: Client) -> bool:
             exc,
         )
         return False
+
+
+def handed_off(path: str) -> bool:
+    """Whether this process handed the outbox at `path` to a sender (for the exit message)."""
+    return path in _handed_off
 
 
 def _allowed_here(client: Client) -> bool:
