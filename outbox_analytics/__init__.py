@@ -17,9 +17,11 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
+from . import client as _client_module
 from . import process
 from .client import DEFAULT_HOST, Client
 from .delivery import FlushResult
@@ -37,8 +39,9 @@ from .errors import (
     OutboxUnavailable,
     RetryableError,
 )
-from .store import OutboxStats, default_outbox_path
+from .store import PATH_ENV, OutboxStats, default_outbox_path
 from .transport import MemoryTransport
+from .utils import RateLimitedLog
 from .version import VERSION
 
 __version__ = VERSION
@@ -85,7 +88,10 @@ __all__ = [
     "track",
 ]
 
-logging.getLogger("outbox_analytics").addHandler(logging.NullHandler())
+# No handler of ours, not even a NullHandler: an application that configured
+# no logging then gets our warnings and errors on stderr (Python's last-resort
+# handler, as Segment's users do), and one that configured logging gets
+# exactly what it asked for. A NullHandler hid every failure of a script.
 
 # Settings, as in segment-analytics-python.
 write_key = Client.DefaultConfig.write_key
@@ -108,6 +114,8 @@ oauth_scope = Client.DefaultConfig.oauth_scope
 outbox_path = Client.DefaultConfig.outbox_path
 fsync = Client.DefaultConfig.fsync
 upload = Client.DefaultConfig.upload
+# What a script leaves pending at exit goes to a detached sender (handoff.py).
+hand_off_at_exit = True
 
 default_client: Client | None = None
 _default_client_lock = threading.Lock()
@@ -124,7 +132,14 @@ def _delegate(method: Callable[Concatenate[Client, P], R]) -> Callable[P, R]:
     name = method.__name__
 
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        bound: Callable[P, R] = getattr(_client(), name)
+        if name in _EVENT_CALLS:
+            client = _client_if_it_can_store()
+            if client is None:  # the event is built (and checked), not stored
+                built: R = getattr(_message_builder(), name)(*args, **kwargs)
+                return cast(R, (False, built[1]))  # type: ignore[index]
+            bound: Callable[P, R] = getattr(client, name)
+        else:
+            bound = getattr(_client(), name)
         return bound(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
@@ -138,6 +153,42 @@ def _delegate(method: Callable[Concatenate[Client, P], R]) -> Callable[P, R]:
     parameters = list(inspect.signature(method).parameters.values())[1:]
     call.__signature__ = inspect.signature(method).replace(parameters=parameters)  # type: ignore[attr-defined]
     return call
+
+
+_EVENT_CALLS = frozenset({"track", "identify", "group", "alias", "page", "screen"})
+_RETRY_OPENING_AFTER = 30.0  # seconds between attempts at a default client that could not open
+_failed_at: float | None = None
+_cannot_store = RateLimitedLog()
+
+
+def _client_if_it_can_store() -> Client | None:
+    """The default client; None (with a warning) while its outbox cannot be opened anywhere.
+
+    The six calls never raise because of where the outbox lives: Segment's
+    never do. `Client(outbox_path=...)` itself still fails fast.
+    """
+    global _failed_at
+    if default_client is not None:
+        return default_client
+    if _failed_at is not None and time.monotonic() - _failed_at < _RETRY_OPENING_AFTER:
+        return None
+    try:
+        return _client()
+    except OutboxError as exc:
+        _failed_at = time.monotonic()
+        suppressed = _cannot_store.ready()
+        if suppressed is not None:
+            logging.getLogger("outbox_analytics").error(
+                "outbox-analytics: events are not stored (%s): set outbox_path (or $%s) to a"
+                " writable place (%d more since the last report)",
+                exc, PATH_ENV, suppressed,
+            )  # fmt: skip
+        return None
+
+
+def _message_builder() -> Client:
+    """A client that builds and checks messages only (Segment's send=False)."""
+    return Client(write_key, host=host, send=False)
 
 
 track = _delegate(Client.track)
@@ -205,7 +256,9 @@ def _client() -> Client:
 
 def _build_default_client() -> Client:
     return Client(
-        write_key,
+        # Under a test capture the module-level API records without a key
+        # (README, "Testing code that uses it"); an explicit Client() needs one.
+        "" if write_key is None and _client_module._capture is not None else write_key,
         host=host,
         debug=debug,
         max_queue_size=max_queue_size,
@@ -224,4 +277,5 @@ def _build_default_client() -> Client:
         outbox_path=outbox_path,
         fsync=fsync,
         upload=upload,
+        hand_off_at_exit=hand_off_at_exit,
     )

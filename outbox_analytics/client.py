@@ -8,6 +8,7 @@ import json
 import logging
 import numbers
 import os
+import shlex
 import sys
 import threading
 import time
@@ -19,17 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
-from . import process, servers
+from . import handoff, process, servers
 from .delivery import DEFAULT_RETRY_WAIT, FlushResult, Uploader
-from .errors import OutboxError, OutboxFull
+from .errors import OutboxError, OutboxFull, OutboxUnavailable
 from .request import Requester, import_requests, proxies_for
 from .segment_compat import ConsumerView, QueueView
 from .store import (
     DEFAULT_MAX_PENDING,
+    PATH_ENV,
     Outbox,
     OutboxStats,
     default_outbox_path,
     encode_message,
+    fallback_outbox_path,
 )
 from .transport import MemoryTransport, Transport
 from .utils import (
@@ -37,6 +40,7 @@ from .utils import (
     clean,
     guess_timezone,
     new_message_id,
+    printable,
     require,
     stringify_id,
     utc_now_iso,
@@ -112,6 +116,7 @@ class Client:
         retry_wait: Callable[[tenacity.RetryCallState], float] = DEFAULT_RETRY_WAIT
         before_send: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
         transport: Transport | None = None
+        hand_off_at_exit = False  # Issue 23: the module-level client's is True (see handoff.py)
 
     log = log
 
@@ -146,6 +151,7 @@ class Client:
         before_send: Callable[[dict[str, Any]], dict[str, Any] | None]
         | None = DefaultConfig.before_send,
         transport: Transport | None = DefaultConfig.transport,
+        hand_off_at_exit: bool = DefaultConfig.hand_off_at_exit,
     ) -> None:
         # The kill switch, and a test capturing events: validate and build
         # messages, store and send nothing, open no file, start no thread.
@@ -156,7 +162,10 @@ class Client:
         # and drain, the application's real outbox: it is captured.
         self._test_double = transport is not None and outbox_path is not None
         offline = self.disabled or (_capture is not None and not self._test_double)
-        if not offline or write_key is not None:
+        # A test capture waives no argument: Client() without a key raises
+        # there as anywhere (Segment's own tests check it). The module-level
+        # API under a capture passes "" when no key is set (see __init__).
+        if not self.disabled or write_key is not None:
             require("write_key", write_key, str)
         if before_send is not None and not callable(before_send):
             raise TypeError(f"before_send must be callable, got {before_send!r}")
@@ -185,6 +194,8 @@ class Client:
         self.write_key: str = write_key or ""  # a str unless offline (checked above)
         self.before_send = before_send
         self.transport = transport
+        require("hand_off_at_exit", hand_off_at_exit, bool)
+        self.hand_off_at_exit = hand_off_at_exit  # what exit leaves pending: to a sender
         self.dropped_by_before_send = 0  # events before_send dropped or failed on
         self.host = client_host(host)
         self.on_error = on_error
@@ -221,8 +232,9 @@ class Client:
         self.uploader: Uploader | None = None
         if send and not offline:
             if outbox_path is None:
-                outbox_path = default_outbox_path(self.write_key, self.host)
-            self.outbox = Outbox(outbox_path, fsync=fsync, max_pending=max_queue_size)
+                self.outbox = self._open_default_outbox(fsync, max_queue_size)
+            else:
+                self.outbox = Outbox(outbox_path, fsync=fsync, max_pending=max_queue_size)
             self.outbox_path = self.outbox.path  # absolute, symlinks resolved
             # One file, one key and host: never send another app's events.
             self.outbox.bind(self.write_key, self.host if upload else None)
@@ -248,6 +260,36 @@ class Client:
                 _flush_at_exit_in_pool_workers()
                 if self.outbox.head(1).pending:
                     self.uploader.ensure_running()  # replay what earlier runs left
+
+    def _open_default_outbox(self, fsync: bool, max_pending: int) -> Outbox:
+        """The outbox in the state directory; in the per-user fallback one if that cannot be used.
+
+        A job with no home, a read-only root (AWS Lambda) or run as `nobody`
+        still keeps its events, with a warning saying where and how to choose.
+        `$OUTBOX_ANALYTICS_PATH` is a choice, as `outbox_path` is: not replaced.
+        """
+        path = default_outbox_path(self.write_key, self.host)
+        try:
+            return Outbox(path, fsync=fsync, max_pending=max_pending)
+        except OutboxUnavailable as exc:
+            if os.environ.get(PATH_ENV):
+                raise
+            why = str(exc)
+        fallback = fallback_outbox_path(self.write_key, self.host)
+        try:
+            outbox = Outbox(fallback, fsync=fsync, max_pending=max_pending)
+        except OutboxUnavailable as other:
+            raise OutboxUnavailable(
+                f"no place for the outbox ({why}; nor {other}): set outbox_path"
+                f" (or ${PATH_ENV}) to a directory this user may write",
+                path,
+            ) from None
+        log.warning(
+            "outbox-analytics: cannot keep the outbox in the state directory (%s); using %s"
+            " instead: set outbox_path (or $%s) to choose where",
+            why, fallback, PATH_ENV,
+        )  # fmt: skip
+        return outbox
 
     def _new_requester(self) -> Requester:
         requester = Requester(
@@ -657,9 +699,37 @@ class Client:
             outbox = self.outbox
             if outbox is None or outbox.lease_held_here() or outbox.lease_is_free():
                 self.uploader.flush(budget)
-            self.uploader.stop(max(0.0, budget - (time.monotonic() - started)))
+            if not self.uploader.stop(max(0.0, budget - (time.monotonic() - started))):
+                self.uploader.let_go_at_exit()
+            if self.hand_off_at_exit:  # Issue 23: what is left goes to a detached sender
+                handoff.hand_off(self)
         except Exception:
             log.exception("outbox-analytics: flush at exit failed; events stay in the outbox")
+
+
+    def _say_what_is_left(self) -> None:
+        """At exit: one line for the events the file still holds, unless another process sends them.
+
+        How many, where, why, and the command that sends them now: a job
+        whose events all failed used to exit without a word.
+        """
+        outbox = self.outbox
+        if outbox is None or self.uploader is None:
+            return
+        try:
+            stats = outbox.stats()
+        except Exception:
+            return  # (an error about the file was logged when it happened)
+        if not stats.pending or (stats.uploader_alive and not outbox.lease_held_here()):
+            return  # nothing left, or a live process sends it
+        if handoff.handed_off(outbox.path):
+            return  # a sender of ours goes on with them, quietly
+        why = stats.head_last_error or f"the exit budget ({EXIT_BUDGET:g}s) ran out"
+        log.warning(
+            "outbox-analytics: %d event(s) not sent yet stay in %s (%s); the next run sends"
+            " them, or now: outbox-analytics drain %s",
+            stats.pending, outbox.path, printable(why[:300]), shlex.quote(outbox.path),
+        )  # fmt: skip
 
 
 _clients_to_flush_at_exit: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -673,8 +743,11 @@ def _flush_at_exit() -> None:
     budget ends stays in the outbox, and the next run sends it.
     """
     deadline = time.monotonic() + EXIT_BUDGET
-    for client in list(_clients_to_flush_at_exit):
+    clients = list(_clients_to_flush_at_exit)
+    for client in clients:
         client._flush_at_exit(max(0.0, deadline - time.monotonic()))
+    for client in clients:
+        client._say_what_is_left()
 
 
 # multiprocessing's fork workers leave through os._exit(): atexit never runs

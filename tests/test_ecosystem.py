@@ -152,7 +152,7 @@ def test_before_send_returning_something_unsendable_drops_the_event(tmp_path: Pa
         "k",
         outbox_path=str(tmp_path / "o.db"),
         upload=False,
-        before_send=lambda m: {**m, "properties": {"bad": object()}},
+        before_send=lambda m: {**m, "properties": {("a", 1): "a key JSON cannot have"}},
     )
     assert client.track("u", "E")[0] is False
     assert client.stats().pending == 0
@@ -176,7 +176,7 @@ def test_many_clients_add_no_handler() -> None:
     for _ in range(5):
         Client("k", send=False)
     assert logger.handlers == before
-    assert [type(h).__name__ for h in logger.handlers].count("NullHandler") == 1
+    assert not [h for h in logger.handlers if type(h).__name__ == "NullHandler"]
 
 
 def test_the_public_surface_is_pinned() -> None:

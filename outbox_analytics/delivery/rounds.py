@@ -72,7 +72,7 @@ class _Batch:
         self.deadline = deadline
         self.interrupt = interrupt
         self.claim_ahead = claim_ahead  # claim the next batch while this one is on the wire
-        self.attempts = {row.id: 0 for row in rows}
+        self.attempts = {row.id: 0 for row in rows}  # sends not yet counted in the file
         self.finished: set[int] = set()  # acknowledged, dead or released
         self.released_any = False  # some rows went back to pending
 
@@ -275,7 +275,27 @@ class Rounds:
             deadline=batch.deadline,
             interrupt=batch.interrupt,
             before_attempt=before_attempt,
+            after_failure=lambda exc: self._note_failure(batch, rows, exc),
         )
+
+    def _note_failure(self, batch: _Batch, rows: Sequence[Row], exc: RetryableError) -> None:
+        """A failed attempt, in the file at once (the rows stay claimed): status shows the cause.
+
+        Without it, attempts and the error reached the file only when the
+        round gave up, minutes of retries later.
+        """
+        ids = [row.id for row in rows]
+        try:
+            for attempts, same in batch.by_attempts(ids).items():
+                batch.lease.note_failure(
+                    same, attempts=attempts, status=exc.status, error=error_text(exc),
+                    first_attempt_at=batch.claimed_at,
+                )  # fmt: skip
+        except Exception:  # noted at the end of the round instead
+            log.debug("could not note a failed attempt yet", exc_info=True)
+            return
+        for row_id in ids:
+            batch.attempts[row_id] = 0
 
     # -- settling rows -----------------------------------------------------------------
 

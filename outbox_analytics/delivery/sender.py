@@ -104,12 +104,14 @@ class Sender:
         deadline: float | None,
         interrupt: Interruption | None,
         before_attempt: Callable[[int], Callable[[], None] | None],
+        after_failure: Callable[[RetryableError], None] | None = None,
     ) -> None:
         """POST `messages` (a JSON array) until a 2xx; else APIError, RetryableError, Interrupted.
 
         `deadline` (monotonic) bounds the retries and each request.
         `before_attempt(number)` runs before each attempt and may return a
-        function to run while that request is on the wire.
+        function to run while that request is on the wire; `after_failure(exc)`
+        runs after each failed attempt that will be retried.
         """
         stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.max_retries + 1)
         if deadline is not None:
@@ -120,7 +122,7 @@ class Sender:
             stop=stop,
             wait=lambda state: self._wait(state, deadline),
             sleep=sleep,
-            before_sleep=_log_retry,
+            before_sleep=lambda state: _after_failure(state, after_failure),
             reraise=True,
         )
         last_failure: RetryableError | None = None
@@ -168,6 +170,15 @@ def _stop_at(deadline: float) -> tenacity.stop.stop_base:
             return time.monotonic() >= deadline
 
     return _StopAtDeadline()
+
+
+def _after_failure(
+    state: tenacity.RetryCallState, then: Callable[[RetryableError], None] | None
+) -> None:
+    _log_retry(state)
+    exc = state.outcome.exception() if state.outcome else None
+    if then is not None and isinstance(exc, RetryableError):
+        then(exc)
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:

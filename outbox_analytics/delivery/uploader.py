@@ -171,6 +171,18 @@ class Uploader:
         self.sender.close()
         return True
 
+    def let_go_at_exit(self) -> None:
+        """At exit, a request outlived the budget: its rows (and those claimed ahead) pending now.
+
+        The process ends and its thread with it; left in flight, the rows
+        would read as "in flight with no uploader alive" until the next run.
+        If the thread still gets its answer before the end, those rows are
+        sent again by the next run (same messageIds: the receiver drops them).
+        """
+        lease = self.holder.lease
+        if lease is not None:
+            lease.reclaim()
+
     def _thread_step(self) -> float:
         with self.holder.turn():
             return self.step()

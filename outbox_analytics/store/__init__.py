@@ -13,16 +13,26 @@ Only this package imports sqlite3, persistqueue's table layout and msgpack.
 """
 
 from .lease import UploadLease
-from .outbox import DEFAULT_MAX_PENDING, Outbox, default_outbox_path
+from .outbox import (
+    DEFAULT_MAX_PENDING,
+    PATH_ENV,
+    Outbox,
+    default_directories,
+    default_outbox_path,
+    fallback_outbox_path,
+)
 from .schema import Head, OutboxStats, Row, encode_message
 
 __all__ = [
     "DEFAULT_MAX_PENDING",
+    "PATH_ENV",
     "Head",
     "Outbox",
     "OutboxStats",
     "Row",
     "UploadLease",
+    "default_directories",
     "default_outbox_path",
     "encode_message",
+    "fallback_outbox_path",
 ]

@@ -199,7 +199,7 @@ class UploadLease:
         chosen = list(ids)
         params: tuple[Any, ...] = ()
         assignments = ""
-        if attempts:
+        if attempts or error is not None or next_attempt_at is not None:
             assignments = (
                 ", attempts = attempts + ?,"
                 " last_status = coalesce(?, last_status), last_error = coalesce(?, last_error),"
@@ -213,6 +213,24 @@ class UploadLease:
                 schema.make_pending(conn, where, chunk, assignments, params)
 
         self._db.write(make_pending, "release rows")
+
+    def note_failure(
+        self,
+        ids: Iterable[int],
+        *,
+        attempts: int,
+        status: int | None,
+        error: str,
+        first_attempt_at: float | None = None,
+    ) -> None:
+        """Count failed sends of in-flight rows, with the last cause; they stay in flight."""
+        chosen = list(ids)
+        assignments = (
+            "attempts = attempts + ?, last_status = ?, last_error = ?,"
+            " first_attempt_at = coalesce(first_attempt_at, ?)"
+        )
+        params = (attempts, status, error, first_attempt_at or time.time())
+        self._db.write(lambda conn: _update(conn, assignments, params, chosen), "note a failure")
 
     def dead_letter(
         self,

@@ -16,6 +16,7 @@ import os
 import secrets
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -31,6 +32,7 @@ from ..errors import (
     OutboxMismatch,
     OutboxUnavailable,
 )
+from ..request import display_url
 from . import connection, recovery, schema
 from .connection import Database, file_identity
 from .files import create_outbox_file
@@ -44,9 +46,18 @@ from .lease import (
     try_lease,
     unmark_writer,
 )
-from .schema import INFLIGHT_WHERE, TABLE, Head, OutboxStats, Row
+from .schema import INFLIGHT_WHERE, OWNER_HOST_URL, TABLE, Head, OutboxStats, Row
 
-__all__ = ["DEFAULT_MAX_PENDING", "Outbox", "default_outbox_path"]
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "PATH_ENV",
+    "Outbox",
+    "default_directories",
+    "default_outbox_path",
+    "fallback_outbox_path",
+]
+
+PATH_ENV = "OUTBOX_ANALYTICS_PATH"
 
 log = logging.getLogger("outbox_analytics")
 T = TypeVar("T")
@@ -75,11 +86,35 @@ def default_outbox_path(write_key: str, host: str) -> str:
     working directory finds what its last run left pending. The write key is
     hashed: it never appears in a file name.
     """
-    override = os.environ.get("OUTBOX_ANALYTICS_PATH")
+    override = os.environ.get(PATH_ENV)
     if override:
         return override
+    return os.path.join(_user_state_dir(), "outbox-analytics", _file_name(write_key, host))
+
+
+def fallback_outbox_path(write_key: str, host: str) -> str:
+    """Where the default outbox goes when the state directory cannot be used.
+
+    No home, a read-only root, AWS Lambda, a container running as `nobody`:
+    a per-user directory under the system's temp directory, made 0700 and
+    refused if another user made it first (see files.py).
+    """
+    return os.path.join(fallback_directory(), _file_name(write_key, host))
+
+
+def fallback_directory() -> str:
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return os.path.join(tempfile.gettempdir(), f"outbox-analytics-{user}")
+
+
+def default_directories() -> list[str]:
+    """Where default outboxes live: the state directory, then the fallback one."""
+    return [os.path.join(_user_state_dir(), "outbox-analytics"), fallback_directory()]
+
+
+def _file_name(write_key: str, host: str) -> str:
     digest = hashlib.sha256(f"{host}\n{write_key}".encode()).hexdigest()[:16]
-    return os.path.join(_user_state_dir(), "outbox-analytics", f"outbox-{digest}.sqlite3")
+    return f"outbox-{digest}.sqlite3"
 
 
 def _user_state_dir() -> str:
@@ -265,10 +300,15 @@ class Outbox:
     def bind(self, write_key: str, host: str | None, *, force: bool = False) -> None:
         """Check that this outbox belongs to `write_key` (and `host`); record them when new.
 
-        Raises OutboxMismatch naming which differs (the key is never shown).
-        Only salted hashes are stored, never the key. `host=None` (a client
-        that only stores) leaves the host to the first client that uploads;
-        `force=True` makes the given key and host the owners (a rotated key).
+        Raises OutboxMismatch naming which differs (the key is never shown;
+        the host is, as the file records it). Only salted hashes are stored,
+        never the key; the host is also stored as `display_url` shows it
+        (scheme, host and port: no credentials, no path), so that `ls` and
+        `drain` can say which host a file belongs to. A file bound before
+        that was recorded learns it at the next bind with its host.
+        `host=None` (a client that only stores) leaves the host to the first
+        client that uploads; `force=True` makes the given key and host the
+        owners (a rotated key).
         """
         wanted = {"owner_key": write_key, "owner_host": host}
 
@@ -284,16 +324,36 @@ class Outbox:
                 if stored is None or force:
                     schema.write_meta(conn, name, _fingerprint(salt, value))
                 elif stored != _fingerprint(salt, value):
-                    return "write key" if name == "owner_key" else "host"
+                    return _mismatch(name, schema.read_meta(conn, OWNER_HOST_URL), value)
+            if host is not None:  # the owner (now): record, or learn, where it sends
+                schema.write_meta(conn, OWNER_HOST_URL, display_url(host))
             return None
 
         differs = self._recovering(lambda: self._db.write(check, "record the outbox's owner"))
         if differs:
             raise OutboxMismatch(
-                f"this outbox holds events for another {differs}; give each write key"
+                f"this outbox holds events for {differs}; give each write key"
                 " and host an outbox file of its own",
                 self.path,
             )
+
+    def owner_host(self) -> str | None:
+        """The host this file's events go to, as `display_url` shows it; None if not recorded.
+
+        Files bound before the host was recorded, and files no uploading
+        client has opened yet, have none.
+        """
+        return self._recovering(lambda: self._db.read(_read_owner_host))
+
+    def owned_by_host(self, host: str) -> bool:
+        """Whether the file's events are `host`'s (False when it records no host)."""
+
+        def check(conn: sqlite3.Connection) -> bool:
+            salt = schema.read_meta(conn, "owner_salt")
+            stored = schema.read_meta(conn, "owner_host")
+            return salt is not None and stored == _fingerprint(salt, host)
+
+        return self._recovering(lambda: self._db.read(check))
 
     # -- appending ------------------------------------------------------------
 
@@ -568,18 +628,19 @@ class Outbox:
                 ).fetchall()
             )
             heads = conn.execute(f"SELECT {head_columns} {schema.FIRST_PENDING} LIMIT 1").fetchall()
-            if not alive:  # orphans come first: the next uploader reclaims them in place
-                heads += conn.execute(
-                    f"SELECT {head_columns} FROM {TABLE} WHERE {INFLIGHT_WHERE}"
-                    " ORDER BY _id LIMIT 1"
-                ).fetchall()
+            # Rows in flight come first: an uploader is trying them (its failed
+            # attempts are noted as they happen), or the next reclaims them in place.
+            heads += conn.execute(
+                f"SELECT {head_columns} FROM {TABLE} WHERE {INFLIGHT_WHERE} ORDER BY _id LIMIT 1"
+            ).fetchall()
             dropped = schema.read_meta(conn, "dropped")
             pinned_since = schema.read_meta(conn, _WAL_PINNED_KEY)
             return pending, taken, min(heads, default=None), dropped, pinned_since
 
         with self._db.memory_mapped():
             pending, taken, head, dropped, pinned_since = self._db.snapshot(read)
-        if wal_bytes(self.path) <= connection.WAL_LIMIT_BYTES:
+        log_bytes = wal_bytes(self.path)
+        if log_bytes <= connection.WAL_LIMIT_BYTES:
             pinned_since = None  # (a note left by a writer that stopped since: the log is back)
         inflight = int(taken.get(schema.INFLIGHT, 0))
         if not alive:
@@ -598,6 +659,7 @@ class Outbox:
             head_last_error=head[4] if head else None,
             head_next_attempt_at=head[5] if head else None,
             wal_pinned_since=pinned_since,
+            wal_bytes=log_bytes,
         )
 
     def rows(self, state: str = "pending", limit: int | None = None) -> Iterator[Row]:
@@ -643,6 +705,22 @@ def _resolve(path: str | os.PathLike[str]) -> str:
     if os.path.isdir(resolved):
         raise OutboxUnavailable("the outbox path is a directory", resolved)
     return resolved
+
+
+def _mismatch(name: str, recorded_host: Any, host: str) -> str:
+    """What differs, in words: the key is never shown, a host is (without credentials)."""
+    if name == "owner_key":
+        return "another write key"
+    if recorded_host is None:  # bound before hosts were recorded
+        return f"another host (not recorded in this file), not {display_url(host)}"
+    if recorded_host == display_url(host):  # the same server, another path
+        return f"host {recorded_host} with another path than the one given"
+    return f"host {recorded_host}, not {display_url(host)}"
+
+
+def _read_owner_host(conn: sqlite3.Connection) -> str | None:
+    shown = schema.read_meta(conn, OWNER_HOST_URL)
+    return None if shown is None else str(shown)
 
 
 def _fingerprint(salt: str, value: str) -> str:

@@ -1,0 +1,147 @@
+"""What people see: warnings on stderr when nothing is configured, the cause at once, one exit line.
+
+And what the file says after a normal exit: no row left in flight, every view
+agreeing on what is pending.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from outbox_analytics import cli
+
+from .conftest import start_python
+from .receiver import Reply
+
+FAILING_JOB = """
+import sys, tenacity
+from outbox_analytics import Client
+client = Client("k", host=sys.argv[1], outbox_path=sys.argv[2], max_retries=1,
+                retry_wait=tenacity.wait_fixed(0.01))
+for n in range(3):
+    client.track("user", "E", {"n": n})
+"""
+
+
+def test_a_script_that_configured_no_logging_sees_failures_on_stderr_and_one_exit_line(
+    receiver, outbox_file: Path
+) -> None:
+    receiver.responder = lambda request: Reply(503, body='{"message": "down for maintenance"}')
+    job = start_python(FAILING_JOB, receiver.url, str(outbox_file))
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 0, err
+    assert "down for maintenance" in err  # the rounds' warning, through the last-resort handler
+    left = [line for line in err.splitlines() if "not sent yet" in line]
+    assert len(left) == 1  # one line, not one per event
+    assert "3 event(s)" in left[0] and str(outbox_file) in left[0]
+    assert f"outbox-analytics drain {outbox_file}" in left[0]
+
+
+def test_a_program_that_configured_logging_gets_only_what_it_asked_for(
+    receiver, outbox_file: Path, tmp_path: Path
+) -> None:
+    receiver.responder = lambda request: Reply(503)
+    logged = tmp_path / "app.log"
+    configure = f"import logging; logging.basicConfig(filename={str(logged)!r})\n"
+    job = start_python(configure + FAILING_JOB, receiver.url, str(outbox_file))
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 0 and err == ""
+    assert "not sent yet" in logged.read_text()
+
+
+def test_a_normal_exit_leaves_no_row_in_flight_and_every_view_agrees(
+    receiver, outbox_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    receiver.responder = lambda request: Reply(delay=5)  # still on the wire at the exit budget
+    job = start_python(FAILING_JOB, receiver.url, str(outbox_file))
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 0, err
+    assert cli.main(["check", str(outbox_file)]) == 0
+    capsys.readouterr()
+    assert cli.main(["status", "--json", str(outbox_file)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert cli.main(["list", "--json", str(outbox_file)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert status["pending"] == 3 and status["inflight"] == 0
+    assert len(listed) == 3
+
+
+def test_attempts_and_the_cause_are_in_the_file_at_the_first_failure(make_client, receiver) -> None:
+    import tenacity
+
+    receiver.responder = lambda request: Reply(503, body='{"message": "overloaded"}')
+    client = make_client(max_retries=20, retry_wait=tenacity.wait_fixed(0.5))
+    client.track("user", "E")
+    deadline = time.monotonic() + 5
+    stats = client.stats()
+    while stats is not None and not stats.head_attempts and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = client.stats()
+    assert stats is not None and stats.head_attempts >= 1  # during the round, not after it
+    assert "overloaded" in (stats.head_last_error or "") and stats.head_last_status == 503
+    assert len(receiver.requests) < 10  # still retrying: the round is far from its end
+    out = subprocess.run(
+        [sys.executable, "-m", "outbox_analytics", "status", "--json", client.outbox_path],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "overloaded" in json.loads(out)["head_last_error"]  # another process reads it too
+    receiver.responder = lambda request: Reply()
+    result = client.flush(timeout=10)
+    assert result.pending == 0 and client.stats().head_attempts == 0
+
+
+MODULE_API_JOB = """
+import json, os, outbox_analytics
+outbox_analytics.write_key = "k"
+outbox_analytics.upload = False
+ok, message = outbox_analytics.track("user", "E")
+client = outbox_analytics.default_client
+path = client.outbox_path if client else None
+print(json.dumps({"ok": ok, "event": message["event"], "path": path}))
+"""
+
+
+def _run_with(env: dict[str, str], code: str) -> tuple[dict, str]:
+    import os
+
+    job = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env},
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    return json.loads(job.stdout), job.stderr
+
+
+def test_the_module_api_falls_back_to_a_private_temp_directory(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {"XDG_STATE_HOME": "/proc/no-state-here", "TMPDIR": str(temp)}
+    result, err = _run_with(env, MODULE_API_JOB)
+    assert result["ok"] and result["event"] == "E"
+    assert Path(result["path"]).parent == temp / f"outbox-analytics-{__import__('os').getuid()}"
+    assert (Path(result["path"]).parent.stat().st_mode & 0o777) == 0o700
+    assert "OUTBOX_ANALYTICS_PATH" in err and "outbox_path" in err  # the warning says how to choose
+
+
+def test_the_module_api_never_raises_where_nothing_can_be_stored(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    (temp / f"outbox-analytics-{__import__('os').getuid()}").write_text("not a directory")
+    env = {"XDG_STATE_HOME": "/proc/no-state-here", "TMPDIR": str(temp)}
+    result, err = _run_with(env, MODULE_API_JOB)
+    assert result == {"ok": False, "event": "E", "path": None}
+    assert "not stored" in err and "OUTBOX_ANALYTICS_PATH" in err
+
+
+def test_an_outbox_path_given_still_fails_at_client() -> None:
+    from outbox_analytics import Client, OutboxUnavailable
+
+    with pytest.raises(OutboxUnavailable):
+        Client("k", outbox_path="/proc/no-such-dir/outbox.sqlite3", upload=False)
