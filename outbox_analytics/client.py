@@ -706,7 +706,6 @@ class Client:
         except Exception:
             log.exception("outbox-analytics: flush at exit failed; events stay in the outbox")
 
-
     def _say_what_is_left(self) -> None:
         """At exit: one line for the events the file still holds, unless another process sends them.
 
