@@ -30,7 +30,7 @@ import orjson
 
 from .errors import APIError, RetryableError
 from .transport import Reply, Transport
-from .utils import printable
+from .utils import display_url, printable
 from .version import VERSION
 from .wire import ACCEPT_ENCODING, Call, mount_cuttable_adapters, read_answer
 
@@ -550,19 +550,6 @@ def _report_once(error: RetryableError, key: str) -> RetryableError:
 
 
 _settings_errors_logged: set[str] = set()
-
-
-def display_url(url: str) -> str:
-    """`url` as scheme://host:port, the way it is shown in every text: no credentials, no path."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "(an unreadable URL)"
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
 
 
 # scheme://user:password@ in any text (a proxy's URL in requests' words, a Location)

@@ -35,6 +35,7 @@ import os
 import reprlib
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -46,6 +47,7 @@ from . import process
 
 __all__ = [
     "clean",
+    "display_url",
     "guess_timezone",
     "new_message_id",
     "printable",
@@ -436,3 +438,16 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def display_url(url: str) -> str:
+    """`url` as scheme://host:port, the way it is shown in every text: no credentials, no path."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(an unreadable URL)"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")

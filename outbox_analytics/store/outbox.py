@@ -32,7 +32,7 @@ from ..errors import (
     OutboxMismatch,
     OutboxUnavailable,
 )
-from ..request import display_url
+from ..utils import display_url
 from . import connection, recovery, schema
 from .connection import Database, file_identity
 from .files import create_outbox_file
