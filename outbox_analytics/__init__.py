@@ -138,8 +138,8 @@ def _delegate(method: Callable[Concatenate[Client, P], R]) -> Callable[P, R]:
                 built: R = getattr(_message_builder(), name)(*args, **kwargs)
                 return cast(R, (False, built[1]))  # type: ignore[index]
             bound: Callable[P, R] = getattr(client, name)
-        else:
-            bound = getattr(_client(), name)
+        else:  # flush(), stats()...: on a client that stores nothing, when none can store
+            bound = getattr(_client_if_it_can_store() or _message_builder(), name)
         return bound(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
@@ -164,8 +164,8 @@ _cannot_store = RateLimitedLog()
 def _client_if_it_can_store() -> Client | None:
     """The default client; None (with a warning) while its outbox cannot be opened anywhere.
 
-    The six calls never raise because of where the outbox lives: Segment's
-    never do. `Client(outbox_path=...)` itself still fails fast.
+    The module's calls never raise because of where the outbox lives:
+    Segment's never do. `Client(outbox_path=...)` itself still fails fast.
     """
     global _failed_at
     if default_client is not None:

@@ -34,6 +34,7 @@ from .store import (
     encode_message,
     fallback_outbox_path,
 )
+from .store.files import make_own_directory
 from .transport import MemoryTransport, Transport
 from .utils import (
     RateLimitedLog,
@@ -277,6 +278,7 @@ class Client:
             why = str(exc)
         fallback = fallback_outbox_path(self.write_key, self.host)
         try:
+            make_own_directory(os.path.dirname(fallback))  # (a name anyone may take first)
             outbox = Outbox(fallback, fsync=fsync, max_pending=max_pending)
         except OutboxUnavailable as other:
             raise OutboxUnavailable(
@@ -719,8 +721,8 @@ class Client:
             stats = outbox.stats()
         except Exception:
             return  # (an error about the file was logged when it happened)
-        if not stats.pending or (stats.uploader_alive and not outbox.lease_held_here()):
-            return  # nothing left, or a live process sends it
+        if not stats.pending or self._another_process_sends(outbox):
+            return
         if handoff.handed_off(outbox.path):
             return  # a sender of ours goes on with them, quietly
         why = stats.head_last_error or f"the exit budget ({EXIT_BUDGET:g}s) ran out"
@@ -729,6 +731,22 @@ class Client:
             " them, or now: outbox-analytics drain %s",
             stats.pending, outbox.path, printable(why[:300]), shlex.quote(outbox.path),
         )  # fmt: skip
+
+    def _another_process_sends(self, outbox: Outbox) -> bool:
+        """Whether a live uploader of another process holds the file's lease.
+
+        Our own thread may be giving the lease back at this very moment (a
+        request outlived the exit budget): while it runs, the events are ours
+        to report; once it ended, a lease still held is another process's.
+        """
+        assert self.uploader is not None
+        for _ in range(2):
+            if self.uploader.running or outbox.lease_held_here():
+                return False
+            if outbox.lease_is_free():
+                return False
+            time.sleep(0.05)  # (the lock may be on its way out with our thread)
+        return True
 
 
 _clients_to_flush_at_exit: weakref.WeakSet[Client] = weakref.WeakSet()

@@ -551,11 +551,8 @@ def test_purge_dry_run_on_a_damaged_file_moves_nothing(cli, populated: Path) -> 
 
 
 def test_check_and_vacuum(cli, populated: Path) -> None:
-    healthy = cli("check", populated, "--json")
-    assert healthy.json()["problems"] == [
-        "rows in flight with no uploader alive (the next uploader reclaims them)"
-    ]
-    assert healthy.code == 1
+    healthy = cli("check", populated, "--json")  # rows left in flight count as pending
+    assert healthy.json()["problems"] == [] and healthy.code == 0
     with Outbox(populated) as outbox:
         outbox.append(b"\xc1 garbage")
     broken = cli("check", populated, "--json").json()

@@ -7,6 +7,7 @@ agreeing on what is pending.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,8 +109,6 @@ print(json.dumps({"ok": ok, "event": message["event"], "path": path}))
 
 
 def _run_with(env: dict[str, str], code: str) -> tuple[dict, str]:
-    import os
-
     job = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True, text=True, timeout=60,
@@ -125,7 +124,7 @@ def test_the_module_api_falls_back_to_a_private_temp_directory(tmp_path: Path) -
     env = {"XDG_STATE_HOME": "/proc/no-state-here", "TMPDIR": str(temp)}
     result, err = _run_with(env, MODULE_API_JOB)
     assert result["ok"] and result["event"] == "E"
-    assert Path(result["path"]).parent == temp / f"outbox-analytics-{__import__('os').getuid()}"
+    assert Path(result["path"]).parent == temp / f"outbox-analytics-{os.getuid()}"
     assert (Path(result["path"]).parent.stat().st_mode & 0o777) == 0o700
     assert "OUTBOX_ANALYTICS_PATH" in err and "outbox_path" in err  # the warning says how to choose
 
@@ -133,7 +132,7 @@ def test_the_module_api_falls_back_to_a_private_temp_directory(tmp_path: Path) -
 def test_the_module_api_never_raises_where_nothing_can_be_stored(tmp_path: Path) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    (temp / f"outbox-analytics-{__import__('os').getuid()}").write_text("not a directory")
+    (temp / f"outbox-analytics-{os.getuid()}").write_text("not a directory")
     env = {"XDG_STATE_HOME": "/proc/no-state-here", "TMPDIR": str(temp)}
     result, err = _run_with(env, MODULE_API_JOB)
     assert result == {"ok": False, "event": "E", "path": None}
@@ -145,3 +144,91 @@ def test_an_outbox_path_given_still_fails_at_client() -> None:
 
     with pytest.raises(OutboxUnavailable):
         Client("k", outbox_path="/proc/no-such-dir/outbox.sqlite3", upload=False)
+
+
+def test_the_module_api_never_raises_where_nothing_can_be_stored_not_even_at_the_end(
+    tmp_path: Path,
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    (temp / f"outbox-analytics-{os.getuid()}").write_text("not a directory")
+    env = {"XDG_STATE_HOME": "/proc/no-state-here", "TMPDIR": str(temp)}
+    code = (
+        "import json, outbox_analytics as a; a.write_key = 'k'; a.track('u', 'E');"
+        " print(json.dumps([str(a.flush()), a.stats(), a.join(), str(a.shutdown())]))"
+    )
+    job = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env},
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr  # a migrated script ending in flush() ends well
+    nothing = "FlushResult(sent=0, dead=0, pending=0)"
+    assert json.loads(job.stdout) == [nothing, None, None, nothing]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory another user owns needs root")
+@pytest.mark.parametrize("mode", [0o700, 0o755])
+def test_a_fallback_directory_another_user_made_first_is_refused(tmp_path: Path, mode: int) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    planted = temp / f"outbox-analytics-{os.getuid()}"
+    planted.mkdir(mode=mode)
+    os.chown(planted, 65534, 65534)
+    env = {"XDG_STATE_HOME": "/proc/no-state-here", "TMPDIR": str(temp)}
+    result, err = _run_with(env, MODULE_API_JOB)
+    assert result == {"ok": False, "event": "E", "path": None}
+    assert "owned by uid 65534" in err and list(planted.iterdir()) == []
+
+
+def test_a_fallback_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    temp, elsewhere = tmp_path / "tmp", tmp_path / "elsewhere"
+    temp.mkdir()
+    elsewhere.mkdir(mode=0o700)
+    (temp / f"outbox-analytics-{os.getuid()}").symlink_to(elsewhere)
+    env = {"XDG_STATE_HOME": "/proc/no-state-here", "TMPDIR": str(temp)}
+    result, _ = _run_with(env, MODULE_API_JOB)
+    assert result["ok"] is False and list(elsewhere.iterdir()) == []
+
+
+def test_the_exit_line_is_there_every_time_the_server_is_down(outbox_file: Path) -> None:
+    code = FAILING_JOB  # max_retries=1 against a refused connection: a round ends fast
+    for _ in range(4):
+        job = start_python(code, "http://127.0.0.1:9", str(outbox_file))
+        _, err = job.communicate(timeout=30)
+        left = [line for line in err.splitlines() if "not sent yet" in line]
+        assert len(left) == 1, err  # it went missing in a third of runs (a race with the lease)
+
+
+SIGTERMED_JOB = """
+import sys, time
+from outbox_analytics import Client
+client = Client("k", host=sys.argv[1], outbox_path=sys.argv[2], upload_size=100)
+for n in range(300):
+    client.track("user", "E", {"n": n})
+print("tracked", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_sigterm_mid_request_leaves_views_that_agree_and_check_passes(
+    receiver, outbox_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    receiver.responder = lambda request: Reply(delay=10)
+    job = start_python(SIGTERMED_JOB, receiver.url, str(outbox_file))
+    assert job.stdout is not None and job.stdout.readline().strip() == "tracked"
+    deadline = time.monotonic() + 10
+    while not receiver.requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)  # Python's default: no atexit, rows stay in flight
+    job.communicate(timeout=30)
+    assert cli.main(["check", str(outbox_file)]) == 0
+    capsys.readouterr()
+    cli.main(["status", "--json", str(outbox_file)])
+    pending = json.loads(capsys.readouterr().out)["pending"]
+    cli.main(["list", "--json", "--limit", "1000", str(outbox_file)])
+    listed = len(json.loads(capsys.readouterr().out))
+    cli.main(["export", str(outbox_file), "--state", "pending"])
+    exported = len(capsys.readouterr().out.splitlines())
+    assert pending == listed == exported == 300

@@ -39,6 +39,7 @@ __all__ = [
     "check_sidecars",
     "create_outbox_file",
     "create_private_file",
+    "make_own_directory",
     "refusal",
 ]
 
@@ -177,6 +178,29 @@ def refusal(info: os.stat_result, uid: int, what: str = "the outbox file") -> st
         mode = stat.S_IMODE(info.st_mode)
         return f"{what} is writable by other users (mode {mode:04o}): chmod 600 it"
     return None
+
+
+def make_own_directory(folder: str) -> None:
+    """Make `folder` (0700), or refuse it unless it is a directory of ours no one else may write.
+
+    For a directory at a name anyone can take first (the fallback under
+    /tmp): another user who made it could put links or files in it.
+    """
+    _make_private_dirs(folder)
+    try:
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise OutboxUnavailable(f"cannot make the directory ({exc.strerror})", folder) from exc
+    uid = os.geteuid()
+    if not stat.S_ISDIR(info.st_mode):
+        raise OutboxUnavailable("refusing it: not a directory (a link or a file)", folder)
+    if info.st_uid != uid or info.st_mode & 0o022:
+        mode = stat.S_IMODE(info.st_mode)
+        raise OutboxUnavailable(
+            f"refusing the directory: owned by uid {info.st_uid} with mode {mode:04o}, not one"
+            f" only you (uid {uid}) may write: remove it, or set outbox_path",
+            folder,
+        )
 
 
 def check_file(path: str, what: str = "the outbox file") -> os.stat_result:

@@ -670,6 +670,9 @@ class Outbox:
         if state not in schema.STATE_WHERE:
             raise ValueError(f"state must be one of {sorted(schema.STATE_WHERE)}, got {state!r}")
         where = schema.STATE_WHERE[state]
+        orphans = state == "pending" and self.lease_is_free()
+        if orphans:  # left in flight by an uploader that ended: pending, as stats() counts them
+            where = f"({where} OR {INFLIGHT_WHERE})"
         after, remaining = 0, limit
         while remaining is None or remaining > 0:
             page = 500 if remaining is None else min(500, remaining)
@@ -679,7 +682,8 @@ class Outbox:
                 (after, page),
             )
             for raw in raws:
-                yield schema.readable_row(raw)
+                row = schema.readable_row(raw)
+                yield row._replace(state="pending") if orphans else row
             if len(raws) < page:
                 return
             after = raws[-1][0]
