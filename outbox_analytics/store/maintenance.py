@@ -91,13 +91,18 @@ def requeue(outbox: Outbox, ids: Iterable[int] | None = None) -> int:
     missing = outbox.database.snapshot(lambda conn: _not_dead(conn, chosen), "requeue")
     if missing:
         raise NotDead(missing)
-    moved = 0
-    for start in range(0, len(chosen), _ROWS_PER_TRANSACTION):
+    return _write_by_ids(outbox, chosen, _requeue_ids, "requeue")
+
+
+def _write_by_ids(outbox: Outbox, ids: Sequence[int], work: Callable[..., int], doing: str) -> int:
+    """`work(conn, ids=...)` on `ids`, one short transaction per chunk, giving way between."""
+    done = 0
+    for start in range(0, len(ids), _ROWS_PER_TRANSACTION):
         if start:
             _give_way(outbox)
-        share = chosen[start : start + _ROWS_PER_TRANSACTION]
-        moved += outbox.database.write(functools.partial(_requeue_ids, ids=share), "requeue")
-    return moved
+        share = ids[start : start + _ROWS_PER_TRANSACTION]
+        done += outbox.database.write(functools.partial(work, ids=share), doing)
+    return done
 
 
 def _give_way(outbox: Outbox) -> None:
@@ -280,22 +285,16 @@ def _as_id(value: Any) -> str | None:
 def _delete_unclaimed(outbox: Outbox, ids: Sequence[int]) -> int:
     """Delete those of `ids` still pending or dead, 5,000 per transaction; how many."""
 
-    def delete(conn: sqlite3.Connection, share: Sequence[int]) -> int:
+    def delete(conn: sqlite3.Connection, ids: Sequence[int]) -> int:
         deleted = 0
-        for start in range(0, len(share), _ID_CHUNK):
-            chunk = share[start : start + _ID_CHUNK]
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start : start + _ID_CHUNK]
             marks = ",".join("?" * len(chunk))
             where = f"_id IN ({marks}) AND ({schema.PENDING_WHERE} OR {DEAD_WHERE})"
             deleted += schema.delete_rows(conn, where, chunk)
         return deleted
 
-    removed = 0
-    for start in range(0, len(ids), _ROWS_PER_TRANSACTION):
-        if start:
-            _give_way(outbox)
-        share = ids[start : start + _ROWS_PER_TRANSACTION]
-        removed += outbox.database.write(functools.partial(delete, share=share), "erase")
-    return removed
+    return _write_by_ids(outbox, ids, delete, "erase")
 
 
 def vacuum(outbox: Outbox) -> tuple[int, int]:
