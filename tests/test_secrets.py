@@ -54,6 +54,17 @@ def test_on_error_and_sync_errors_carry_no_frame_holding_the_write_key(
         assert WRITE_KEY not in text and BASIC not in text
 
 
+def _oauth_client(make_client, auth: AuthServer, key_pem: str) -> tuple[Client, list[Exception]]:
+    """An OAuth client of `auth`, with no retries, and the errors it hands on_error."""
+    reports: list[Exception] = []
+    client = make_client(
+        max_retries=0, on_error=lambda exc, batch: reports.append(exc),
+        oauth_client_id=CLIENT_ID, oauth_client_key=key_pem, oauth_key_id=KEY_ID,
+        oauth_auth_server=auth.url,
+    )  # fmt: skip
+    return client, reports
+
+
 def test_oauth_failures_carry_no_token_or_assertion(
     make_client, receiver, key_pem: str, outbox_file: Path
 ) -> None:
@@ -68,12 +79,7 @@ def test_oauth_failures_carry_no_token_or_assertion(
         return checked if checked.status != 200 else next(failures, checked)
 
     receiver.responder = respond
-    reports: list[Exception] = []
-    client = make_client(
-        max_retries=0, on_error=lambda exc, batch: reports.append(exc),
-        oauth_client_id=CLIENT_ID, oauth_client_key=key_pem, oauth_key_id=KEY_ID,
-        oauth_auth_server=auth.url,
-    )  # fmt: skip
+    client, reports = _oauth_client(make_client, auth, key_pem)
     client.track("user", "E")
     for _ in range(4):
         client.flush(timeout=5)
@@ -129,12 +135,7 @@ def test_a_token_server_quoting_the_assertion_puts_it_nowhere(
         return Reply(400, body=json.dumps(error))
 
     receiver.responder = quote_it
-    reports: list[Exception] = []
-    client = make_client(
-        max_retries=0, on_error=lambda exc, batch: reports.append(exc),
-        oauth_client_id=CLIENT_ID, oauth_client_key=key_pem, oauth_key_id=KEY_ID,
-        oauth_auth_server=auth.url,
-    )  # fmt: skip
+    client, reports = _oauth_client(make_client, auth, key_pem)
     client.track("user", "E")
     client.flush(timeout=5)
     stats = client.stats()
