@@ -651,19 +651,26 @@ class Client:
             return self._nothing_sent()
         return self.uploader.flush(timeout)
 
-    def drain(self, timeout: float | None = None) -> FlushResult:
+    def drain(
+        self,
+        timeout: float | None = None,
+        progress: Callable[[FlushResult], None] | None = None,
+    ) -> FlushResult:
         """Send what is pending now on the calling thread, and return counts, like flush().
 
         For programs that exist to deliver (`outbox-analytics drain`): no
         background thread is needed, `timeout` bounds the whole call (a
         request in flight included), and an interruption (KeyboardInterrupt,
         a signal handler raising) hands the rows in flight back to pending
-        before it propagates.
+        before it propagates. `progress`, if given, is called on this thread
+        after each batch with the counts so far.
         """
         _require_timeout(timeout)
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be callable, got {progress!r}")
         if self.uploader is None:
             return self._nothing_sent()
-        return self.uploader.drain(timeout)
+        return self.uploader.drain(timeout, progress)
 
     def _nothing_sent(self) -> FlushResult:
         stats = self.stats()

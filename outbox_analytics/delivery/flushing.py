@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import process, servers
@@ -73,7 +74,11 @@ def flush(uploader: Uploader, timeout: float | None = None) -> FlushResult:
     return FlushResult(sent=uploader.sent - sent, dead=uploader.dead - dead, pending=left)
 
 
-def drain(uploader: Uploader, timeout: float | None = None) -> FlushResult:
+def drain(
+    uploader: Uploader,
+    timeout: float | None = None,
+    progress: Callable[[FlushResult], None] | None = None,
+) -> FlushResult:
     """Send what is pending now from the calling thread; return when done or stuck.
 
     Returns when every row pending at the call is delivered or dead, when

@@ -294,9 +294,13 @@ class Uploader:
         """Wait until what is pending now is delivered or dead, retries ran out, or timeout."""
         return flushing.flush(self, timeout)
 
-    def drain(self, timeout: float | None = None) -> FlushResult:
+    def drain(
+        self,
+        timeout: float | None = None,
+        progress: Callable[[FlushResult], None] | None = None,
+    ) -> FlushResult:
         """Send what is pending now from the calling thread; return when done or stuck."""
-        return flushing.drain(self, timeout)
+        return flushing.drain(self, timeout, progress)
 
     @contextlib.contextmanager
     def hurry(self, started: float) -> Iterator[None]:
