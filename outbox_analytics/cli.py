@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -42,6 +44,8 @@ from .client import (
     kill_switch_on,
     validate_message,
 )
+from .delivery.flushing import TIMED_OUT, FlushResult
+from .delivery.rounds import DEAD_LETTERED
 from .errors import (
     NotAnOutbox,
     OutboxAnalyticsError,
@@ -555,7 +559,7 @@ def _short_age(seconds: float) -> str:
 def _list(args: argparse.Namespace) -> int:
     with _reader(args.path) as outbox:
         matching = _matching(outbox.rows(args.state), args.type, args.event)
-        rows = [row for _, row in zip(range(args.limit + 1), matching)]
+        rows = list(itertools.islice(matching, args.limit + 1))
     more = len(rows) > args.limit
     rows = rows[: args.limit]
     if args.json:
@@ -906,31 +910,41 @@ def _drain(args: argparse.Namespace) -> int:
         client = _drain_client(args, path, key, host)
     except OutboxMismatch as exc:
         raise UsageError(f"{exc} ({_mismatch_advice(str(exc))})") from None
-    with _signals_raise(), _progress(client):
+    bar = _ProgressBar(client.stats()) if sys.stderr.isatty() else None
+    last = FlushResult(0, 0, 0)  # what got through so far, as the last progress call said
+
+    def progress(counts: FlushResult) -> None:
+        nonlocal last
+        last = counts
+        if bar is not None:
+            bar.update(counts)
+
+    with _signals_raise(), _quiet_dead_letter_log():
         try:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            client.drain(left)
+            result = client.drain(left, progress)
         except (KeyboardInterrupt, Terminated) as exc:
-            pending = _print_drained(client)  # what got through; the rest is pending again
+            pending = _print_drained(path, last)  # the rest is pending again
             why = "terminated" if isinstance(exc, Terminated) else "interrupted"
             print(f"outbox-analytics: {why}; {pending} events pending", file=sys.stderr)
             raise
         finally:
             client.shutdown(timeout=0)
-    pending = _print_drained(client)
-    dead = client.uploader.dead if client.uploader else 0
-    if dead:  # rejected for good: sending again changes nothing until someone looks
+            if bar is not None:
+                bar.end()
+    pending = _print_drained(path, result)
+    if result.dead:  # rejected for good: sending again changes nothing until someone looks
         print(
-            f"outbox-analytics: {dead} events were rejected and dead-lettered"
+            f"outbox-analytics: {result.dead} events were rejected and dead-lettered"
             f"{_dead_reason(path)}; see them with `outbox-analytics list {path}"
             " --state dead`, send them again with `requeue`",
             file=sys.stderr,
         )
     if pending:
-        why = printable(_why(client))
+        why = printable(_why(result))
         print(f"outbox-analytics: {pending} events still pending: {why}", file=sys.stderr)
         return EXIT_TEMPFAIL
-    return EXIT_PROBLEM if dead else EXIT_OK
+    return EXIT_PROBLEM if result.dead else EXIT_OK
 
 
 def _recorded_host(path: str) -> str | None:
@@ -968,27 +982,36 @@ def _drain_client(args: argparse.Namespace, path: str, key: str, host: str | Non
     )
 
 
-def _print_drained(client: Client) -> int:
-    """Print {"sent", "dead", "pending"}; the pending count."""
-    assert client.uploader is not None and client.outbox_path is not None
-    stats = _read_stats(client.outbox_path)
+def _print_drained(path: str, drained: FlushResult) -> int:
+    """Print {"sent", "dead", "pending"} (pending: in the whole file now); the pending count."""
+    stats = _read_stats(path)
     pending = stats.pending + stats.inflight
-    sent, dead = client.uploader.sent, client.uploader.dead
-    print(json.dumps({"sent": sent, "dead": dead, "pending": pending}), flush=True)
+    print(json.dumps({"sent": drained.sent, "dead": drained.dead, "pending": pending}), flush=True)
     return pending
 
 
-def _why(client: Client) -> str:
+def _why(drained: FlushResult) -> str:
     """Why events are still pending, in the server's or the network's words."""
-    failure = client.uploader.last_failure if client.uploader else None
-    if failure is not None:
-        body = failure.body if failure.body and failure.body not in str(failure) else ""
-        return f"{failure}: {body}" if body else str(failure)
-    assert client.outbox_path is not None
-    stats = _read_stats(client.outbox_path)
-    if stats.uploader_alive:
-        return "another process holds the upload lease and is sending them"
-    return stats.head_last_error or "--timeout ran out before the server answered"
+    if drained.last_error is None:  # all that was pending at the start is done
+        return "they were stored after the drain began: drain again"
+    if drained.last_error == TIMED_OUT:
+        return "--timeout ran out before the server answered"  # the deadline, named as given
+    return drained.last_error
+
+
+@contextlib.contextmanager
+def _quiet_dead_letter_log() -> Iterator[None]:
+    """Drop the library's dead-letter log line: drain prints its own summary, once."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not hasattr(record, DEAD_LETTERED)
+
+    library = logging.getLogger("outbox_analytics")
+    library.addFilter(keep)
+    try:
+        yield
+    finally:
+        library.removeFilter(keep)
 
 
 @contextlib.contextmanager
@@ -1008,35 +1031,33 @@ def _signals_raise() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _progress(client: Client) -> Iterator[None]:
-    """A progress line on stderr while a drain runs, on a terminal only."""
-    if not sys.stderr.isatty() or client.uploader is None:
-        yield
-        return
-    uploader = client.uploader
-    stats = client.stats()
-    total = stats.pending if stats else 0
-    done = threading.Event()
+class _ProgressBar:
+    """A progress line on stderr, drawn from drain's progress calls, at most 5 times a second.
 
-    def show() -> None:
-        width = 30
-        filled = min(width, int(width * uploader.sent / total)) if total else width
-        bar = "#" * filled + "." * (width - filled)
-        print(f"\r[{bar}] {uploader.sent}/{total}", end="", file=sys.stderr, flush=True)
+    A fast drain reports after every batch: thousands of redraws would
+    flood a slow terminal.
+    """
 
-    def run() -> None:
-        while not done.wait(0.2):
-            show()
+    WIDTH, EVERY = 30, 0.2
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        show()  # the final count, whatever the last tick showed
+    def __init__(self, stats: OutboxStats | None) -> None:
+        self.total = stats.pending if stats else 0
+        self.sent = 0
+        self.drawn_at = time.monotonic()  # the first line after EVERY, as a tick would
+
+    def update(self, counts: FlushResult) -> None:
+        self.sent = counts.sent
+        if time.monotonic() - self.drawn_at >= self.EVERY:
+            self.draw()
+
+    def draw(self) -> None:
+        self.drawn_at = time.monotonic()
+        filled = min(self.WIDTH, self.WIDTH * self.sent // self.total) if self.total else self.WIDTH
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        print(f"\r[{bar}] {self.sent}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        self.draw()  # the final count, whatever the last redraw showed
         print(file=sys.stderr)
 
 

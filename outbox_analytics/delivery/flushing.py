@@ -4,7 +4,8 @@
 holding the lease), hurrying it; `drain()` sends from the calling thread,
 for programs that exist to deliver. Both read progress from the file, so
 they work whichever process uploads, and both measure time on the
-monotonic clock only.
+monotonic clock only. Both say, in `FlushResult.last_error`, why rows are
+still pending, so a caller (the CLI's `drain`) needs no uploader internals.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from .schedule import stored_wait
 if TYPE_CHECKING:
     from .uploader import Uploader
 
-__all__ = ["FlushResult", "drain", "flush", "other_gave_up"]
+__all__ = ["TIMED_OUT", "FlushResult", "drain", "flush", "other_gave_up"]
+
+# `last_error` when nothing failed: the time given ran out first (the CLI names its --timeout).
+TIMED_OUT = "the timeout ran out before the server answered"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +33,15 @@ class FlushResult:
     """What a flush achieved.
 
     `sent` and `dead`: rows this process delivered or dead-lettered meanwhile;
-    `pending`: rows that were pending when the flush began and still are.
+    `pending`: rows that were pending when the flush began and still are;
+    `last_error`: why they are, in the server's or the network's words
+    (None when nothing is left pending).
     """
 
     sent: int
     dead: int
     pending: int
+    last_error: str | None = None
 
 
 def flush(uploader: Uploader, timeout: float | None = None) -> FlushResult:
@@ -48,18 +55,18 @@ def flush(uploader: Uploader, timeout: float | None = None) -> FlushResult:
     at once.
     """
     if uploader.outbox.in_call_here():
-        return _as_it_is(uploader)  # from a signal handler: the thread needs our lock
+        return _as_it_is(uploader, _IN_A_CALL)  # from a signal handler: the thread needs our lock
     uploader.ensure_running()
     if not uploader.running:
         if servers.background_thread_allowed():
             return drain(uploader, timeout)
         # A uWSGI master sends nothing (a request of its own could be on
         # the wire when it forks); its workers send what it stored.
-        return _as_it_is(uploader)
+        return _as_it_is(uploader, "a uWSGI master sends nothing: its workers send what it stored")
     deadline = None if timeout is None else time.monotonic() + timeout
     mark = uploader.outbox.last_id()
     started = time.monotonic()
-    sent, dead = uploader.sent, uploader.dead
+    counts = _Counts(uploader, mark)
     with uploader.hurry(started):
         while uploader.outbox.unfinished(mark):
             if not uploader.running or uploader.schedule.gave_up_at >= started:
@@ -70,8 +77,7 @@ def flush(uploader: Uploader, timeout: float | None = None) -> FlushResult:
             if left is not None and left <= 0:
                 break
             uploader.wait_for_progress(0.05 if left is None else min(0.05, left))
-    left = uploader.outbox.count_unfinished(mark)
-    return FlushResult(sent=uploader.sent - sent, dead=uploader.dead - dead, pending=left)
+    return counts.result(explain=True)
 
 
 def drain(
@@ -87,17 +93,25 @@ def drain(
     does. However it ends (KeyboardInterrupt included), this thread's rows
     in flight go back to pending and, unless the background thread goes
     on with it, the lease is given back.
+
+    `progress`, if given, is called on this thread with the counts so far
+    (a FlushResult without `last_error`) after each batch sent here, and
+    once more as the drain ends if they changed since, an interruption
+    included: its last call says what got through.
     """
     process.current_pid()
     if uploader.outbox.in_call_here():
-        return _as_it_is(uploader)  # from a signal handler: this thread holds the file's lock
+        return _as_it_is(uploader, _IN_A_CALL)  # from a signal handler: we hold the file's lock
     deadline = None if timeout is None else time.monotonic() + timeout
     mark = uploader.outbox.last_id()
     started = time.monotonic()
-    sent, dead = uploader.sent, uploader.dead
+    counts = _Counts(uploader, mark, progress)
     try:
         while uploader.outbox.unfinished(mark) and uploader.schedule.gave_up_at < started:
             wait = _drain_step(uploader, deadline)
+            if wait == _SENT:
+                counts.report()
+                continue
             left = None if deadline is None else deadline - time.monotonic()
             if wait is None or (left is not None and wait >= left):
                 break  # the other uploader is backing off, or a pause outlasts the timeout
@@ -108,17 +122,66 @@ def drain(
                 uploader.holder.reclaim()
                 uploader.holder.give_up()
             uploader.sender.close()
-    left = uploader.outbox.count_unfinished(mark)
-    return FlushResult(sent=uploader.sent - sent, dead=uploader.dead - dead, pending=left)
+        counts.report_if_changed()  # (on an interruption too: what got through)
+    return counts.result(explain=True)
 
 
-def _as_it_is(uploader: Uploader) -> FlushResult:
+_IN_A_CALL = "not sent: called from inside a call on the outbox (a signal handler?)"
+_SENT = -1.0  # _drain_step ran a batch: go on at once
+
+
+class _Counts:
+    """What one flush or drain did so far: this process's tally since it began."""
+
+    def __init__(
+        self,
+        uploader: Uploader,
+        mark: int,
+        progress: Callable[[FlushResult], None] | None = None,
+    ) -> None:
+        self.uploader, self.mark, self.progress = uploader, mark, progress
+        tally = uploader.tally
+        self.sent, self.dead, self.failed_rounds = tally.sent, tally.dead, tally.failed_rounds
+        self.reported: FlushResult | None = None
+
+    def result(self, explain: bool = False) -> FlushResult:
+        tally = self.uploader.tally
+        pending = self.uploader.outbox.count_unfinished(self.mark)
+        why = self._why_pending() if explain and pending else None
+        return FlushResult(tally.sent - self.sent, tally.dead - self.dead, pending, why)
+
+    def report(self) -> None:
+        if self.progress is None:
+            return
+        # Recorded before the call: a callback that raises is not called again.
+        self.reported = self.result()
+        self.progress(self.reported)
+
+    def report_if_changed(self) -> None:
+        if self.progress is not None and self.result() != self.reported:
+            self.report()
+
+    def _why_pending(self) -> str:
+        """Why rows are left: this call's last failure (with the server's body), else the file's."""
+        tally = self.uploader.tally
+        failure = tally.last_failure
+        if failure is not None and tally.failed_rounds != self.failed_rounds:
+            body = failure.body if failure.body and failure.body not in str(failure) else ""
+            return f"{failure}: {body}" if body else str(failure)
+        stats = self.uploader.outbox.stats()
+        if stats.uploader_alive and not self.uploader.holder.holds:
+            return "another process holds the upload lease and is sending them"
+        return stats.head_last_error or TIMED_OUT
+
+
+def _as_it_is(uploader: Uploader, why: str) -> FlushResult:
     """Nothing sent here: what is still to send."""
-    return FlushResult(0, 0, uploader.outbox.count_unfinished(uploader.outbox.last_id()))
+    pending = uploader.outbox.count_unfinished(uploader.outbox.last_id())
+    return FlushResult(0, 0, pending, why if pending else None)
 
 
 def _drain_step(uploader: Uploader, deadline: float | None) -> float | None:
-    """Send one batch if this process can; else how long to wait (None: stop waiting)."""
+    """Send one batch if this process can (_SENT); else how long to wait (None: stop waiting)."""
     with uploader.holder.turn():
         now = time.monotonic()
         if deadline is not None and now >= deadline:
@@ -128,12 +191,13 @@ def _drain_step(uploader: Uploader, deadline: float | None) -> float | None:
         if uploader.schedule.paused_until > now:
             return uploader.schedule.paused_until - now  # a server's Retry-After
         try:
-            uploader.rounds.run(deadline=deadline)
+            claimed = uploader.rounds.run(deadline=deadline)
         except OutboxDamaged as damage:  # as the thread does: move it aside, salvage, go on
             uploader.recover(damage)
+            return 0.0
         finally:
             uploader.notify_progress()
-        return 0.0
+        return _SENT if claimed else 0.0
 
 
 def other_gave_up(uploader: Uploader) -> bool:

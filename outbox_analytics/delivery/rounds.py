@@ -40,6 +40,10 @@ __all__ = ["Rounds", "Tally"]
 
 log = logging.getLogger("outbox_analytics")
 
+# Set on the dead-letter log record (as `extra`), so a caller printing its own
+# summary (the CLI's drain) can filter the line out.
+DEAD_LETTERED = "outbox_analytics_dead_lettered"
+
 # The body without its messages: {"batch":[],"sentAt":"...","writeKey":...}.
 _BODY_OVERHEAD = 64
 
@@ -325,6 +329,7 @@ class Rounds:
                 "%d event(s) rejected and moved to the dead-letter state: %s"
                 " (%d more since the last report)",
                 len(ids), printable(error_text(exc)), suppressed,
+                extra={DEAD_LETTERED: len(ids)},
             )  # fmt: skip
         self._report(exc, rows)
 
