@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -126,6 +128,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {printable(message)} (see --help)\n")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's arguments
+    run: Callable[[argparse.Namespace], int]
+
+
+_COMMANDS: dict[str, _Command] = {}
+
+# The order --help lists the commands in.
+_HELP_ORDER = (
+    "status", "list", "show", "export", "import", "requeue", "purge", "ls", "drain",
+    "vacuum", "check", *MESSAGE_TYPES, "collector", "demo",
+)  # fmt: skip
+
+
+def _command(
+    name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register a command: its name, its help line and what adds its arguments."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        _COMMANDS[name] = _Command(help, arguments, run)
+        return run
+
+    return register
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="outbox-analytics",
@@ -137,129 +167,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"outbox-analytics {VERSION}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-
-    def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(run=run)
-        return sub
-
-    _status_parser(command("status", _status, "counts of an outbox, for people and monitoring"))
-
-    listing = command("list", _list, "the stored messages, as they will be sent")
-    _path(listing)
-    _state(listing)
-    listing.add_argument("--type", choices=MESSAGE_TYPES, help="only messages of this type")
-    listing.add_argument("--event", help="only track events with this name")
-    listing.add_argument("--limit", type=_positive_int, default=50, help="at most N (default 50)")
-    _json_flags(listing, lines=True)
-
-    show = command("show", _show, "one message, by row id or messageId, as JSON")
-    _path(show)
-    show.add_argument("key", metavar="ID|MESSAGE_ID")
-
-    export = command("export", _export, "write messages as JSON Lines, streamed")
-    _path(export)
-    _state(export, default="all")
-    export.add_argument("-o", "--output", help="file to write (default: stdout)")
-
-    imports = command("import", _import, "enqueue exported messages, all or none")
-    _path(imports)
-    imports.add_argument("file", help="JSON Lines written by export ('-' for stdin)")
-
-    requeue = command("requeue", _requeue, "move dead messages back to pending")
-    _path(requeue)
-    which = requeue.add_mutually_exclusive_group(required=True)
-    which.add_argument("--id", type=_positive_int, nargs="+", dest="ids", help="row ids")
-    which.add_argument("--all", action="store_true", help="every dead message")
-    _destructive(requeue)
-
-    purge = command(
-        "purge", _purge, "delete dead messages, or a person's events (erasure), for good"
-    )
-    _path(purge)
-    purge.add_argument("--state", choices=["dead"], help="dead rows")
-    purge.add_argument("--older-than", type=_duration, help="enqueued longer ago than this")
-    purge.add_argument(
-        "--user-id", action="append", default=[], help="a person's pending and dead events"
-    )
-    purge.add_argument(
-        "--anonymous-id", action="append", default=[], help="the same, by anonymousId"
-    )
-    _destructive(purge)
-
-    listing_files = command("ls", _ls, "the outbox files in the default places, and whose")
-    listing_files.add_argument(
-        "places",
-        nargs="*",
-        metavar="PATH",
-        help="directories or files (default: where clients"
-        " put outbox files: the state directory and the fallback under the temp directory)",
-    )
-    _json_flags(listing_files)
-
-    drain = command("drain", _drain, "send what is pending now, then exit")
-    _path(drain)
-    drain.add_argument("--write-key", help=_WRITE_KEY_HELP)
-    drain.add_argument(
-        "--host", help="the API's base URL (default: the one the file records, else Segment's)"
-    )
-    drain.add_argument("--timeout", type=_seconds, help="give up after this many seconds in all")
-    drain.add_argument("--max-retries", type=_count, default=3, help="per batch (default 3)")
-    drain.add_argument(
-        "--force",
-        action="store_true",
-        help="send with this write key and host even if the outbox was made for others",
-    )
-
-    vacuum = command("vacuum", _vacuum, "give the space of delivered rows back to the disk")
-    _path(vacuum)
-
-    check = command("check", _check, "SQLite's integrity check and the outbox's invariants")
-    _path(check)
-    _json_flags(check)
-
-    for call in MESSAGE_TYPES:
-        _event_command(command(call, _append, f"store one {call} event durably (not sent)"), call)
-
-    collector = command("collector", _collector, "a local Segment-compatible receiver")
-    collector.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
-    collector.add_argument("--port", type=_count, default=0, help="port (default: a free one)")
-    collector.add_argument("--out", help="append messages as JSON Lines here (default stdout)")
-    collector.add_argument(
-        "--report-every",
-        type=_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="print the counts on stderr this often, when they changed (default 10)",
-    )
-
-    demo = command("demo", _demo, "a crash, a replay and a count: no account, no network")
-    demo.add_argument("--events", type=_demo_events, default=3000, help="events the job tracks")
-    demo.add_argument("--dir", help="where to put the outbox (default: a new temporary dir)")
+    for name in sorted(_COMMANDS, key=_HELP_ORDER.index):  # (ValueError: add it to the order)
+        command = _COMMANDS[name]
+        sub = commands.add_parser(name, help=command.help, description=command.help)
+        command.arguments(sub)
+        sub.set_defaults(run=command.run)
     return parser
-
-
-def _status_parser(status: argparse.ArgumentParser) -> None:
-    _path(status)
-    output = status.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="one JSON document")
-    output.add_argument(
-        "--prometheus",
-        action="store_true",
-        help="Prometheus text format (for node_exporter's textfile collector)",
-    )
-    output.add_argument(
-        "--watch",
-        type=_seconds,
-        nargs="?",
-        const=2.0,
-        metavar="SECONDS",
-        help="redraw every SECONDS (default 2) until interrupted",
-    )
-    status.add_argument("--check", action="store_true", help="exit 1 if a threshold is exceeded")
-    status.add_argument("--max-age", type=_duration, help="oldest pending event (e.g. 90s, 15m)")
-    status.add_argument("--max-pending", type=_count, help="pending events")
-    status.add_argument("--max-dead", type=_count, help="dead-lettered events")
 
 
 def _path(parser: argparse.ArgumentParser) -> None:
@@ -287,31 +200,6 @@ def _destructive(parser: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true", help="say what would change, change nothing"
     )
     parser.add_argument("--yes", action="store_true", help="do not ask (needed off a terminal)")
-
-
-def _event_command(parser: argparse.ArgumentParser, call: str) -> None:
-    _path(parser)
-    parser.add_argument("--write-key", help=_WRITE_KEY_HELP)
-    parser.add_argument("--user-id")
-    if call != "alias":
-        parser.add_argument("--anonymous-id")
-    if call == "track":
-        parser.add_argument("--event", required=True)
-    if call in ("page", "screen"):
-        parser.add_argument("--category")
-        parser.add_argument("--name")
-    if call == "group":
-        parser.add_argument("--group-id", required=True)
-    if call == "alias":
-        parser.add_argument("--previous-id", required=True)
-    objects = {"track": "properties", "page": "properties", "screen": "properties"}
-    objects.update(identify="traits", group="traits")
-    names = [objects[call]] if call in objects else []
-    for name in [*names, "context", "integrations"]:
-        parser.add_argument(f"--{name}", type=_json_object, help="a JSON object")
-    parser.add_argument("--timestamp", type=_timestamp, help="ISO 8601 (default: now)")
-    parser.add_argument("--message-id")
-    parser.set_defaults(call=call)
 
 
 def _duration(text: str) -> float:
@@ -392,6 +280,30 @@ def _read_stats(path: str) -> OutboxStats:
         return outbox.stats()
 
 
+def _status_arguments(status: argparse.ArgumentParser) -> None:
+    _path(status)
+    output = status.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON document")
+    output.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="Prometheus text format (for node_exporter's textfile collector)",
+    )
+    output.add_argument(
+        "--watch",
+        type=_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until interrupted",
+    )
+    status.add_argument("--check", action="store_true", help="exit 1 if a threshold is exceeded")
+    status.add_argument("--max-age", type=_duration, help="oldest pending event (e.g. 90s, 15m)")
+    status.add_argument("--max-pending", type=_count, help="pending events")
+    status.add_argument("--max-dead", type=_count, help="dead-lettered events")
+
+
+@_command("status", "counts of an outbox, for people and monitoring", _status_arguments)
 def _status(args: argparse.Namespace) -> int:
     thresholds = (args.max_age, args.max_pending, args.max_dead)
     if not args.check and any(value is not None for value in thresholds):
@@ -473,6 +385,18 @@ def _sizes(stats: OutboxStats) -> str:
     return f"{database:,} bytes, and {stats.wal_bytes:,} in the write-ahead log"
 
 
+def _ls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "places",
+        nargs="*",
+        metavar="PATH",
+        help="directories or files (default: where clients"
+        " put outbox files: the state directory and the fallback under the temp directory)",
+    )
+    _json_flags(parser)
+
+
+@_command("ls", "the outbox files in the default places, and whose", _ls_arguments)
 def _ls(args: argparse.Namespace) -> int:
     """One line per outbox file found: whose (the host), what waits, and whether it is sent."""
     places = args.places or _default_places()
@@ -556,6 +480,16 @@ def _short_age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+def _list_arguments(parser: argparse.ArgumentParser) -> None:
+    _path(parser)
+    _state(parser)
+    parser.add_argument("--type", choices=MESSAGE_TYPES, help="only messages of this type")
+    parser.add_argument("--event", help="only track events with this name")
+    parser.add_argument("--limit", type=_positive_int, default=50, help="at most N (default 50)")
+    _json_flags(parser, lines=True)
+
+
+@_command("list", "the stored messages, as they will be sent", _list_arguments)
 def _list(args: argparse.Namespace) -> int:
     with _reader(args.path) as outbox:
         matching = _matching(outbox.rows(args.state), args.type, args.event)
@@ -594,6 +528,12 @@ def _matching(rows: Iterator[Row], kind: str | None, event: str | None) -> Itera
         yield row
 
 
+def _show_arguments(parser: argparse.ArgumentParser) -> None:
+    _path(parser)
+    parser.add_argument("key", metavar="ID|MESSAGE_ID")
+
+
+@_command("show", "one message, by row id or messageId, as JSON", _show_arguments)
 def _show(args: argparse.Namespace) -> int:
     with _reader(args.path) as outbox:
         row = maintenance.find(outbox, args.key)
@@ -603,6 +543,13 @@ def _show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    _path(parser)
+    _state(parser, default="all")
+    parser.add_argument("-o", "--output", help="file to write (default: stdout)")
+
+
+@_command("export", "write messages as JSON Lines, streamed", _export_arguments)
 def _export(args: argparse.Namespace) -> int:
     with _reader(args.path) as outbox:
         target: IO[str] = _private_file(args.output) if args.output else sys.stdout
@@ -652,6 +599,12 @@ def _exported(row: Row) -> dict[str, Any]:
     }
 
 
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    _path(parser)
+    _json_flags(parser)
+
+
+@_command("check", "SQLite's integrity check and the outbox's invariants", _check_arguments)
 def _check(args: argparse.Namespace) -> int:
     try:
         with _reader(args.path) as outbox:
@@ -679,6 +632,15 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
         raise Problem("not confirmed; nothing was changed")
 
 
+def _requeue_arguments(parser: argparse.ArgumentParser) -> None:
+    _path(parser)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=_positive_int, nargs="+", dest="ids", help="row ids")
+    which.add_argument("--all", action="store_true", help="every dead message")
+    _destructive(parser)
+
+
+@_command("requeue", "move dead messages back to pending", _requeue_arguments)
 def _requeue(args: argparse.Namespace) -> int:
     ids = None if args.all else args.ids
     return _change_dead_rows(
@@ -690,6 +652,22 @@ def _requeue(args: argparse.Namespace) -> int:
     )
 
 
+def _purge_arguments(parser: argparse.ArgumentParser) -> None:
+    _path(parser)
+    parser.add_argument("--state", choices=["dead"], help="dead rows")
+    parser.add_argument("--older-than", type=_duration, help="enqueued longer ago than this")
+    parser.add_argument(
+        "--user-id", action="append", default=[], help="a person's pending and dead events"
+    )
+    parser.add_argument(
+        "--anonymous-id", action="append", default=[], help="the same, by anonymousId"
+    )
+    _destructive(parser)
+
+
+@_command(
+    "purge", "delete dead messages, or a person's events (erasure), for good", _purge_arguments
+)
 def _purge(args: argparse.Namespace) -> int:
     person = args.user_id or args.anonymous_id
     if person and (args.state or args.older_than is not None):
@@ -761,6 +739,7 @@ def _read_only(path: str, work: Callable[[Outbox], T]) -> T:
         return work(outbox)
 
 
+@_command("vacuum", "give the space of delivered rows back to the disk", _path)
 def _vacuum(args: argparse.Namespace) -> int:
     before, after = _writing(args.path, maintenance.vacuum)
     print(json.dumps({"bytes_before": before, "bytes_after": after}))
@@ -813,6 +792,12 @@ def _new_or_outbox(path: str) -> str:
     return _existing(path) if os.path.exists(path) else path
 
 
+def _import_arguments(parser: argparse.ArgumentParser) -> None:
+    _path(parser)
+    parser.add_argument("file", help="JSON Lines written by export ('-' for stdin)")
+
+
+@_command("import", "enqueue exported messages, all or none", _import_arguments)
 def _import(args: argparse.Namespace) -> int:
     """Validate every line first (nothing is opened before), then store them in transactions.
 
@@ -860,6 +845,31 @@ def _read_messages(source: IO[str], name: str) -> Iterator[dict[str, Any]]:
             raise UsageError(f"{name}:{number}: {exc}") from None
 
 
+def _event_arguments(parser: argparse.ArgumentParser, call: str) -> None:
+    _path(parser)
+    parser.add_argument("--write-key", help=_WRITE_KEY_HELP)
+    parser.add_argument("--user-id")
+    if call != "alias":
+        parser.add_argument("--anonymous-id")
+    if call == "track":
+        parser.add_argument("--event", required=True)
+    if call in ("page", "screen"):
+        parser.add_argument("--category")
+        parser.add_argument("--name")
+    if call == "group":
+        parser.add_argument("--group-id", required=True)
+    if call == "alias":
+        parser.add_argument("--previous-id", required=True)
+    objects = {"track": "properties", "page": "properties", "screen": "properties"}
+    objects.update(identify="traits", group="traits")
+    names = [objects[call]] if call in objects else []
+    for name in [*names, "context", "integrations"]:
+        parser.add_argument(f"--{name}", type=_json_object, help="a JSON object")
+    parser.add_argument("--timestamp", type=_timestamp, help="ISO 8601 (default: now)")
+    parser.add_argument("--message-id")
+    parser.set_defaults(call=call)
+
+
 def _append(args: argparse.Namespace) -> int:
     client = Client(_write_key(args), outbox_path=_new_or_outbox(args.path), upload=False)
     options = {
@@ -881,6 +891,14 @@ def _append(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+for _call in MESSAGE_TYPES:  # a command per message type, each stored by _append
+    _command(
+        _call,
+        f"store one {_call} event durably (not sent)",
+        functools.partial(_event_arguments, call=_call),
+    )(_append)
+
+
 def _write_key(args: argparse.Namespace) -> str:
     key = args.write_key or os.environ.get(WRITE_KEY_ENV) or os.environ.get(SEGMENT_WRITE_KEY_ENV)
     if not key:
@@ -891,6 +909,22 @@ def _write_key(args: argparse.Namespace) -> str:
 # -- sending ----------------------------------------------------------------------
 
 
+def _drain_arguments(parser: argparse.ArgumentParser) -> None:
+    _path(parser)
+    parser.add_argument("--write-key", help=_WRITE_KEY_HELP)
+    parser.add_argument(
+        "--host", help="the API's base URL (default: the one the file records, else Segment's)"
+    )
+    parser.add_argument("--timeout", type=_seconds, help="give up after this many seconds in all")
+    parser.add_argument("--max-retries", type=_count, default=3, help="per batch (default 3)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="send with this write key and host even if the outbox was made for others",
+    )
+
+
+@_command("drain", "send what is pending now, then exit", _drain_arguments)
 def _drain(args: argparse.Namespace) -> int:
     if kill_switch_on():
         raise UsageError(f"{KILL_SWITCH_ENV} is set, so nothing can be sent: unset it to drain")
@@ -1061,6 +1095,20 @@ class _ProgressBar:
         print(file=sys.stderr)
 
 
+def _collector_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    parser.add_argument("--port", type=_count, default=0, help="port (default: a free one)")
+    parser.add_argument("--out", help="append messages as JSON Lines here (default stdout)")
+    parser.add_argument(
+        "--report-every",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="print the counts on stderr this often, when they changed (default 10)",
+    )
+
+
+@_command("collector", "a local Segment-compatible receiver", _collector_arguments)
 def _collector(args: argparse.Namespace) -> int:
     from .collector import Collector
 
@@ -1105,6 +1153,12 @@ def _report_counts(collector: Any, every: float) -> Callable[[], None]:
     return stop
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=_demo_events, default=3000, help="events the job tracks")
+    parser.add_argument("--dir", help="where to put the outbox (default: a new temporary dir)")
+
+
+@_command("demo", "a crash, a replay and a count: no account, no network", _demo_arguments)
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
