@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import itertools
 import json
 import threading
 import time
@@ -172,7 +173,7 @@ class SenderSpans:
     def assert_one_at_a_time(self) -> int:
         """Checks the spans; returns how many times the sender changed."""
         spans = sorted(self.spans, key=lambda span: span[1])
-        for (key_a, _, end_a), (key_b, start_b, _) in zip(spans, spans[1:]):
+        for (key_a, _, end_a), (key_b, start_b, _) in itertools.pairwise(spans):
             assert key_a == key_b or start_b >= end_a - 0.001, (key_a, key_b)
         senders = [key for key, _, _ in spans]
-        return sum(1 for a, b in zip(senders, senders[1:]) if a != b)
+        return sum(1 for a, b in itertools.pairwise(senders) if a != b)

@@ -58,12 +58,14 @@ def test_writing_commands_refuse_what_is_not_an_outbox(
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.every_python
 def test_import_and_track_still_make_a_missing_file(cli, tmp_path: Path) -> None:
     tracked = cli("track", tmp_path / "new.db", "--user-id", "u", "--event", "E", env=KEY)
     assert tracked.code == 0, tracked.err
     assert cli("status", tmp_path / "new.db", "--json").json()["pending"] == 1
 
 
+@pytest.mark.every_python
 def test_drain_fails_when_what_it_sent_was_dead_lettered(cli, populated: Path, receiver) -> None:
     """Viewed events are rejected (400, the server's words), the rest accepted: exit 1, said."""
 

@@ -76,6 +76,7 @@ with client.batch():
 """
 
 
+@pytest.mark.every_python
 def test_a_kill_inside_batch_stores_none_of_the_block(outbox_file: Path) -> None:
     batcher = start_python(BATCHER, str(outbox_file))
     assert batcher.stdout is not None
@@ -98,6 +99,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.every_python
 def test_in_flight_rows_of_a_live_uploader_are_left_and_of_a_dead_one_reclaimed(
     outbox_file: Path,
 ) -> None:
@@ -125,6 +127,7 @@ def test_in_flight_rows_of_a_live_uploader_are_left_and_of_a_dead_one_reclaimed(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.every_python
 def test_a_forked_child_stores_through_its_own_connection(outbox_file: Path) -> None:
     from outbox_analytics import Client
 

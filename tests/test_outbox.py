@@ -42,6 +42,7 @@ def numbers(rows) -> list[int]:
     return [row.message["properties"]["n"] for row in rows]
 
 
+@pytest.mark.every_python
 def test_messages_survive_a_reopen_in_order(store_only: Client, outbox_file: Path) -> None:
     sent = [store_only.track("u", "Event", {"n": n})[1] for n in range(50)]
     store_only.shutdown()
@@ -88,6 +89,7 @@ def test_a_file_written_by_persist_queue_is_adopted(outbox_file: Path) -> None:
         assert numbers(lease.claim(10)) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.every_python
 def test_claim_ack_release_and_dead_letter(outbox_file: Path) -> None:
     with Outbox(outbox_file) as outbox:
         lease = lease_of(outbox)
@@ -300,6 +302,7 @@ def test_default_path_is_per_user_keyed_and_hides_the_key(
     client.shutdown()
 
 
+@pytest.mark.every_python
 def test_threads_tracking_at_once_lose_nothing(store_only: Client) -> None:
     def work(thread_number: int) -> None:
         for n in range(200):

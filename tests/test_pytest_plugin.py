@@ -192,7 +192,13 @@ def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["plain", "xdist"])
+@pytest.mark.parametrize(
+    "workers",
+    [
+        pytest.param([], id="plain", marks=pytest.mark.every_python),
+        pytest.param(["-n", "2"], id="xdist"),
+    ],
+)
 def test_a_users_suite_stays_offline(tmp_path: Path, workers: list[str]) -> None:
     done, audit = run_user_suite(tmp_path, *workers)
     assert audit == []  # no lookup of api.segment.io, no connection anywhere

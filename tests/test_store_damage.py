@@ -450,7 +450,7 @@ def test_sixteen_processes_recover_one_damaged_file_once(tmp_path: Path) -> None
                 worker.wait()
     failures = [
         (worker.returncode, err.strip().splitlines()[-1:])
-        for worker, (_, err) in zip(workers, results)
+        for worker, (_, err) in zip(workers, results, strict=True)
         if worker.returncode != 0
     ]
     assert not failures, failures

@@ -454,6 +454,7 @@ def test_a_childs_unrecorded_drops_reach_the_file_and_the_parents_are_not_counte
 # -- 4. a child opens its own connection ----------------------------------------------------
 
 
+@pytest.mark.every_python
 def test_a_child_never_uses_an_inherited_connection(outbox_file: Path) -> None:
     client = Client("fork-key", outbox_path=str(outbox_file), upload=False)
     ok, first = client.track("parent", "Before the fork")
@@ -525,6 +526,7 @@ print(codes, tracked[0], flush=True)
 """
 
 
+@pytest.mark.every_python
 def test_children_that_exit_normally_leave_the_parents_file_intact(tmp_path: Path) -> None:
     """A child's exit collects what it inherited: it must not close the parent's file state."""
     path = tmp_path / "outbox.sqlite3"

@@ -8,6 +8,7 @@ the events pending.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -25,7 +26,7 @@ from .receiver import Received, Reply
 def non_overlapping(receiver) -> bool:
     """Whether no two requests were being answered at the same time."""
     spans = sorted((r.at, r.at + 0.03) for r in receiver.requests)
-    return all(later[0] >= earlier[1] - 0.002 for earlier, later in zip(spans, spans[1:]))
+    return all(later[0] >= earlier[1] - 0.002 for earlier, later in itertools.pairwise(spans))
 
 
 def test_sync_and_background_clients_share_one_file_in_one_process(

@@ -29,6 +29,7 @@ def numbers(messages) -> list[int]:
 
 
 @pytest.mark.parametrize("gzip", [False, True])
+@pytest.mark.every_python
 def test_request_format(make_client, receiver, gzip: bool) -> None:
     client = make_client(gzip=gzip)
     sent = track_numbered(client, 3)
@@ -157,6 +158,7 @@ def test_bodies_stay_under_500kb(make_client, receiver) -> None:
     assert numbers(receiver.accepted()) == list(range(60))
 
 
+@pytest.mark.every_python
 def test_server_down_then_up_loses_nothing_and_keeps_order(make_client, receiver) -> None:
     down_until = time.monotonic() + 1.0
     receiver.responder = lambda r: Reply(503) if time.monotonic() < down_until else Reply()
@@ -241,6 +243,7 @@ def test_rows_retried_too_long_are_dead_lettered_not_deleted(make_client, receiv
     assert "gave up after" in dead[0].last_error
 
 
+@pytest.mark.every_python
 def test_sync_mode_delivers_on_the_callers_thread(make_client, receiver) -> None:
     client = make_client(sync_mode=True)
     ok, msg = client.track("user", "Now")

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 from ..errors import APIError, EndpointRejected
 from ..store import Row
@@ -41,7 +41,7 @@ __all__ = [
     "judge",
 ]
 
-RejectionKey = tuple[Optional[int], str]  # run time on 3.9: no `int | None` here
+RejectionKey = tuple[int | None, str]
 
 # Parts of an answer that change from one response to the next: numbers,
 # long hex runs and UUIDs (ids, times, trace ids).
@@ -126,7 +126,7 @@ class BuryThem:
     groups: list[tuple[list[Row], APIError]]
 
 
-Verdict = Union[EndpointToBlame, BuryThem]
+Verdict = EndpointToBlame | BuryThem
 
 
 def judge(

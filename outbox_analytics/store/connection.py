@@ -54,7 +54,7 @@ Identity = tuple[int, int]  # (st_dev, st_ino): the file itself, whatever path n
 
 # SQLite's primary result codes that we tell apart.
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_CORRUPT, SQLITE_NOTADB = 5, 6, 11, 26
-# What sqlite3_errstr() says for each code: Python 3.9 and 3.10 give only the
+# What sqlite3_errstr() says for each code: Python 3.10 gives only the
 # message, and for these codes the message is this fixed text.
 _CODE_OF_TEXT = {
     "database is locked": SQLITE_BUSY,
@@ -92,7 +92,7 @@ def result_code(exc: sqlite3.Error) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
     if isinstance(code, int):
         return code & 0xFF  # an extended code's low byte is its primary code
-    # Python 3.9 and 3.10 raise the base DatabaseError class for SQLITE_CORRUPT
+    # Python 3.10 raises the base DatabaseError class for SQLITE_CORRUPT
     # and SQLITE_NOTADB only (and a few codes a file never produces);
     # every I/O, lock, permission or read-only error is an OperationalError.
     if type(exc) is sqlite3.DatabaseError:
