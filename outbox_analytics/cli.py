@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import IO, Any, NoReturn, TypeVar
 
+from . import operations
 from .client import (
     KILL_SWITCH_ENV,
     MESSAGE_TYPES,
@@ -44,12 +45,10 @@ from .client import (
     check_host,
     client_host,
     kill_switch_on,
-    validate_message,
 )
 from .delivery.flushing import TIMED_OUT, FlushResult
 from .delivery.rounds import DEAD_LETTERED
 from .errors import (
-    NotAnOutbox,
     OutboxAnalyticsError,
     OutboxBusy,
     OutboxDamaged,
@@ -57,7 +56,7 @@ from .errors import (
 )
 from .metrics import prometheus_text
 from .store import Outbox, OutboxStats, Row, maintenance
-from .store.outbox import PATH_ENV, default_directories, wal_bytes
+from .store.outbox import wal_bytes
 from .utils import printable
 from .version import VERSION
 
@@ -399,9 +398,8 @@ def _ls_arguments(parser: argparse.ArgumentParser) -> None:
 @_command("ls", "the outbox files in the default places, and whose", _ls_arguments)
 def _ls(args: argparse.Namespace) -> int:
     """One line per outbox file found: whose (the host), what waits, and whether it is sent."""
-    places = args.places or _default_places()
-    found = [_file_summary(path) for path in _candidate_files(places)]
-    listed = [summary for summary in found if summary is not None]
+    places = args.places or operations.default_places()
+    listed = operations.find_outboxes(places)
     if args.json:
         print(json.dumps(listed, indent=2))
     elif listed:
@@ -411,54 +409,6 @@ def _ls(args: argparse.Namespace) -> int:
     if not listed:
         print(f"outbox-analytics: no outbox files in {', '.join(places)}", file=sys.stderr)
     return EXIT_OK
-
-
-def _default_places() -> list[str]:
-    """Where clients put outbox files unless told otherwise.
-
-    The state directory, the fallback directory under the system's temp
-    directory, and $OUTBOX_ANALYTICS_PATH's file when it is set.
-    """
-    places = default_directories()
-    override = os.environ.get(PATH_ENV)
-    return [*places, override] if override else places
-
-
-# Files beside an outbox that are its own, or its past: never listed as outboxes.
-_NOT_OUTBOXES = re.compile(r"(-wal|-shm|-journal|\.lock|\.unsalvaged)$|\.corrupt-")
-
-
-def _candidate_files(places: Sequence[str]) -> Iterator[str]:
-    for place in places:
-        if os.path.isfile(place):
-            yield place
-        elif os.path.isdir(place):
-            for name in sorted(os.listdir(place)):
-                path = os.path.join(place, name)
-                if not _NOT_OUTBOXES.search(name) and os.path.isfile(path):
-                    yield path
-
-
-def _file_summary(path: str) -> dict[str, Any] | None:
-    """What `ls` shows of one file; None if it is not an outbox."""
-    try:
-        with _reader(path) as outbox:
-            stats, host = outbox.stats(), outbox.owner_host()
-    except (NotAnOutbox, UsageError):  # (UsageError: removed since it was listed)
-        return None
-    except OutboxDamaged as exc:
-        return {"path": path, "error": f"damaged: {exc}"}
-    except (OutboxAnalyticsError, OSError) as exc:
-        return {"path": path, "error": str(exc)}
-    return {
-        "path": stats.path,
-        "host": host,
-        "pending": stats.pending,
-        "inflight": stats.inflight,
-        "dead": stats.dead,
-        "oldest_pending_age_s": stats.oldest_pending_age_s,
-        "uploader_alive": stats.uploader_alive,
-    }
 
 
 def _ls_line(entry: dict[str, Any]) -> str:
@@ -804,12 +754,12 @@ def _import(args: argparse.Namespace) -> int:
     Of 5,000 each: a run cut short keeps what it stored, and a re-run skips it.
     """
     with _seekable(args.file) as source:
-        for _ in _read_messages(source, args.file):
+        for _ in operations.read_messages(source, args.file):
             pass
 
         def store(outbox: Outbox) -> tuple[int, int]:
             source.seek(0)  # (again, if a damaged file was salvaged in between)
-            return maintenance.import_messages(outbox, _read_messages(source, args.file))
+            return maintenance.import_messages(outbox, operations.read_messages(source, args.file))
 
         imported, skipped = _writing(args.path, store, create=True)
     print(json.dumps({"imported": imported, "skipped": skipped}))
@@ -827,22 +777,6 @@ def _seekable(path: str) -> Iterator[IO[str]]:
         shutil.copyfileobj(sys.stdin, spool)
         spool.seek(0)
         yield spool
-
-
-def _read_messages(source: IO[str], name: str) -> Iterator[dict[str, Any]]:
-    for number, line in enumerate(source, 1):
-        if not line.strip():
-            continue
-        try:
-            message = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{name}:{number}: not JSON ({exc.msg})") from None
-        if isinstance(message, dict):
-            message.pop("_outbox", None)  # what export adds
-        try:
-            yield validate_message(message)
-        except ValueError as exc:
-            raise UsageError(f"{name}:{number}: {exc}") from None
 
 
 def _event_arguments(parser: argparse.ArgumentParser, call: str) -> None:

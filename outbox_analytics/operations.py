@@ -1,0 +1,100 @@
+"""What the CLI's `ls` and `import` do to files, callable without the CLI.
+
+Functions here take paths or open files and return data or raise
+(ValueError for bad input); printing, prompts and exit codes stay in cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
+
+from .client import validate_message
+from .errors import NotAnOutbox, OutboxAnalyticsError, OutboxDamaged
+from .store import Outbox
+from .store.outbox import PATH_ENV, default_directories
+
+__all__ = ["default_places", "find_outboxes", "read_messages", "summarize"]
+
+# Files beside an outbox that are its own, or its past: never listed as outboxes.
+_NOT_OUTBOXES = re.compile(r"(-wal|-shm|-journal|\.lock|\.unsalvaged)$|\.corrupt-")
+
+
+def default_places() -> list[str]:
+    """Where clients put outbox files unless told otherwise.
+
+    The state directory, the fallback directory under the system's temp
+    directory, and $OUTBOX_ANALYTICS_PATH's file when it is set.
+    """
+    places = default_directories()
+    override = os.environ.get(PATH_ENV)
+    return [*places, override] if override else places
+
+
+def find_outboxes(places: Sequence[str]) -> list[dict[str, Any]]:
+    """A summary (see `summarize`) of each outbox file in `places` (directories or files)."""
+    found = (summarize(path) for path in _candidate_files(places))
+    return [summary for summary in found if summary is not None]
+
+
+def _candidate_files(places: Sequence[str]) -> Iterator[str]:
+    for place in places:
+        if os.path.isfile(place):
+            yield place
+        elif os.path.isdir(place):
+            for name in sorted(os.listdir(place)):
+                path = os.path.join(place, name)
+                if not _NOT_OUTBOXES.search(name) and os.path.isfile(path):
+                    yield path
+
+
+def summarize(path: str) -> dict[str, Any] | None:
+    """Whose one file is (its host), what waits in it, and whether an uploader sends it.
+
+    Read-only. None if it is not an outbox (or is gone); a file that cannot
+    be read gives {"path", "error"}.
+    """
+    if not os.path.isfile(path):
+        return None  # removed since it was listed
+    try:
+        with Outbox(path, readonly=True) as outbox:
+            stats, host = outbox.stats(), outbox.owner_host()
+    except NotAnOutbox:
+        return None
+    except OutboxDamaged as exc:
+        return {"path": path, "error": f"damaged: {exc}"}
+    except (OutboxAnalyticsError, OSError) as exc:
+        return {"path": path, "error": str(exc)}
+    return {
+        "path": stats.path,
+        "host": host,
+        "pending": stats.pending,
+        "inflight": stats.inflight,
+        "dead": stats.dead,
+        "oldest_pending_age_s": stats.oldest_pending_age_s,
+        "uploader_alive": stats.uploader_alive,
+    }
+
+
+def read_messages(source: IO[str], name: str) -> Iterator[dict[str, Any]]:
+    """The messages of JSON Lines (as `export` writes them), each validated.
+
+    Blank lines are skipped and what export adds (`_outbox`) is dropped; a
+    bad line raises ValueError naming `name` and its line number.
+    """
+    for number, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}:{number}: not JSON ({exc.msg})") from None
+        if isinstance(message, dict):
+            message.pop("_outbox", None)
+        try:
+            yield validate_message(message)
+        except ValueError as exc:
+            raise ValueError(f"{name}:{number}: {exc}") from None
