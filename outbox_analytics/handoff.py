@@ -133,7 +133,7 @@ def handed_off(path: str) -> bool:
 
 
 def _allowed_here(client: Client) -> bool:
-    from . import client as client_module
+    from . import exit_delivery
 
     if os.environ.get(HANDOFF_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return False
@@ -141,9 +141,9 @@ def _allowed_here(client: Client) -> bool:
         return False
     if not sys.executable or getattr(sys, "frozen", False):
         return False  # (a frozen app's executable is the app: it would run again)
-    if client.transport is not None or client.uploader is None or client.sync_mode:
+    if client.config.transport is not None or client.uploader is None or client.config.sync_mode:
         return False
-    if client_module._forked_child or "uwsgi" in sys.modules:
+    if exit_delivery.forked_child() or "uwsgi" in sys.modules:
         return False
     multiprocessing = sys.modules.get("multiprocessing")
     if multiprocessing is not None and multiprocessing.parent_process() is not None:
@@ -152,25 +152,24 @@ def _allowed_here(client: Client) -> bool:
     return not (monkey is not None and monkey.is_module_patched("subprocess"))
 
 
+# The options a sender takes from its client; callables (hooks, a transport)
+# cannot cross to another process: the sender has the defaults there.
+_SENT_OPTIONS = (
+    "host", "gzip", "timeout", "proxies", "upload_size", "max_total_backoff_duration", "fsync",
+    "oauth_client_id", "oauth_key_id", "oauth_auth_server", "oauth_scope",
+)  # fmt: skip
+
+
 def _settings(client: Client) -> dict[str, Any]:
-    """What the sender needs to rebuild the client (callables cannot cross: defaults there)."""
-    key = client.oauth_client_key
+    """What the sender needs to rebuild the client."""
+    config = client.config
+    key = config.oauth_client_key
     return {
+        **{name: getattr(config, name) for name in _SENT_OPTIONS},
         "write_key": client.write_key,
-        "host": client.host,
         "outbox_path": client.outbox_path,
-        "gzip": client.gzip,
-        "timeout": client.timeout,
-        "proxies": client.proxies,
-        "max_retries": min(client.max_retries, SENDER_MAX_RETRIES),
-        "upload_size": client.upload_size,
-        "max_total_backoff_duration": client.max_total_backoff_duration,
-        "fsync": client.fsync,
-        "oauth_client_id": client.oauth_client_id,
+        "max_retries": min(config.max_retries, SENDER_MAX_RETRIES),
         "oauth_client_key_b64": None if key is None else base64.b64encode(_bytes(key)).decode(),
-        "oauth_key_id": client.oauth_key_id,
-        "oauth_auth_server": client.oauth_auth_server,
-        "oauth_scope": client.oauth_scope,
         "lifetime": SENDER_LIFETIME,
     }
 

@@ -37,7 +37,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from .client import KILL_SWITCH_ENV, KILL_SWITCH_SETTER_ENV, kill_switch_on
+from . import exit_delivery
+from .config import KILL_SWITCH_ENV, KILL_SWITCH_SETTER_ENV, kill_switch_on
 from .handoff import HANDOFF_ENV
 from .testing import capture, live
 from .transport import MemoryTransport
@@ -72,9 +73,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     os.environ.setdefault(HANDOFF_ENV, "0")
     if early_config.getini(LIVE_OPTION):
         return
-    import outbox_analytics
-
-    outbox_analytics._deliver_at_exit = False  # for good: see its comment
+    # For good: a test run never sends, at its exit, what the application's
+    # real runs left in their outbox, nor waits out the exit budget.
+    exit_delivery.turn_off()
     stack = contextlib.ExitStack()
     early_config.stash[_SESSION] = stack, stack.enter_context(capture())
     _kill_switch_for_child_processes(stack)

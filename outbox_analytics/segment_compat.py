@@ -34,7 +34,7 @@ class QueueView:
     @property
     def maxsize(self) -> int:
         """`max_queue_size`: the most undelivered events the outbox holds before refusing more."""
-        return self._client.max_queue_size
+        return self._client.config.max_queue_size
 
     def qsize(self) -> int:
         stats = self._client.stats()
@@ -88,23 +88,23 @@ class ConsumerView:
 
     @property
     def timeout(self) -> float:
-        return self._client.timeout
+        return self._client.config.timeout
 
     @property
     def retries(self) -> int:
-        return self._client.max_retries
+        return self._client.config.max_retries
 
     @property
     def upload_size(self) -> int:
-        return self._client.upload_size
+        return self._client.config.upload_size
 
     @property
     def upload_interval(self) -> float:
-        return self._client.upload_interval
+        return self._client.config.upload_interval
 
     @property
     def on_error(self) -> Any:
-        return self._client.on_error
+        return self._client.config.on_error
 
     def __repr__(self) -> str:
         return f"<outbox-analytics uploader, {'alive' if self.is_alive() else 'not running'}>"

@@ -31,7 +31,6 @@ as uWSGI provides it (it is in `sys.modules` before the application runs).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -48,6 +47,7 @@ __all__ = [
     "EXIT_BUDGET",
     "background_thread_allowed",
     "deliver_at_exit",
+    "deliver_registered",
     "start_after_fork",
 ]
 
@@ -66,7 +66,6 @@ _allowed_in: int | None = None
 _warned_in: int | None = None  # the pid that said threads are off
 _after_fork: dict[Any, _Ref] = {}  # start_after_fork()'s callbacks, in order
 _at_exit: dict[Any, _Ref] = {}  # deliver_at_exit()'s callbacks, in order
-_exit_hook_registered = False
 
 
 def background_thread_allowed() -> bool:
@@ -117,12 +116,8 @@ def deliver_at_exit(deliver: Callable[[float], object]) -> bool:
     Registered in the master, it runs in each worker it forks. The calls
     share EXIT_BUDGET. Returns False, and registers nothing, outside uWSGI.
     """
-    global _exit_hook_registered
     if _uwsgi() is None:
         return False
-    if not _exit_hook_registered:
-        _exit_hook_registered = True
-        atexit.register(_deliver_at_exit)
     _register(_at_exit, deliver)
     return True
 
@@ -294,11 +289,12 @@ def _run(registry: dict[Any, _Ref]) -> None:
             log.exception("outbox-analytics: a callback after uWSGI's fork failed")
 
 
-def _deliver_at_exit() -> None:
+def deliver_registered() -> None:
     """At exit, where threads are off: each registered delivery, within EXIT_BUDGET in all.
 
-    Where threads are on, the uploader's thread runs and the client's own
-    exit flush sends; the master never gets here (uWSGI runs no exit hooks in it).
+    Called by exit_delivery's hook. Where threads are on, the uploader's
+    thread runs and the client's own exit flush sends; the master never gets
+    here (uWSGI runs no exit hooks in it).
     """
     server = _uwsgi()
     if server is None or _threads_on(server) or _will_fork(server):

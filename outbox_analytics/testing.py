@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from . import client as client_module
+from .sinks import captures
 from .transport import MemoryTransport
 
 __all__ = ["MemoryTransport", "capture", "live"]
@@ -46,7 +46,7 @@ def live() -> Iterator[None]:
     import outbox_analytics
 
     default_before = outbox_analytics.default_client
-    if default_before is not None and default_before.outbox is None and default_before.send:
+    if default_before is not None and default_before.outbox is None and default_before.config.send:
         outbox_analytics.default_client = None
     try:
         with _capturing_into(None):
@@ -59,13 +59,12 @@ def live() -> Iterator[None]:
 def _capturing_into(events: MemoryTransport | None) -> Iterator[None]:
     import outbox_analytics
 
-    previous = client_module._capture
     default_before = outbox_analytics.default_client
-    client_module._capture = events
+    previous = captures.switch(events)
     try:
         yield
     finally:
-        client_module._capture = previous
+        captures.switch(previous)
         # A default client built in the block suits only the block (it has
         # no outbox, or it has one when the capture outside forbids it):
         # the next use builds one for what is in force then.

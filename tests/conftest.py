@@ -14,7 +14,7 @@ from outbox_analytics import Client
 @pytest.fixture(autouse=True)
 def no_network_by_accident(monkeypatch: pytest.MonkeyPatch) -> None:
     """A client built without a host must never reach the real Segment API from a test."""
-    monkeypatch.setattr("outbox_analytics.client.DEFAULT_HOST", "http://127.0.0.1:9")
+    monkeypatch.setattr("outbox_analytics.config.DEFAULT_HOST", "http://127.0.0.1:9")
 
 
 @pytest.fixture

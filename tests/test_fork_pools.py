@@ -110,14 +110,14 @@ analytics.host = sys.argv[1]
 analytics.outbox_path = sys.argv[2]
 # Another thread is inside the first module-level call, building the default
 # client, at the moment of the fork: it holds the module's lock.
-analytics._default_client_lock.acquire()
+analytics._default.lock.acquire()
 pid = os.fork()
 if pid == 0:
     signal.alarm(10)  # a hang would end the child with SIGALRM
     ok = analytics.track("child", "First call in the child")[0]
     analytics.flush(timeout=10)
     os._exit(0 if ok else 1)
-analytics._default_client_lock.release()
+analytics._default.lock.release()
 _, status = os.waitpid(pid, 0)
 print(status, flush=True)
 """

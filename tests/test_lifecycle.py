@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from outbox_analytics import Client
+from outbox_analytics import Client, exit_delivery
 from outbox_analytics.store import Outbox
 
 from .conftest import start_python
@@ -208,5 +208,5 @@ def test_the_exit_flush_waits_for_a_lease_taken_but_not_yet_in_hand(
         time.sleep(0.005)
     assert client.outbox.lease_held_here() and not client.uploader.holds_lease
     threading.Timer(0.3, go_on.set).start()
-    client._flush_at_exit(5.0)  # what the exit hooks run
+    exit_delivery.deliver(client, 5.0)  # what the exit hook runs
     assert sorted(m["properties"]["n"] for m in receiver.accepted()) == list(range(20))

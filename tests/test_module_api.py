@@ -165,4 +165,4 @@ def test_a_wrong_timeout_fails_at_the_call(store_only, method: str) -> None:
 
 def test_values_segments_own_tests_use_are_accepted() -> None:
     client = Client("key", host="", on_error=False, send=False)  # type: ignore[arg-type]
-    assert client.host == outbox_analytics.client.DEFAULT_HOST and client.on_error is None
+    assert client.host == outbox_analytics.config.DEFAULT_HOST and client.on_error is None

@@ -1,0 +1,198 @@
+"""What happens to pending events when the process exits: all of it, in one place.
+
+At interpreter exit (atexit; in a multiprocessing fork worker, which leaves
+through os._exit(), multiprocessing's own finalizers), within `EXIT_BUDGET`
+seconds for all clients together:
+
+1. the module-level API delivers what its worker processes left in the
+   outbox, even if this process tracked nothing (see `before_exit`);
+2. every client with a background uploader (or, in a uWSGI worker without
+   threads, its registered delivery: servers.py) sends what it can, unless another
+   live process holds the file's upload lease (it sends them);
+3. a client with `hand_off_at_exit` hands what is left to a detached
+   sender process (handoff.py), so a short CLI's events arrive after it;
+4. one line says what is still pending, where, and the command that sends it.
+
+`turn_off()` stops all of it for the rest of the process: events stay in
+the outbox for the next run. The pytest plugin uses it, so that a test run
+never sends what the application's real runs left pending.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shlex
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import handoff, process, servers
+from .utils import printable
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .store import Outbox
+
+__all__ = ["EXIT_BUDGET", "before_exit", "deliver", "forked_child", "turn_off", "turned_off"]
+
+log = logging.getLogger("outbox_analytics")
+
+EXIT_BUDGET = servers.EXIT_BUDGET
+
+
+class _ExitState:
+    """This process's exit delivery: whether it is on, and whom it concerns."""
+
+    def __init__(self) -> None:
+        self.on = True
+        self.clients: weakref.WeakSet[Client] = weakref.WeakSet()
+        self.first_steps: list[Callable[[], None]] = []
+        self.forked_child = False  # made by fork(): exit may come through os._exit()
+        self.finalizer_pid: int | None = None  # where multiprocessing's finalizer is set
+
+    def new_process(self) -> None:
+        self.forked_child = True
+        if self.clients:  # inherited clients deliver at the worker's exit too
+            _register_with_multiprocessing()
+
+
+_state = _ExitState()
+process.on_new_process(_state.new_process)
+
+
+def turn_off() -> None:
+    """Send nothing at this process's exit, for good: no flush, no hand-off, no line.
+
+    Pending events stay in the outbox; the next run (or `outbox-analytics
+    drain`) sends them. Clients stay usable until then.
+    """
+    _state.on = False
+
+
+def turned_off() -> bool:
+    """Whether `turn_off()` was called in this process."""
+    return not _state.on
+
+
+def forked_child() -> bool:
+    """Whether this process was made by fork() (a pool worker, a server's worker)."""
+    return _state.forked_child
+
+
+def before_exit(step: Callable[[], None]) -> None:
+    """Run `step` at exit before the clients deliver (it may make one that then delivers)."""
+    _state.first_steps.append(step)
+
+
+def enroll(client: Client) -> None:
+    """`client` (with a background uploader) delivers at this process's exit."""
+    _state.clients.add(client)
+    _register_with_multiprocessing()
+
+
+@atexit.register
+def _at_exit() -> None:
+    """Send what can be sent within EXIT_BUDGET (for all clients), never waiting longer.
+
+    The uploader threads are daemons: whatever is still in flight when the
+    budget ends stays in the outbox, and the next run sends it.
+    """
+    if not _state.on:
+        return
+    deadline = time.monotonic() + EXIT_BUDGET
+    for step in _state.first_steps:
+        try:
+            step()
+        except Exception:
+            log.exception("outbox-analytics: a step of exit delivery failed")
+    servers.deliver_registered()  # a uWSGI worker without threads (its own share of the budget)
+    clients = list(_state.clients)
+    for client in clients:
+        deliver(client, max(0.0, deadline - time.monotonic()))
+    for client in clients:
+        _say_what_is_left(client)
+
+
+def _register_with_multiprocessing() -> None:
+    """In a forked child, have multiprocessing's finalizers deliver too (once per process).
+
+    Its fork workers leave through os._exit(): atexit never runs there.
+    """
+    if not _state.forked_child or _state.finalizer_pid == os.getpid():
+        return
+    if "multiprocessing.util" not in sys.modules:
+        return  # a plain fork: its atexit hooks run as usual, or it chose os._exit
+    import multiprocessing.util
+
+    _state.finalizer_pid = os.getpid()
+    multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
+
+
+def deliver(client: Client, budget: float) -> None:
+    """Send `client`'s pending events for up to `budget` seconds, then stop its thread."""
+    uploader = client.uploader
+    if uploader is None or not uploader.running:
+        return
+    started = time.monotonic()
+    try:
+        # Another live process uploads this file: our events are on disk and
+        # it sends them. Waiting for it would only slow every exit (a pool
+        # of short-lived workers would pay a second each). The process's
+        # own lease counts from the moment it is taken: the thread may not
+        # have it in hand yet, and would otherwise be stopped mid-claim,
+        # leaving the others' events for the next run.
+        outbox = client.outbox
+        if outbox is None or outbox.lease_held_here() or outbox.lease_is_free():
+            uploader.flush(budget)
+        if not uploader.stop(max(0.0, budget - (time.monotonic() - started))):
+            uploader.let_go_at_exit()
+        if client.config.hand_off_at_exit:
+            handoff.hand_off(client)
+    except Exception:
+        log.exception("outbox-analytics: flush at exit failed; events stay in the outbox")
+
+
+def _say_what_is_left(client: Client) -> None:
+    """One line for the events the file still holds, unless another process sends them.
+
+    How many, where, why, and the command that sends them now: a job
+    whose events all failed used to exit without a word.
+    """
+    outbox = client.outbox
+    if outbox is None or client.uploader is None:
+        return
+    try:
+        stats = outbox.stats()
+    except Exception:
+        return  # (an error about the file was logged when it happened)
+    if not stats.pending or _another_process_sends(client, outbox):
+        return
+    if handoff.handed_off(outbox.path):
+        return  # a sender of ours goes on with them, quietly
+    why = stats.head_last_error or f"the exit budget ({EXIT_BUDGET:g}s) ran out"
+    log.warning(
+        "outbox-analytics: %d event(s) not sent yet stay in %s (%s); the next run sends"
+        " them, or now: outbox-analytics drain %s",
+        stats.pending, outbox.path, printable(why[:300]), shlex.quote(outbox.path),
+    )  # fmt: skip
+
+
+def _another_process_sends(client: Client, outbox: Outbox) -> bool:
+    """Whether a live uploader of another process holds the file's lease.
+
+    Our own thread may be giving the lease back at this very moment (a
+    request outlived the exit budget): while it runs, the events are ours
+    to report; once it ended, a lease still held is another process's.
+    """
+    assert client.uploader is not None
+    for _ in range(2):
+        if client.uploader.running or outbox.lease_held_here():
+            return False
+        if outbox.lease_is_free():
+            return False
+        time.sleep(0.05)  # (the lock may be on its way out with our thread)
+    return True
