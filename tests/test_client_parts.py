@@ -1,0 +1,161 @@
+"""The client's parts: options written once, messages without a client, sinks, exit delivery."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import outbox_analytics
+from outbox_analytics import Client, ClientConfig, exit_delivery, messages, testing
+from outbox_analytics.config import option_names
+from outbox_analytics.store import Outbox
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.every_python
+def test_the_options_are_written_once_and_everything_else_derives_from_them() -> None:
+    fields = {f.name: f.default for f in dataclasses.fields(ClientConfig)}
+    parameters = inspect.signature(Client).parameters
+    assert list(parameters) == list(fields) == option_names()
+    assert {name: p.default for name, p in parameters.items()} == fields
+    for name, default in fields.items():  # each is a module setting, with its default
+        expected = True if name == "hand_off_at_exit" else default
+        assert getattr(outbox_analytics, name) is expected, name
+        assert getattr(Client.DefaultConfig, name) is default  # Segment's name for them
+
+
+@pytest.mark.analytics_live
+def test_every_module_setting_reaches_the_default_client(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def before_send(msg: dict) -> dict:
+        return {**msg, "properties": {"changed": True}}
+
+    settings = {
+        "write_key": "k", "outbox_path": str(tmp_path / "o.sqlite3"), "upload": False,
+        "upload_size": 7, "max_rate_limit_duration": 5.0, "before_send": before_send,
+    }  # fmt: skip
+    for name, value in settings.items():
+        monkeypatch.setattr(outbox_analytics, name, value)
+    monkeypatch.setattr(outbox_analytics, "default_client", None)
+    ok, msg = outbox_analytics.track("u", "E", {"n": 1})
+    client = outbox_analytics.default_client
+    assert ok and client is not None
+    assert client.config.upload_size == 7 and client.config.max_rate_limit_duration == 5.0
+    assert msg["properties"] == {"changed": True}  # the module's before_send ran
+    client.shutdown(timeout=0)
+
+
+def test_a_config_shows_no_secret() -> None:
+    config = ClientConfig(
+        "wk-SECRET", proxies={"https": "http://user:PROXYPASS@127.0.0.1:1"}, send=False
+    )
+    assert "SECRET" not in repr(config) and "PROXYPASS" not in repr(config)
+    assert config.host == outbox_analytics.config.DEFAULT_HOST  # as the client uses it
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.send = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"upload_size": 0}, "upload_size must be an integer >= 1"),
+        ({"timeout": 0}, "timeout must be a number > 0"),
+        ({"host": "ftp://x"}, r"host must be an http\(s\) URL"),
+        ({"before_send": 3}, "before_send must be callable"),
+        ({"oauth_client_id": "id"}, "OAuth needs all three"),
+    ],
+)
+def test_a_bad_option_fails_at_the_call_with_its_name(options: dict, error: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=error):
+        Client("k", send=False, **options)
+
+
+def test_messages_are_built_and_checked_without_a_client() -> None:
+    built = messages.track("u1", "Signed Up", {"plan": "pro"}, message_id=7)
+    assert built["type"] == "track" and built["messageId"] == "7"
+    assert built["context"]["library"]["name"] == "outbox-analytics"
+    assert messages.validate_message(built) == built
+    with pytest.raises(AssertionError, match="event must be"):
+        messages.track("u1", 3)  # type: ignore[arg-type]
+    ok, from_client = Client("k", send=False).track("u1", "Signed Up", {"plan": "pro"})
+    assert ok and from_client.keys() == built.keys()
+
+
+@pytest.mark.every_python
+def test_client_methods_have_their_builders_parameters() -> None:
+    for name in messages.MESSAGE_TYPES:
+        built = inspect.signature(getattr(messages, name)).parameters
+        method = inspect.signature(getattr(Client, name)).parameters
+        assert list(method) == ["self", *built], name
+
+
+@pytest.mark.analytics_live
+def test_a_capture_repoints_a_client_made_before_it_and_hands_it_back(tmp_path: Path) -> None:
+    client = Client("k", outbox_path=str(tmp_path / "o.sqlite3"), upload=False)
+    with testing.capture() as events:
+        assert client.track("u", "Captured")[0]
+    assert [m["event"] for m in events.messages] == ["Captured"]
+    assert client.track("u", "Stored")[0]
+    with Outbox(tmp_path / "o.sqlite3") as outbox:
+        assert [row.message["event"] for row in outbox.rows("pending")] == ["Stored"]
+    client.shutdown(timeout=0)
+
+
+def test_the_package_never_imports_persist_queue() -> None:
+    tomllib = pytest.importorskip("tomllib")  # 3.11+; the full suite runs on 3.11
+    runtime = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not any(dep.startswith("persist-queue") for dep in runtime)
+    code = (
+        "import sys, outbox_analytics as a; c = a.Client('k', send=False); c.track('u', 'E');"
+        " from outbox_analytics import cli, store; print('persistqueue' in sys.modules)"
+    )
+    job = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert job.stdout.strip() == "False", job.stderr
+
+
+EXITING_JOB = """
+import sys, outbox_analytics as analytics
+from outbox_analytics import exit_delivery
+analytics.write_key = "k"
+analytics.host = "http://127.0.0.1:9"   # nothing listens: every attempt fails at once
+analytics.outbox_path = sys.argv[1]
+analytics.max_retries = 100
+analytics.track("u", "Left Behind")
+if sys.argv[2] == "off":
+    exit_delivery.turn_off()
+"""
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_turning_exit_delivery_off_sends_and_says_nothing_at_exit(
+    tmp_path: Path, switch: str
+) -> None:
+    path = tmp_path / "o.sqlite3"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OUTBOX_ANALYTICS_HANDOFF": "0"}
+    env.pop("OUTBOX_ANALYTICS_DISABLED", None)
+    started = time.monotonic()
+    job = subprocess.run(
+        [sys.executable, "-c", EXITING_JOB, str(path), switch],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert job.returncode == 0, job.stderr
+    said = "not sent yet stay in" in job.stderr
+    assert said == (switch == "on"), job.stderr  # the exit line, only when delivery is on
+    assert exit_delivery.EXIT_BUDGET < 5  # (what "quick" below is measured against)
+    if switch == "off":
+        assert took < 10  # no budget spent retrying an unreachable server
+    with Outbox(path) as outbox:  # nothing lost either way: the event waits for the next run
+        assert outbox.stats().pending == 1
