@@ -56,7 +56,6 @@ from .errors import (
 )
 from .metrics import prometheus_text
 from .store import Outbox, OutboxStats, Row, maintenance
-from .store.outbox import wal_bytes
 from .utils import printable
 from .version import VERSION
 
@@ -652,7 +651,7 @@ def _change_dead_rows(
     changed = 0
     if found:
         _confirm(args, question.format(found))
-        changed = _writing(args.path, change)
+        changed = operations.change(args.path, change)
     print(json.dumps({f"{verb}d": changed}))
     return EXIT_OK
 
@@ -671,7 +670,7 @@ def _erase(args: argparse.Namespace) -> int:
         )
         if found:
             _confirm(args, f"Delete {found} event(s) of this person for good?")
-        erased = _writing(args.path, lambda outbox: maintenance.erase(outbox, **people))
+        erased = operations.change(args.path, lambda outbox: maintenance.erase(outbox, **people))
         print(json.dumps({"purged": erased.removed, "in_flight": erased.in_flight}))
     if erased.in_flight:
         print(
@@ -691,7 +690,7 @@ def _read_only(path: str, work: Callable[[Outbox], T]) -> T:
 
 @_command("vacuum", "give the space of delivered rows back to the disk", _path)
 def _vacuum(args: argparse.Namespace) -> int:
-    before, after = _writing(args.path, maintenance.vacuum)
+    before, after = operations.change(args.path, maintenance.vacuum)
     print(json.dumps({"bytes_before": before, "bytes_after": after}))
     return EXIT_OK
 
@@ -705,41 +704,9 @@ def _count_before_change(args: argparse.Namespace, count: Callable[[Outbox], int
         if args.dry_run:
             raise
     print("outbox-analytics: the outbox is damaged: salvaging it first", file=sys.stderr)
-    _writing(args.path, count)
+    operations.change(args.path, count)
     with _reader(args.path) as outbox:
         return count(outbox)
-
-
-def _writing(path: str, work: Callable[[Outbox], T], create: bool = False) -> T:
-    """Run `work` on the outbox opened for writing; a damaged file is salvaged, as a client does.
-
-    With `create`, a missing file becomes a new outbox; an existing one must be an outbox.
-    """
-    with Outbox(_new_or_outbox(path) if create else _existing(path)) as outbox:
-        try:
-            return work(outbox)
-        except OutboxDamaged as damage:
-            outbox.recover(damage)  # moved aside, its readable rows copied to a fresh file
-            return work(outbox)
-
-
-def _existing(path: str) -> str:
-    """`path`, if an outbox is there: a writing command makes none of a wrong path.
-
-    An empty file or database is refused as reading commands refuse it (a
-    client would make it an outbox); a damaged one passes, to be salvaged.
-    """
-    if not os.path.isfile(path):
-        raise UsageError(f"no outbox file at {path}")
-    if os.path.getsize(path) == 0 and wal_bytes(path) == 0:
-        raise UsageError(f"{path} is an empty file, not an outbox (is the path right?)")
-    with contextlib.suppress(OutboxDamaged):
-        Outbox(path, readonly=True).close()  # NotAnOutbox for an empty database
-    return path
-
-
-def _new_or_outbox(path: str) -> str:
-    return _existing(path) if os.path.exists(path) else path
 
 
 def _import_arguments(parser: argparse.ArgumentParser) -> None:
@@ -761,7 +728,7 @@ def _import(args: argparse.Namespace) -> int:
             source.seek(0)  # (again, if a damaged file was salvaged in between)
             return maintenance.import_messages(outbox, operations.read_messages(source, args.file))
 
-        imported, skipped = _writing(args.path, store, create=True)
+        imported, skipped = operations.change(args.path, store, create=True)
     print(json.dumps({"imported": imported, "skipped": skipped}))
     return EXIT_OK
 
@@ -805,7 +772,7 @@ def _event_arguments(parser: argparse.ArgumentParser, call: str) -> None:
 
 
 def _append(args: argparse.Namespace) -> int:
-    client = Client(_write_key(args), outbox_path=_new_or_outbox(args.path), upload=False)
+    client = Client(_write_key(args), outbox_path=operations.new_or_outbox(args.path), upload=False)
     options = {
         name: getattr(args, name)
         for name in (
@@ -862,7 +829,7 @@ def _drain_arguments(parser: argparse.ArgumentParser) -> None:
 def _drain(args: argparse.Namespace) -> int:
     if kill_switch_on():
         raise UsageError(f"{KILL_SWITCH_ENV} is set, so nothing can be sent: unset it to drain")
-    path, key = _existing(args.path), _write_key(args)
+    path, key = operations.existing_outbox(args.path), _write_key(args)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     if args.host is not None:
         check_host(args.host)  # before --force records it as the file's owner

@@ -1,4 +1,4 @@
-"""What the CLI's `ls` and `import` do to files, callable without the CLI.
+"""What the CLI's commands do to files, callable without the CLI.
 
 Functions here take paths or open files and return data or raise
 (ValueError for bad input); printing, prompts and exit codes stay in cli.py.
@@ -6,18 +6,24 @@ Functions here take paths or open files and return data or raise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any, TypeVar
 
 from .client import validate_message
 from .errors import NotAnOutbox, OutboxAnalyticsError, OutboxDamaged
 from .store import Outbox
-from .store.outbox import PATH_ENV, default_directories
+from .store.outbox import PATH_ENV, default_directories, wal_bytes
 
-__all__ = ["default_places", "find_outboxes", "read_messages", "summarize"]
+__all__ = [
+    "change", "default_places", "existing_outbox", "find_outboxes", "new_or_outbox",
+    "read_messages", "summarize",
+]  # fmt: skip
+
+T = TypeVar("T")
 
 # Files beside an outbox that are its own, or its past: never listed as outboxes.
 _NOT_OUTBOXES = re.compile(r"(-wal|-shm|-journal|\.lock|\.unsalvaged)$|\.corrupt-")
@@ -98,3 +104,37 @@ def read_messages(source: IO[str], name: str) -> Iterator[dict[str, Any]]:
             yield validate_message(message)
         except ValueError as exc:
             raise ValueError(f"{name}:{number}: {exc}") from None
+
+
+def change(path: str, work: Callable[[Outbox], T], create: bool = False) -> T:
+    """Run `work` on the outbox opened for writing; a damaged file is salvaged, as a client does.
+
+    With `create`, a missing file becomes a new outbox; an existing one must
+    be an outbox (see `existing_outbox`).
+    """
+    with Outbox(new_or_outbox(path) if create else existing_outbox(path)) as outbox:
+        try:
+            return work(outbox)
+        except OutboxDamaged as damage:
+            outbox.recover(damage)  # moved aside, its readable rows copied to a fresh file
+            return work(outbox)
+
+
+def existing_outbox(path: str) -> str:
+    """`path`, if an outbox is there, else ValueError: writing makes no outbox of a wrong path.
+
+    An empty file or database is refused as reading commands refuse it (a
+    client would make it an outbox); a damaged one passes, to be salvaged.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"no outbox file at {path}")
+    if os.path.getsize(path) == 0 and wal_bytes(path) == 0:
+        raise ValueError(f"{path} is an empty file, not an outbox (is the path right?)")
+    with contextlib.suppress(OutboxDamaged):
+        Outbox(path, readonly=True).close()  # NotAnOutbox for an empty database
+    return path
+
+
+def new_or_outbox(path: str) -> str:
+    """`path`, to be made an outbox if nothing is there; an existing file must be one."""
+    return existing_outbox(path) if os.path.exists(path) else path

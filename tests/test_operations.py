@@ -49,3 +49,14 @@ def test_read_messages_names_the_bad_line(line: str, said: str) -> None:
     good = json.dumps({"type": "identify", "userId": "u", "messageId": "m", "timestamp": T})
     with pytest.raises(ValueError, match=said):
         list(operations.read_messages(io.StringIO(f"{good}\n{line}\n"), "in.jsonl"))
+
+
+def test_change_refuses_what_is_not_an_outbox_and_creates_only_when_asked(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file, not an outbox"):
+        operations.change(str(empty), lambda outbox: outbox.stats())
+    with pytest.raises(ValueError, match="no outbox file at"):
+        operations.change(str(tmp_path / "missing.db"), lambda outbox: outbox.stats())
+    made = operations.change(str(tmp_path / "new.db"), lambda o: o.stats().pending, create=True)
+    assert made == 0 and (tmp_path / "new.db").exists()
