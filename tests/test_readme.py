@@ -197,3 +197,13 @@ def test_first_block_stores_its_event_and_exits_at_once(
     assert state in KEPT
     assert message["type"] == "track"
     assert f'"{message["event"]}"' in first.code
+
+
+def test_ci_runs_the_readmes_test_command_exactly() -> None:
+    """The README's set-up is proven on every landing: CI runs its test command, verbatim."""
+    text = README.read_text()
+    fence = text.index("# the tests ")
+    readme_command = text[fence:].splitlines()[1].strip()
+    ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert readme_command.startswith("python3 -m pip install tox")
+    assert ci_lines[-1].strip() == readme_command
