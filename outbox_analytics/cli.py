@@ -40,7 +40,6 @@ from typing import IO, Any, NoReturn, TypeVar
 from . import operations
 from .client import (
     KILL_SWITCH_ENV,
-    MESSAGE_TYPES,
     Client,
     check_host,
     client_host,
@@ -54,6 +53,7 @@ from .errors import (
     OutboxDamaged,
     OutboxMismatch,
 )
+from .messages import MESSAGE_TYPES
 from .metrics import prometheus_text
 from .store import Outbox, OutboxStats, Row, maintenance
 from .utils import printable

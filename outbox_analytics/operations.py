@@ -13,8 +13,8 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
-from .client import validate_message
 from .errors import NotAnOutbox, OutboxAnalyticsError, OutboxDamaged
+from .messages import validate_message
 from .store import Outbox
 from .store.outbox import PATH_ENV, default_directories, wal_bytes
 
