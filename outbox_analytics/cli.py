@@ -38,13 +38,8 @@ from datetime import datetime
 from typing import IO, Any, NoReturn, TypeVar
 
 from . import operations
-from .client import (
-    KILL_SWITCH_ENV,
-    Client,
-    check_host,
-    client_host,
-    kill_switch_on,
-)
+from .client import Client
+from .config import KILL_SWITCH_ENV, check_host, client_host, kill_switch_on
 from .delivery.flushing import TIMED_OUT, FlushResult
 from .delivery.rounds import DEAD_LETTERED
 from .errors import (

@@ -20,19 +20,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, Concatenate, ParamSpec
 
 from . import exit_delivery, messages
-from .config import (  # (check_host, client_host: the CLI's, until it imports them from config)
-    DEFAULT_HOST,
-    KILL_SWITCH_ENV,
-    ClientConfig,
-    check_host,
-    client_host,
-    kill_switch_on,
-    option_names,
-)
+from .config import DEFAULT_HOST, KILL_SWITCH_ENV, ClientConfig, kill_switch_on, option_names
 from .delivery import FlushResult, Uploader
 from .errors import OutboxUnavailable
 from .exit_delivery import EXIT_BUDGET
-from .messages import MAX_MESSAGE_BYTES, MESSAGE_TYPES, validate_message
+from .messages import MAX_MESSAGE_BYTES, validate_message
 from .request import Requester, import_requests, proxies_for
 from .segment_compat import ConsumerView, QueueView
 from .sinks import Discard, OutboxSink, Sink, Stranded, captures
@@ -47,9 +39,6 @@ __all__ = [
     "EXIT_BUDGET",
     "KILL_SWITCH_ENV",
     "MAX_MESSAGE_BYTES",
-    "MESSAGE_TYPES",
-    "check_host",
-    "client_host",
     "kill_switch_on",
     "validate_message",
 ]
@@ -367,7 +356,9 @@ class Client:
 
     def _nothing_sent(self) -> FlushResult:
         stats = self.stats()
-        return FlushResult(0, 0, stats.pending + stats.inflight if stats else 0)
+        left = stats.pending + stats.inflight if stats else 0
+        why = "this client does not upload (upload=False)" if left else None
+        return FlushResult(0, 0, left, why)
 
     def join(self, timeout: float | None = None) -> None:
         """Stop uploading after the batch in flight; what is pending stays for the next run."""

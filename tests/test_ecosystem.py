@@ -182,8 +182,9 @@ def test_many_clients_add_no_handler() -> None:
 def test_the_public_surface_is_pinned() -> None:
     assert sorted(outbox_analytics.__all__) == sorted(
         [
-            "APIError", "Client", "ClientConfig", "DeliveryError", "EndpointRejected", "FlushResult",
-            "MemoryTransport", "NotAnOutbox", "OutboxAnalyticsError", "OutboxBusy", "OutboxDamaged",
+            "APIError", "Client", "ClientConfig", "DeliveryError", "EndpointRejected",
+            "FlushResult", "MemoryTransport", "NotAnOutbox", "OutboxAnalyticsError", "OutboxBusy",
+            "OutboxDamaged",
             "OutboxError", "OutboxFull", "OutboxMismatch", "OutboxStats", "OutboxUnavailable",
             "RetryableError", "VERSION", "alias", "batch", "default_client",
             "default_outbox_path", "flush", "group", "identify", "join", "page",

@@ -162,7 +162,7 @@ def test_the_module_api_never_raises_where_nothing_can_be_stored_not_even_at_the
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env},
     )  # fmt: skip
     assert job.returncode == 0, job.stderr  # a migrated script ending in flush() ends well
-    nothing = "FlushResult(sent=0, dead=0, pending=0)"
+    nothing = "FlushResult(sent=0, dead=0, pending=0, last_error=None)"
     assert json.loads(job.stdout) == [nothing, None, None, nothing]
 
 
