@@ -709,7 +709,11 @@ def _import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="JSON Lines written by export ('-' for stdin)")
 
 
-@_command("import", "enqueue exported messages, all or none", _import_arguments)
+@_command(
+    "import",
+    "enqueue exported messages (every line checked before any is stored)",
+    _import_arguments,
+)
 def _import(args: argparse.Namespace) -> int:
     """Validate every line first (nothing is opened before), then store them in transactions.
 

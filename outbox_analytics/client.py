@@ -108,14 +108,22 @@ class Client:
         self.config = config = ClientConfig(*args, **kwargs)
         # A bad key fails here, at the call, not later in the uploader's thread.
         self._oauth_key = config.oauth_key
-        self.write_key: str = config.write_key or ""  # None only under the kill switch
         self.disabled = kill_switch_on()  # (read once: the sink is chosen now)
         self.dropped_by_before_send = 0  # events before_send dropped or failed on
         _configure_logging(config.debug, config.log_handler)
         self.outbox: Outbox | None = None
-        self.outbox_path: str | None = None  # absolute, symlinks resolved
         self.uploader: Uploader | None = None
         self.sink: Sink = self._choose_sink()
+
+    @property
+    def write_key(self) -> str:
+        """The write key ("" under the kill switch when none was given)."""
+        return self.config.write_key or ""
+
+    @property
+    def outbox_path(self) -> str | None:
+        """The outbox file's absolute path, symlinks resolved; None when nothing is stored."""
+        return None if self.outbox is None else self.outbox.path
 
     def _choose_sink(self) -> Sink:
         """Where this client's messages go, for good (a test capture re-points it while on).
@@ -147,7 +155,7 @@ class Client:
             outbox = Outbox(
                 config.outbox_path, fsync=config.fsync, max_pending=config.max_queue_size
             )
-        self.outbox, self.outbox_path = outbox, outbox.path
+        self.outbox = outbox
         # One file, one key and host: never send another app's events.
         outbox.bind(self.write_key, config.host if config.upload else None)
         # Rows a dead uploader left in flight are pending again; a live
@@ -379,16 +387,25 @@ class Client:
         return result
 
 
-def _read_only_option(name: str) -> property:
-    return property(operator.attrgetter(f"config.{name}"), doc=f"`config.{name}`, read only.")
+def _refuse_change(name: str) -> Callable[[Client, Any], None]:
+    def refuse(client: Client, value: Any) -> None:
+        raise AttributeError(
+            f"client.{name} is read only: a client's options are fixed when it is made"
+            f" (see client.config); make a new Client(..., {name}=...)"
+        )
+
+    return refuse
 
 
 # Segment's clients carry their options as attributes: `client.host`,
-# `client.send`... Read from the config (the client's own write_key and
-# outbox_path are what it uses: "" for no key, the resolved absolute path).
+# `client.send`... Read from the config, never changed after Client(): a
+# key or host changed then would send a file's events elsewhere. Typed code
+# reads `client.config.<name>` (type checkers do not see these).
 for _name in option_names():
-    if _name not in ("write_key", "outbox_path"):
-        setattr(Client, _name, _read_only_option(_name))
+    _own = Client.__dict__.get(_name)  # write_key, outbox_path: the client's own reading
+    _read = _own.fget if isinstance(_own, property) else operator.attrgetter(f"config.{_name}")
+    _doc = _own.__doc__ if isinstance(_own, property) else f"`config.{_name}`, read only."
+    setattr(Client, _name, property(_read, _refuse_change(_name), doc=_doc))
 
 
 def _require_timeout(timeout: Any) -> None:

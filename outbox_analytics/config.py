@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import numbers
 import os
+import re
 import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,8 @@ log = logging.getLogger("outbox_analytics")
 DEFAULT_HOST = "https://api.segment.io"
 KILL_SWITCH_ENV = "OUTBOX_ANALYTICS_DISABLED"
 KILL_SWITCH_SETTER_ENV = "OUTBOX_ANALYTICS_DISABLED_BY_PYTEST"  # the pid of the plugin's process
+
+_FLAGS = ("debug", "send", "gzip", "sync_mode", "fsync", "upload", "hand_off_at_exit")
 
 ErrorHandler = Callable[[Exception, list[dict[str, Any]]], Any]
 BeforeSend = Callable[[dict[str, Any]], dict[str, Any] | None]
@@ -99,28 +103,53 @@ class ClientConfig:
         # The kill switch waives the key (nothing is sent), unless one is given.
         if not kill_switch_on() or self.write_key is not None:
             require("write_key", self.write_key, str)
-        for name in ("max_queue_size", "max_retries", "upload_size", "thread"):
-            _require_number(name, getattr(self, name), minimum=0 if name == "max_retries" else 1)
-        for name in ("timeout", "upload_interval", "max_total_backoff_duration"):
-            _require_number(name, getattr(self, name), minimum=0, integral=False)
-        _require_number("max_rate_limit_duration", self.max_rate_limit_duration, 0, integral=False)
-        if self.timeout == 0:  # requests refuses it at every request: say so here, once
-            raise ValueError("timeout must be a number > 0 (seconds), got 0")
+        self._check_numbers()
+        for name in _FLAGS:  # send="false" would be true: a trap for settings read from text
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._set("on_error", self.on_error or None)  # Segment's own tests set on_error = False
         for name in ("on_error", "before_send", "retry_wait"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable, got {getattr(self, name)!r}")
+        self._check_objects()
         if self.host:  # "" means the default, as in Segment
             require("host", self.host, str)
             check_host(self.host)
         self._set("host", client_host(self.host))
-        if self.proxies is not None:
-            require("proxies", self.proxies, dict)
-        if self.outbox_path is not None:
-            require("outbox_path", self.outbox_path, (str, os.PathLike))
-        require("hand_off_at_exit", self.hand_off_at_exit, bool)
+        require("oauth_scope", self.oauth_scope, str)
+        require("oauth_auth_server", self.oauth_auth_server, str)
+        check_host(self.oauth_auth_server, "oauth_auth_server")
         auth_server = _without_credentials("oauth_auth_server", self.oauth_auth_server)
         self._set("oauth_auth_server", auth_server)
+
+    def _check_numbers(self) -> None:
+        for name in ("max_queue_size", "max_retries", "upload_size", "thread"):
+            _require_number(name, getattr(self, name), minimum=0 if name == "max_retries" else 1)
+        for name in ("timeout", "upload_interval"):
+            _require_number(name, getattr(self, name), minimum=0, integral=False)
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        for name in ("max_total_backoff_duration", "max_rate_limit_duration"):  # inf: no limit
+            _require_number(name, getattr(self, name), minimum=0, integral=False)
+        if self.timeout == 0:  # requests refuses it at every request: say so here, once
+            raise ValueError("timeout must be a number > 0 (seconds), got 0")
+
+    def _check_objects(self) -> None:
+        """The options that are objects: their types, shown without their values (secrets)."""
+        proxies = self.proxies
+        if proxies is not None and not (
+            isinstance(proxies, dict) and all(isinstance(v, str) for v in proxies.values())
+        ):  # a proxy URL may hold a password: never quoted
+            raise AssertionError(
+                "proxies must be a dict of URL strings, as requests takes it,"
+                f" got a value of type {type(proxies).__name__}"
+            )
+        if self.outbox_path is not None:
+            require("outbox_path", self.outbox_path, (str, os.PathLike))
+        if self.transport is not None and not callable(getattr(self.transport, "post", None)):
+            raise TypeError(f"transport must have a post() method, got {self.transport!r}")
+        if self.log_handler is not None and not isinstance(self.log_handler, logging.Handler):
+            raise TypeError(f"log_handler must be a logging.Handler, got {self.log_handler!r}")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: only while being built
@@ -141,15 +170,22 @@ def client_host(host: str | None) -> str:
     return _without_credentials("host", host or DEFAULT_HOST).rstrip("/")
 
 
-def check_host(host: str) -> None:
-    """A host that can never work fails here, before it is recorded as the outbox's owner."""
+def check_host(host: str, name: str = "host") -> None:
+    """A URL that can never work fails here (before it is recorded as the outbox's owner).
+
+    The message never quotes credentials the URL carries (user:password@).
+    """
+    shown = _CREDENTIALS.sub("//<credentials>@", host)
     try:
         parts = urllib.parse.urlsplit(host)
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
-        raise ValueError(f"host is not a valid URL ({exc}): {host!r}") from None
+        raise ValueError(f"{name} is not a valid URL ({exc}): {shown!r}") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"host must be an http(s) URL such as {DEFAULT_HOST}, got {host!r}")
+        raise ValueError(f"{name} must be an http(s) URL such as {DEFAULT_HOST}, got {shown!r}")
+
+
+_CREDENTIALS = re.compile(r"//[^/?#]*@")
 
 
 def _without_credentials(name: str, url: str) -> str:
@@ -207,8 +243,12 @@ def _oauth_key(client_id: Any, client_key: Any, key_id: Any) -> RSAPrivateKey | 
     return load_private_key(client_key)
 
 
+def _at_least(value: Any, minimum: float) -> bool:
+    return bool(value >= minimum)  # False for NaN, as for anything below
+
+
 def _require_number(name: str, value: Any, minimum: float, integral: bool = True) -> None:
     kind = int if integral else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, kind) or not _at_least(value, minimum):
         wanted = "an integer" if integral else "a number"
         raise ValueError(f"{name} must be {wanted} >= {minimum}, got {value!r}")

@@ -259,7 +259,7 @@ def encode(msg: Message) -> bytes:
 # What each type needs beyond messageId and timestamp: all of the names in a
 # tuple's first item, and one of those in its second (empty: none needed).
 _NEEDED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "track": (("event",), ("userId", "anonymousId")),
+    "track": ((), ("userId", "anonymousId")),  # and an event name: any text, as a client takes
     "identify": ((), ("userId", "anonymousId")),
     "page": ((), ("userId", "anonymousId")),
     "screen": ((), ("userId", "anonymousId")),
@@ -288,6 +288,8 @@ def validate_message(message: Any) -> Message:
     for name in ("messageId", *all_of):
         if not _given(message.get(name)):
             raise ValueError(f"{a_kind} needs {name}")
+    if kind == "track" and not isinstance(message.get("event"), str):
+        raise ValueError(f"a track message needs event, a text (got {message.get('event')!r})")
     if one_of and not any(_given(message.get(name)) for name in one_of):
         raise ValueError(f"{a_kind} needs {' or '.join(one_of)}")
     _check_timestamp(message.get("timestamp"))

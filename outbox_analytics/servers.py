@@ -39,7 +39,7 @@ import time
 import types
 import weakref
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from . import process
 
@@ -55,10 +55,10 @@ log = logging.getLogger("outbox_analytics")
 
 # At interpreter exit (a client's exit flush, and in a uWSGI worker without
 # threads the deliveries registered with deliver_at_exit()), this long in all;
-# what is left stays in the outbox. The client exports it as EXIT_BUDGET.
+# what is left stays in the outbox. exit_delivery (and the client) export it.
 EXIT_BUDGET = 1.0
 
-_Ref = Callable[[], Union[Callable[..., Any], None]]  # run time on 3.9: no `X | None` here
+_Ref = Callable[[], Callable[..., Any] | None]
 
 # The pid where a background thread is known to be allowed for good (a
 # worker stays a worker, threads stay as they are): asked again elsewhere.

@@ -306,7 +306,7 @@ GOOD = {
     [
         ("{not json", "not JSON"),
         ({"type": "track", "messageId": "abc"}, "a track message needs event"),
-        ({**GOOD, "event": ""}, "a track message needs event"),
+        ({**GOOD, "event": 5}, "a track message needs event, a text"),
         ({**GOOD, "userId": None}, "needs userId or anonymousId"),
         ({**GOOD, "timestamp": "yesterday"}, "timestamp is not ISO 8601"),
         ({**GOOD, "timestamp": "2026-01-02T03:04:05"}, "timestamp has no time zone"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import subprocess
 import sys
@@ -159,3 +160,87 @@ def test_turning_exit_delivery_off_sends_and_says_nothing_at_exit(
         assert took < 10  # no budget spent retrying an unreachable server
     with Outbox(path) as outbox:  # nothing lost either way: the event waits for the next run
         assert outbox.stats().pending == 1
+
+
+# -- from a README-only tester's attack on the rework --------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"host": "ftp://user:hunter2@example.com"},
+        {"host": "http://user:hunter2@127.0.0.1:99999"},
+        {"host": "http://user:hunter2@[::1"},
+        {"proxies": "http://u:hunter2@proxy:3128"},
+        {"proxies": ["http://bob:hunter2@proxy:3128"]},
+        {"proxies": {"https": 5}},
+        {"oauth_auth_server": "gopher://id:hunter2@auth"},
+    ],
+)
+def test_an_option_refused_never_quotes_its_password(options: dict) -> None:
+    with pytest.raises((ValueError, TypeError, AssertionError)) as refused:
+        Client("k", send=False, **options)
+    assert "hunter2" not in str(refused.value) and "r2@" not in str(refused.value)
+    assert next(iter(options)) in str(refused.value)  # the option is named
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"send": "false"}, {"sync_mode": "false"}, {"upload": "no"}, {"fsync": None},
+        {"gzip": "no"}, {"debug": "yes"},
+        {"timeout": float("nan")}, {"timeout": float("inf")}, {"upload_interval": float("nan")},
+        {"max_total_backoff_duration": float("nan")}, {"max_rate_limit_duration": float("nan")},
+        {"transport": "x"}, {"log_handler": logging.getLogger("x")},
+        {"oauth_auth_server": "notaurl"}, {"oauth_auth_server": 1}, {"oauth_scope": None},
+    ],
+)  # fmt: skip
+def test_a_wrong_option_fails_at_client_naming_it(options: dict, tmp_path: Path) -> None:
+    with pytest.raises((ValueError, TypeError, AssertionError), match=next(iter(options))):
+        Client("k", outbox_path=str(tmp_path / "o.sqlite3"), upload=False, **options)
+    assert not (tmp_path / "o.sqlite3").exists()  # refused before any file is made
+
+
+def test_options_cannot_be_changed_after_client_the_key_least_of_all(tmp_path: Path) -> None:
+    client = Client("KEY_A", outbox_path=str(tmp_path / "o.sqlite3"), upload=False)
+    for name, value in (("write_key", "KEY_B"), ("host", "http://127.0.0.1:1"), ("send", False)):
+        with pytest.raises(AttributeError, match=f"client.{name} is read only"):
+            setattr(client, name, value)
+    assert client.write_key == "KEY_A" and client.send is True
+    client.shutdown(timeout=0)
+
+
+def test_what_a_client_accepts_export_and_import_carry(tmp_path: Path) -> None:
+    from outbox_analytics import cli
+
+    source, copy = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
+    client = Client("k", outbox_path=str(source), upload=False)
+    for event in ("Good", "", "Also Good"):  # Segment takes an empty event name too
+        client.track("u", event)
+    client.shutdown(timeout=0)
+    exported = tmp_path / "e.jsonl"
+    assert cli.main(["export", str(source), "-o", str(exported)]) == 0
+    assert cli.main(["import", str(copy), str(exported)]) == 0
+    with Outbox(copy) as outbox:
+        assert [r.message["event"] for r in outbox.rows("pending")] == ["Good", "", "Also Good"]
+    with pytest.raises(ValueError, match="needs event, a text"):
+        messages.validate_message({**messages.track("u", "E"), "event": 5})
+
+
+def test_a_drain_cut_by_its_timeout_says_so_not_an_earlier_runs_error(
+    make_client, receiver
+) -> None:
+    from .receiver import Reply
+
+    receiver.responder = lambda request: Reply(status=503, body='{"error": "down"}')
+    first = make_client(max_retries=0)
+    first.track("u", "E")
+    assert first.flush(timeout=5).last_error is not None  # the 503, stored on the row
+    first.shutdown(timeout=0)
+    receiver.responder = lambda request: Reply(delay=3)  # now slow
+    second = make_client(sync_mode=True, timeout=10)
+    result = second.drain(timeout=0.5)
+    assert (
+        result.pending == 1
+        and result.last_error == "the timeout ran out before the server answered"
+    )

@@ -66,7 +66,7 @@ def flush(uploader: Uploader, timeout: float | None = None) -> FlushResult:
     deadline = None if timeout is None else time.monotonic() + timeout
     mark = uploader.outbox.last_id()
     started = time.monotonic()
-    counts = _Counts(uploader, mark)
+    counts = _Counts(uploader, mark, deadline=deadline)
     with uploader.hurry(started):
         while uploader.outbox.unfinished(mark):
             if not uploader.running or uploader.schedule.gave_up_at >= started:
@@ -105,7 +105,7 @@ def drain(
     deadline = None if timeout is None else time.monotonic() + timeout
     mark = uploader.outbox.last_id()
     started = time.monotonic()
-    counts = _Counts(uploader, mark, progress)
+    counts = _Counts(uploader, mark, progress, deadline)
     try:
         while uploader.outbox.unfinished(mark) and uploader.schedule.gave_up_at < started:
             wait = _drain_step(uploader, deadline)
@@ -138,8 +138,10 @@ class _Counts:
         uploader: Uploader,
         mark: int,
         progress: Callable[[FlushResult], None] | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.uploader, self.mark, self.progress = uploader, mark, progress
+        self.deadline = deadline
         tally = uploader.tally
         self.sent, self.dead, self.failed_rounds = tally.sent, tally.dead, tally.failed_rounds
         self.reported: FlushResult | None = None
@@ -171,6 +173,8 @@ class _Counts:
         stats = self.uploader.outbox.stats()
         if stats.uploader_alive and not self.uploader.holder.holds:
             return "another process holds the upload lease and is sending them"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return TIMED_OUT  # this call's time ran out: an earlier run's error would mislead
         return stats.head_last_error or TIMED_OUT
 
 
