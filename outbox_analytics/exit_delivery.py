@@ -166,10 +166,14 @@ def _say_what_is_left(client: Client) -> None:
     if outbox is None or client.uploader is None:
         return
     try:
+        if not outbox.stats().pending or _another_process_sends(client, outbox):
+            return
+        # Read again once the lease is seen free: a process that just let go
+        # of it (a pool's other worker, exiting too) sent what it could first.
         stats = outbox.stats()
     except Exception:
         return  # (an error about the file was logged when it happened)
-    if not stats.pending or _another_process_sends(client, outbox):
+    if not stats.pending:
         return
     if handoff.handed_off(outbox.path):
         return  # a sender of ours goes on with them, quietly

@@ -244,3 +244,41 @@ def test_a_drain_cut_by_its_timeout_says_so_not_an_earlier_runs_error(
         result.pending == 1
         and result.last_error == "the timeout ran out before the server answered"
     )
+
+
+SPAWN_POOL = """
+import multiprocessing, sys
+import outbox_analytics as analytics
+analytics.write_key = "k"
+analytics.host = sys.argv[1]
+analytics.outbox_path = sys.argv[2]
+
+def work(n):
+    analytics.track("u", "Worked", {"n": n})
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(work, range(6))
+        pool.close()
+        pool.join()
+"""
+
+
+def test_a_spawn_pools_workers_never_say_events_are_left_that_the_other_sends(
+    receiver, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OUTBOX_ANALYTICS_HANDOFF": "0"}
+    env.pop("OUTBOX_ANALYTICS_DISABLED", None)
+    script = tmp_path / "pool.py"  # (spawn workers import the main module from a file)
+    script.write_text(SPAWN_POOL)
+    for run in range(4):  # the race showed in about two runs of three
+        path = tmp_path / f"o{run}.sqlite3"
+        job = subprocess.run(
+            [sys.executable, str(script), receiver.url, str(path)],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+        assert job.returncode == 0, job.stderr
+        with Outbox(path) as outbox:
+            left = outbox.stats().pending
+        assert left == 0 and "not sent yet" not in job.stderr, job.stderr
+    assert len(receiver.accepted()) == 24
