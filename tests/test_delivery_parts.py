@@ -38,6 +38,10 @@ BASE = {
         (Schedule(), {"pending": 0}, 0.5),
         # a young, small batch waits to fill up, for the rest of the interval
         (Schedule(), {"pending": 3, "oldest_age": 0.2}, 0.3),
+        # filling fast (half full in 10 ms): look again when it should be full, not in 490 ms
+        (Schedule(), {"pending": 50, "oldest_age": 0.01}, 0.01),
+        # filling slowly: the rest of the interval still bounds the wait
+        (Schedule(), {"pending": 1, "oldest_age": 0.1}, 0.4),
         # an old small batch goes
         (Schedule(), {"pending": 3, "oldest_age": 0.7}, 0.0),
         # a stepped clock: an event "stored in the future" is old enough

@@ -108,12 +108,17 @@ class LeaseHolder:
         return self._ahead is not None
 
     def claim_ahead(self, count: int, max_bytes: int) -> None:
-        """Claim the next batch while one is on the wire (never raises: it is only a head start)."""
+        """Claim the next batch while one is on the wire (never raises: it is only a head start).
+
+        Only a full one: rows that trickle in while a batch is on the wire
+        wait for the batch to fill up (see schedule.next_delay), instead of
+        going at once as a batch of a few.
+        """
         lease = self._lease
         if self._ahead is not None or lease is None:
             return
         try:
-            rows = lease.claim(count, max_bytes=max_bytes)
+            rows = lease.claim(count, max_bytes=max_bytes, whole=True)
         except Exception:  # (a busy or damaged file): the next batch is claimed as usual
             log.debug("could not claim the next batch ahead", exc_info=True)
             return

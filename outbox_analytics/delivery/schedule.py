@@ -27,6 +27,8 @@ __all__ = [
 # The longest wait anything may ask for (a server's Retry-After, a head's
 # backoff): a clock far ahead must never make a wait of hours.
 MAX_WAIT = 300.0
+# A fill wait is never shorter: each look at the file costs a read.
+_SHORTEST_FILL_WAIT = 0.002
 
 
 class SteadyWallClock:
@@ -113,5 +115,17 @@ def next_delay(
     if flush_since is not None or pending >= upload_size:
         return 0.0
     if 0 <= oldest_age < upload_interval:
-        return upload_interval - oldest_age  # let the batch fill up
+        return min(upload_interval - oldest_age, _time_to_fill(pending, oldest_age, upload_size))
     return 0.0
+
+
+def _time_to_fill(pending: int, oldest_age: float, upload_size: int) -> float:
+    """About when a batch filling at the rate seen so far is full: look again then.
+
+    The fill wait is not cut short by new events (a wake-up per track() would
+    cost every caller), so under steady load it is guessed from the rate:
+    waiting out the whole interval let hundreds pile up behind a batch that
+    was full long before.
+    """
+    guess = (upload_size - pending) * oldest_age / pending
+    return max(_SHORTEST_FILL_WAIT, guess)

@@ -122,14 +122,18 @@ class UploadLease:
 
     # -- the rows -----------------------------------------------------------------
 
-    def claim(self, max_count: int, max_bytes: int | None = None) -> list[Row]:
+    def claim(
+        self, max_count: int, max_bytes: int | None = None, *, whole: bool = False
+    ) -> list[Row]:
         """Mark the oldest pending rows in flight and return them, in order.
 
         At most `max_count` rows whose stored sizes add up to at most
         `max_bytes` (but always at least one row, so an oversized row cannot
-        stall the queue). A row whose payload cannot be decoded is moved to
-        the dead-letter state instead. Nothing is claimed once the lease is
-        no longer valid.
+        stall the queue). With `whole`, only a full batch (either limit
+        reached) is claimed, else nothing: a batch claimed ahead while one is
+        on the wire must not be cut short by taking what happens to be there.
+        A row whose payload cannot be decoded is moved to the dead-letter
+        state instead. Nothing is claimed once the lease is no longer valid.
         """
         if not self.valid:
             return []
@@ -140,11 +144,15 @@ class UploadLease:
             ).fetchall()
             chosen: list[Any] = []
             total = 0
+            full = len(candidates) == max_count
             for raw in candidates:
                 if chosen and max_bytes is not None and total + raw[9] > max_bytes:
+                    full = True
                     break
                 chosen.append(raw)
                 total += raw[9]
+            if whole and not full:
+                return []
             ids = [raw[0] for raw in chosen]
             _update(conn, f"status = {INFLIGHT}", (), ids, only=schema.PENDING_WHERE)
             if ids:  # every row up to the last one taken is now in flight, dead or gone
