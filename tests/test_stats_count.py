@@ -1,0 +1,92 @@
+"""Counting pending rows without reading them (issue 25): exact, and flat at any backlog.
+
+Most pending rows are one run of ids with no gap, from the `gapless_from`
+id (kept in the file) to the highest: stats() counts that run from its ends
+and reads only the rows below it. The exactness of every mix of claims,
+acks, releases, dead letters, requeues and purges is held to a model in
+test_store_cursor.py; these tests cover the run itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from outbox_analytics.store import Outbox, UploadLease, encode_message, schema
+
+
+def _message(number: int, padding: int = 0) -> bytes:
+    return encode_message({"type": "track", "messageId": f"m-{number}", "pad": "x" * padding})
+
+
+def _fill(path: Path, count: int, padding: int = 0) -> None:
+    with Outbox(path, max_pending=count + 10) as outbox, outbox.batch():
+        for number in range(count):
+            outbox.append(_message(number, padding))
+
+
+def _lease(outbox: Outbox) -> UploadLease:
+    lease = outbox.try_lease()
+    assert lease is not None
+    return lease
+
+
+def _gapless_from(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(schema.read_meta(conn, schema.GAPLESS_FROM))
+
+
+def _fastest_stats(path: Path) -> float:
+    with Outbox(path, readonly=True) as outbox:
+        timings = []
+        for _ in range(5):
+            started = time.perf_counter()
+            outbox.stats()
+            timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+def test_stats_takes_as_long_for_20k_pending_rows_as_for_one(tmp_path: Path) -> None:
+    # One row per 2 KiB page: counting them one by one reads 40 MB.
+    big, small = tmp_path / "big.sqlite3", tmp_path / "small.sqlite3"
+    _fill(big, 20_000, padding=1_900)
+    _fill(small, 1, padding=1_900)
+    with Outbox(big, readonly=True) as outbox:
+        assert outbox.stats().pending == 20_000
+    assert _fastest_stats(big) < 10 * _fastest_stats(small)  # (reading every row: 60x here)
+
+
+def test_delivering_from_the_middle_moves_the_run_past_the_gap(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    _fill(path, 10)
+    assert _gapless_from(path) == 1  # a new file: no id was ever freed
+    with Outbox(path) as outbox:
+        lease = _lease(outbox)
+        rows = lease.claim(10)
+        lease.release([row.id for row in rows[:3]] + [row.id for row in rows[6:]], attempts=0)
+        lease.ack([row.id for row in rows[3:6]])  # ids 4, 5, 6 gone: 1-3 and 7-10 pending
+        assert _gapless_from(path) == 7
+        assert outbox.stats().pending == 7
+        again = [row.id for row in lease.claim(10)]
+        assert again == [1, 2, 3, 7, 8, 9, 10]
+        lease.release(again[:-1], attempts=0)
+        lease.ack([10])  # the highest row stays as a tombstone: no new gap
+        assert _gapless_from(path) == 7
+        assert outbox.stats().pending == 6
+        lease.close()
+
+
+def test_a_file_an_older_version_deleted_from_is_counted_by_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    _fill(path, 10)
+    # An older version of the library: it writes its schema version on opening,
+    # then deletes rows without moving the gapless run.
+    with sqlite3.connect(path) as conn:
+        schema.write_meta(conn, "schema_version", 2)
+        conn.execute(f"DELETE FROM {schema.TABLE} WHERE _id IN (4, 5)")
+    with Outbox(path, readonly=True) as reader:
+        assert reader.stats().pending == 8  # the run is not trusted: every row counted
+    with Outbox(path) as writer:  # brings the file to this version: the run is found again
+        assert _gapless_from(path) == 6
+        assert writer.stats().pending == 8
