@@ -77,6 +77,16 @@ def test_threads_share_commits_and_each_gets_its_own_row_id() -> None:
     assert len(table.groups) < 400 / 3  # most commits carried several threads' rows
 
 
+def test_callers_coming_back_from_a_commit_join_the_next_one_together() -> None:
+    # Without gathering, the first thread back from a commit of all 8 led at
+    # once, alone: commits of 1 and of 7 by turns, twice the syncs.
+    table = _Table(delay=0.002)
+    group: GroupCommit[str] = GroupCommit(table.commit)
+    _run_threads(group, threads=8, calls=40)
+    assert len(table.rows) == 320
+    assert sum(table.groups) / len(table.groups) >= 6
+
+
 def test_a_failed_commit_fails_every_call_in_it_and_the_next_ones_go_on() -> None:
     table = _Table()
     group: GroupCommit[str] = GroupCommit(table.commit)
