@@ -27,6 +27,22 @@ def test_a_whole_claim_takes_a_full_batch_or_nothing(outbox_file: Path) -> None:
         lease.close()
 
 
+def test_a_claim_marks_only_the_pending_rows_it_takes(outbox_file: Path) -> None:
+    """Claims mark their rows by range: a dead row inside the range stays dead."""
+    outbox_with(outbox_file, 6)
+    with Outbox(str(outbox_file)) as outbox:
+        lease = outbox.try_lease()
+        assert lease is not None
+        first, second = lease.claim(2)
+        lease.dead_letter([second.id], status=400, error="rejected")
+        lease.release([first.id], attempts=0)  # back before the dead row
+        taken = lease.claim(10)
+        assert [row.id for row in taken] == [first.id] + [second.id + n for n in range(1, 5)]
+        assert [row.id for row in outbox.rows("dead")] == [second.id]
+        assert outbox.stats().inflight == 5
+        lease.close()
+
+
 def test_batches_are_full_under_steady_load(make_client, receiver) -> None:
     """Events arriving steadily (about 4,000/s) go in full batches, not in what
     happened to be there while the previous batch was on the wire."""
@@ -38,5 +54,5 @@ def test_batches_are_full_under_steady_load(make_client, receiver) -> None:
             time.sleep(max(0.0, started + (n + 1) / 4000 - time.perf_counter()))
     sizes = [len(request.batch) for request in receiver.requests]
     assert client.flush(timeout=10).pending == 0
-    assert len(sizes) >= 20, sizes  # (the load was steady: it was being delivered meanwhile)
-    assert sum(sizes) / len(sizes) >= 16, sizes  # at least 80% of upload_size
+    assert len(sizes) >= 5, sizes  # (the load was steady: it was being delivered meanwhile)
+    assert sum(sizes) / len(sizes) >= 18, sizes  # full, but for one cut short by a stall
