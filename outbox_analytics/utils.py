@@ -27,11 +27,13 @@ Segment's json.dumps does.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import numbers
 import os
+import re
 import reprlib
 import threading
 import time
@@ -122,36 +124,60 @@ def new_message_id() -> str:
 
 
 def _random_ids(count: int) -> list[str]:
-    ids = []
-    randomness = os.urandom(16 * count).hex()
-    for start in range(0, 32 * count, 32):
-        h = randomness[start : start + 32]
-        variant = "89ab"[int(h[16], 16) & 3]  # the two high bits of byte 8 are "10"
-        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
-    return ids
+    """`count` version 4 UUIDs, their version and variant bits set by two int operations."""
+    keep, version_bits = _uuid4_bits(count)
+    bits = int.from_bytes(os.urandom(16 * count), "big") & keep | version_bits
+    digits = bits.to_bytes(16 * count, "big").hex()
+    return ["-".join(groups) for groups in _UUID_GROUPS.findall(digits)]
 
 
+@functools.lru_cache(maxsize=4)
+def _uuid4_bits(count: int) -> tuple[int, int]:
+    """Masks over `count` 16-byte ids: the bits kept from the random ones, and those set.
+
+    Each id's version nibble (bits 76-79 of its 128) is 4, and the two high
+    bits of its byte 8 (bits 62-63) are "10", as RFC 4122 says.
+    """
+    keep = version_bits = 0
+    for _ in range(count):
+        keep = keep << 128 | ((1 << 128) - 1) ^ (0xF << 76) ^ (0x3 << 62)
+        version_bits = version_bits << 128 | 0x4 << 76 | 0x2 << 62
+    return keep, version_bits
+
+
+_UUID_GROUPS = re.compile("([0-9a-f]{8})([0-9a-f]{4})([0-9a-f]{4})([0-9a-f]{4})([0-9a-f]{12})")
 _id_pools = threading.local()
 
 
 _second_text: tuple[int, str] = (0, "")
+_millisecond_text: tuple[int, str] = (0, "")
 
 
 def utc_now_iso() -> str:
     """The current time as Segment writes it: ISO 8601, milliseconds, "+00:00".
 
     Same text as `datetime.now(timezone.utc).isoformat(timespec="milliseconds")`
-    at a third of the cost: the date and time of the current second are
-    formatted once per second. The cache is one tuple, swapped atomically.
+    at a fraction of the cost: the text is made once per millisecond (a
+    busy job tracks many events in one), its date and time once per second.
+    Each cache is one tuple, swapped atomically.
     """
+    global _millisecond_text
+    millisecond = int(time.time() * 1000)
+    cached_millisecond, text = _millisecond_text
+    if millisecond != cached_millisecond:
+        second, part = divmod(millisecond, 1000)
+        text = f"{_date_and_time(second)}.{part:03d}+00:00"
+        _millisecond_text = (millisecond, text)
+    return text
+
+
+def _date_and_time(second: int) -> str:
     global _second_text
-    now = time.time()
-    second = int(now)
     cached_second, text = _second_text
     if second != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _second_text = (second, text)
-    return f"{text}.{int((now - second) * 1000):03d}+00:00"
+    return text
 
 
 def guess_timezone(dt: datetime) -> datetime:
@@ -173,12 +199,72 @@ def clean(value: Any) -> Any:
     dict key JSON cannot have, which Segment's json.dumps refuses too: a
     value that has no JSON form is replaced or left out as described in the
     module docstring, with a rate-limited warning naming where it sat (for
-    example ``properties.items[2]``). This runs on every track(): the common
-    types are dispatched by exact type, and the path is only built when
-    something is wrong.
+    example ``properties.items[2]``). This runs on every track(): a value
+    with nothing to change is copied by `_copy_plain`; only otherwise is it
+    cleaned again by `_clean`, which keeps track of paths for the warnings.
     """
+    try:
+        return _copy_plain(value, 0)
+    except (_NotPlain, UnicodeEncodeError):  # something to change: again, with the paths
+        pass
     cleaned = _clean(value, 0, None, None)
     return None if cleaned is _LEFT_OUT else cleaned
+
+
+class _NotPlain(Exception):
+    """A value that `_copy_plain` cannot copy as it is."""
+
+
+def _copy_plain(value: Any, depth: int) -> Any:
+    """A copy of `value` made of plain JSON types only, that needs no change; else _NotPlain.
+
+    The path of every clean(): almost every event is made of dicts, lists,
+    text, numbers, booleans and None. Copied here with no bookkeeping of
+    where each value sits (which only a warning needs), and a dict's text,
+    numbers, booleans and None checked inline, not in a call each. Anything
+    else, or anything to change, raises, and `_clean` does it all again.
+    """
+    if depth >= _MAX_DEPTH:
+        raise _NotPlain
+    kind = type(value)
+    if kind is dict:
+        copy = {}
+        for key, item in value.items():
+            if type(key) is not str or not key.isascii():
+                raise _NotPlain
+            kind = type(item)
+            if kind is str:
+                if not item.isascii():
+                    item.encode("utf-8")  # raises UnicodeEncodeError for lone surrogates
+            elif kind is dict or kind is list:
+                item = _copy_plain(item, depth + 1)
+            elif kind is float:
+                if item - item != 0.0:  # true for NaN and the infinities only
+                    raise _NotPlain
+            elif kind is int:
+                if not _INT_MIN <= item <= _INT_MAX:
+                    raise _NotPlain
+            elif item is not None and kind is not bool:
+                raise _NotPlain
+            copy[key] = item
+        return copy
+    if kind is list:
+        return [_copy_plain(item, depth + 1) for item in value]
+    if kind is str:
+        if not value.isascii():
+            value.encode("utf-8")  # as above
+        return value
+    if kind is float:
+        if value - value != 0.0:
+            raise _NotPlain
+        return value
+    if kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise _NotPlain
+        return value
+    if value is None or kind is bool:
+        return value
+    raise _NotPlain
 
 
 # Where a value sits: (the node of its container, its key or index there);
