@@ -21,6 +21,8 @@ import pytest
 
 from outbox_analytics import Client, utils
 
+from .conftest import start_python
+
 PLAIN_EVENT = {
     "order_id": "50314b8e9bcf000000000000",
     "total": 27.5,
@@ -139,3 +141,32 @@ def test_the_time_text_is_the_current_millisecond() -> None:
         assert len(text) == len("2024-01-02T03:04:05.678+00:00") and text.endswith("+00:00")
         stamped = round(datetime.fromisoformat(text).timestamp() * 1000)
         assert before <= stamped <= after
+
+
+BLOCK_ENDED_IN_A_CHILD = """
+import ctypes, json, os, sys
+from outbox_analytics import Client
+
+client = Client("key", outbox_path=sys.argv[1], upload=False)
+client.track("u", "Before")
+database = client.outbox.database
+inherited = database._conn
+with client.batch():
+    client.track("u", "In the block")
+    # A C-level fork (uWSGI's) runs none of Python's fork hooks; the child
+    # goes on with the block, and commits it as it leaves.
+    pid = ctypes.CDLL(None).fork()
+if pid == 0:
+    os._exit(0 if database._conn is not inherited else 1)
+print(json.dumps(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])), flush=True)
+"""
+
+
+def test_a_block_that_a_child_ends_is_committed_on_the_childs_own_connection(
+    tmp_path: Path,
+) -> None:
+    """Appends in a block no longer look at the process each; the block's commit does."""
+    process = start_python(BLOCK_ENDED_IN_A_CHILD, str(tmp_path / "o.db"))
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert out.strip() == "0", "the child committed on its parent's connection"

@@ -370,12 +370,13 @@ class Outbox:
         block. Raises OutboxFull (the drop is counted) when `max_pending`
         messages are pending, OutboxError (also counted) when it cannot write.
         """
-        process.current_pid()  # in a forked child, the parent's connection is never used
         buffered: list[tuple[bytes, float]] | None = getattr(self._local, "rows", None)
-        self._reserve(1 + len(buffered) if buffered is not None else 1)
-        if buffered is not None:
+        if buffered is not None:  # (the process is checked when the block commits)
+            self._reserve(1 + len(buffered))
             buffered.append((data, time.time()))
             return None
+        process.current_pid()  # in a forked child, the parent's connection is never used
+        self._reserve(1)
         return self._store([(data, time.time())])
 
     @contextlib.contextmanager
@@ -395,6 +396,7 @@ class Outbox:
         finally:
             self._local.rows = None
         if rows:
+            process.current_pid()  # forked inside the block: the parent's connection is not ours
             self._store(rows)
 
     def _store(self, rows: Sequence[tuple[bytes, float]]) -> int:
