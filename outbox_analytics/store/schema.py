@@ -83,6 +83,10 @@ CURSOR = "coalesce((SELECT value FROM outbox_meta WHERE key = 'claim_from'), 0)"
 # version breaking the claim cursor or the kept-highest-id rule.
 NEWER_THAN_0_1 = "requires_outbox_analytics_0_2"
 SCHEMA_VERSION = 3
+# The lowest pending row below the claim cursor (see first_stranded), if any:
+# noted by a trigger, forgotten once the cursor is lowered to it.
+STRANDED_FROM = "stranded_from"
+STRANDED_TRIGGER = "outbox_stranded"
 _SCHEMA = [
     # In-flight, dead and tombstone rows are few; appends (status 0) never touch it.
     f"CREATE INDEX IF NOT EXISTS outbox_taken ON {TABLE} (status) WHERE status >= 2",
@@ -90,6 +94,15 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS outbox_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO outbox_meta (key, value) VALUES ('dropped', 0)",
     f"CREATE TABLE IF NOT EXISTS {NEWER_THAN_0_1} (why TEXT)",
+    # Notes where a row made pending below the claim cursor lies (by any
+    # program: persist-queue's resume of unacknowledged rows too), so that
+    # counts know where pending rows start. Appends (INSERT) never run it.
+    f"""CREATE TRIGGER IF NOT EXISTS {STRANDED_TRIGGER} AFTER UPDATE OF status ON {TABLE}
+    WHEN NEW.status < 2 AND NEW._id < {CURSOR}
+    BEGIN
+        INSERT INTO outbox_meta (key, value) VALUES ('{STRANDED_FROM}', NEW._id)
+        ON CONFLICT (key) DO UPDATE SET value = min(value, excluded.value);
+    END""",
 ]
 OUR_TABLES = {TABLE_NAME, "outbox_meta", "sqlite_sequence", NEWER_THAN_0_1}
 # A new file: 2 KiB pages make each commit write half the bytes of the 4 KiB
@@ -116,17 +129,21 @@ _GAPLESS = (
 _COUNT_EVERY_PENDING = (
     f"(SELECT count(*) FROM {TABLE}) - (SELECT count(*) FROM {TABLE} WHERE status >= 2)"
 )
-# The same count, reading only the rows below the gapless run (in flight,
-# dead, made pending again, stranded: few, unless many are dead): the run
-# itself is counted from its ends, less its in-flight, dead and tombstone
-# rows (a small index).
+# The same count, reading only the rows between the first that may be
+# pending (the claim cursor, or a stranded row below it) and the gapless run
+# (rows made pending again: few); the run itself is counted from its ends,
+# less its in-flight, dead and tombstone rows (a small index).
 _COUNT_PENDING_BY_RUN = f"""
-    (SELECT count(*) FROM {TABLE} WHERE _id < gapless AND status < 2)
-    + max(0, coalesce((SELECT max(_id) FROM {TABLE}), 0) - gapless + 1)
-    - (SELECT count(*) FROM {TABLE} WHERE status >= 2 AND _id >= gapless)"""
+    (SELECT count(*) FROM {TABLE} WHERE _id >= low AND _id < gapless AND status < 2)
+    + max(0, coalesce((SELECT max(_id) FROM {TABLE}), 0) - max(low, gapless) + 1)
+    - (SELECT count(*) FROM {TABLE} WHERE status >= 2 AND _id >= max(low, gapless))"""
+_LOWEST_PENDING = (
+    f"min({CURSOR}, coalesce((SELECT value FROM outbox_meta WHERE key = '{STRANDED_FROM}'),"
+    f" {CURSOR}))"
+)
 COUNT_PENDING = f"""
 SELECT CASE WHEN gapless IS NULL THEN {_COUNT_EVERY_PENDING} ELSE {_COUNT_PENDING_BY_RUN} END
-FROM (SELECT {_GAPLESS} AS gapless)"""
+FROM (SELECT {_GAPLESS} AS gapless, {_LOWEST_PENDING} AS low)"""
 # At least the pending count, from three index lookups and the taken rows past
 # the cursor: every id from the cursor to the highest is a row or a gap left
 # by a delivered row, and no pending row is below the cursor.
@@ -275,6 +292,7 @@ def is_current(conn: sqlite3.Connection) -> bool:
     tables = dict(conn.execute("SELECT name, sql FROM sqlite_master"))
     return (
         NEWER_THAN_0_1 in tables
+        and STRANDED_TRIGGER in tables
         and "outbox_pending" not in tables  # (0.1's index of pending rows)
         and not _autoincrement(tables.get(TABLE_NAME))
         and set(EXTRA_COLUMNS) <= _columns(conn)
@@ -303,6 +321,9 @@ def migrate(conn: sqlite3.Connection) -> None:
         write_meta(conn, "claim_from", first or 0)
     if read_meta(conn, "schema_version") != SCHEMA_VERSION:  # (an older version deleted rows)
         write_meta(conn, GAPLESS_FROM, _find_gapless_from(conn))
+        stranded = first_stranded(conn)  # (made before the trigger was there)
+        if stranded is not None:
+            write_meta(conn, STRANDED_FROM, stranded)
     write_meta(conn, "schema_version", SCHEMA_VERSION)
 
 
@@ -421,6 +442,7 @@ def lower_cursor(conn: sqlite3.Connection, row_id: int) -> None:
         " ON CONFLICT (key) DO UPDATE SET value = min(value, excluded.value)",
         (row_id,),
     )
+    conn.execute(f"DELETE FROM outbox_meta WHERE key = '{STRANDED_FROM}' AND value >= {CURSOR}")
 
 
 def move_cursor(conn: sqlite3.Connection, row_id: int) -> None:
