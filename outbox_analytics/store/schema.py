@@ -150,12 +150,10 @@ _LOWEST_PENDING = (
 COUNT_PENDING = f"""
 SELECT CASE WHEN gapless IS NULL THEN {_COUNT_EVERY_PENDING} ELSE {_COUNT_PENDING_BY_RUN} END
 FROM (SELECT {_GAPLESS} AS gapless, {_LOWEST_PENDING} AS low)"""
-# At least the pending count, from three index lookups and the taken rows past
-# the cursor: every id from the cursor to the highest is a row or a gap left
-# by a delivered row, and no pending row is below the cursor.
+# At least the pending count, from a few lookups (no count: dead rows can be
+# many): no pending row lies below the lowest that may be pending.
 PENDING_SPAN = (
-    f"SELECT max(0, coalesce((SELECT max(_id) FROM {TABLE}), 0) - max({CURSOR}, 1) + 1"
-    f" - (SELECT count(*) FROM {TABLE} WHERE status >= 2 AND _id >= {CURSOR}))"
+    f"SELECT max(0, coalesce((SELECT max(_id) FROM {TABLE}), 0) - max({_LOWEST_PENDING}, 1) + 1)"
 )
 # The oldest pending rows, in order, reading from the cursor on.
 FIRST_PENDING = f"FROM {TABLE} WHERE _id >= {CURSOR} AND status < 2 ORDER BY _id"
