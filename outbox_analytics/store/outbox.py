@@ -500,6 +500,7 @@ class Outbox:
         fits = self._pending_estimate + count <= self.max_pending
         if fits and time.monotonic() - self._counted_at <= _RECOUNT_INTERVAL:
             return  # the common case, without reading the file
+        process.current_pid()  # (appends inside batch() do not look at it each time)
         try:
             self._check_room(count)
         except OutboxFull:
