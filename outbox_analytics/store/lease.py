@@ -192,7 +192,7 @@ class UploadLease:
             for chunk in _chunks(chosen):
                 marks = ",".join("?" * len(chunk))
                 where = f"_id IN ({marks}) AND status = {INFLIGHT}"
-                deleted += schema.delete_rows(conn, where, chunk)
+                deleted += schema.delete_rows(conn, where, chunk, highest=max(chunk))
             return deleted
 
         return self._db.write(delete, "acknowledge rows")
