@@ -143,6 +143,18 @@ def test_rows_deleted_by_another_program_move_the_run_past_them(tmp_path: Path) 
         assert writer.stats().pending == 8
 
 
+def test_rows_renumbered_by_hand_move_the_run_past_the_gaps_they_leave(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    _fill(path, 20)
+    with sqlite3.connect(path) as conn:  # the sqlite3 shell, by hand
+        conn.execute(f"DELETE FROM {schema.TABLE} WHERE _id = 3")
+        conn.execute(f"UPDATE {schema.TABLE} SET _id = 3 WHERE _id = 10")  # the gap moves to 10
+        conn.execute(f"UPDATE {schema.TABLE} SET _id = _id + 100 WHERE _id = 20")
+        counted = conn.execute(f"SELECT count(*) FROM {schema.TABLE} WHERE status < 2").fetchone()
+    with Outbox(path, readonly=True) as reader:
+        assert reader.stats().pending == counted[0] == 19
+
+
 def test_a_file_of_an_older_version_has_its_run_found_when_opened(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite3"
     _fill(path, 10)

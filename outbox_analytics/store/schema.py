@@ -95,6 +95,7 @@ STRANDED_TRIGGER = "outbox_stranded"
 # run of ids with no gap.
 GAPLESS_FROM = "gapless_from"
 GAPS_TRIGGER = "outbox_gaps"
+RENUMBER_TRIGGER = "outbox_renumbered"
 _SCHEMA = [
     # In-flight, dead and tombstone rows are few; appends (status 0) never touch it.
     f"CREATE INDEX IF NOT EXISTS outbox_taken ON {TABLE} (status) WHERE status >= 2",
@@ -118,6 +119,15 @@ _SCHEMA = [
         AND OLD._id < (SELECT max(_id) FROM {TABLE})
     BEGIN
         UPDATE outbox_meta SET value = OLD._id + 1 WHERE key = '{GAPLESS_FROM}';
+    END""",
+    # A row renumbered by hand (the sqlite3 shell) leaves a gap where it was,
+    # and one below its new id if that is past the highest: the run starts
+    # after both. (Starting it later than needed only makes counts read more.)
+    f"""CREATE TRIGGER IF NOT EXISTS {RENUMBER_TRIGGER} AFTER UPDATE OF _id ON {TABLE}
+    WHEN OLD._id != NEW._id
+    BEGIN
+        UPDATE outbox_meta SET value = max(value, OLD._id + 1, NEW._id)
+        WHERE key = '{GAPLESS_FROM}';
     END""",
 ]
 OUR_TABLES = {TABLE_NAME, "outbox_meta", "sqlite_sequence", NEWER_THAN_0_1}
@@ -298,6 +308,7 @@ def is_current(conn: sqlite3.Connection) -> bool:
         NEWER_THAN_0_1 in tables
         and STRANDED_TRIGGER in tables
         and GAPS_TRIGGER in tables
+        and RENUMBER_TRIGGER in tables
         and "outbox_pending" not in tables  # (0.1's index of pending rows)
         and not _autoincrement(tables.get(TABLE_NAME))
         and set(EXTRA_COLUMNS) <= _columns(conn)
