@@ -406,6 +406,7 @@ for _name in option_names():
     _read = _own.fget if isinstance(_own, property) else operator.attrgetter(f"config.{_name}")
     _doc = _own.__doc__ if isinstance(_own, property) else f"`config.{_name}`, read only."
     setattr(Client, _name, property(_read, _refuse_change(_name), doc=_doc))
+del _name, _own, _read, _doc
 
 
 def _require_timeout(timeout: Any) -> None:
