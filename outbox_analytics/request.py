@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -78,7 +78,7 @@ __all__ = [
     "capped_wait",
     "display_url",
     "encode_batch",
-    "encode_messages",
+    "join_messages",
     "error_fields",
     "is_retryable_status",
     "not_an_acknowledgement",
@@ -150,19 +150,13 @@ def capped_wait(seconds: float) -> float | None:
     return min(seconds, MAX_RETRY_AFTER)
 
 
-def encode_messages(messages: list[dict[str, Any]]) -> bytes:
-    """Messages as one JSON array, UTF-8.
-
-    orjson, not json: a batch of 100 typical events encodes in 60 us instead
-    of 510 (measured), on the uploader's thread, which shares the interpreter
-    with the threads that track. Its compact, unescaped UTF-8 is the JSON
-    Segment's API takes; cleaning made every value one it encodes.
-    """
-    return orjson.dumps(messages)
+def join_messages(encoded: Sequence[bytes]) -> bytes:
+    """Messages, each already JSON (see store.Claimed), as one JSON array."""
+    return b"[" + b",".join(encoded) + b"]"
 
 
 def encode_batch(messages: bytes, sent_at: str, write_key: str) -> bytes:
-    """The request body, from the messages already encoded by `encode_messages`.
+    """The request body, from the messages already joined by `join_messages`.
 
     The array is encoded once per batch; only sentAt changes between attempts.
     """

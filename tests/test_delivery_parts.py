@@ -16,7 +16,7 @@ from outbox_analytics.delivery.schedule import (
     stored_wait,
 )
 from outbox_analytics.delivery.triage import BuryThem, EndpointToBlame, Rejections, judge
-from outbox_analytics.store import Row
+from outbox_analytics.store import Claimed
 
 NOW = 1000.0  # monotonic
 BASE = {
@@ -107,11 +107,11 @@ def test_the_steady_wall_clock_follows_the_monotonic_clock() -> None:
     assert clock.now() >= first
 
 
-def rows(*ids: int) -> list[Row]:
-    return [Row(i, {"n": i}, "inflight", 0.0, 10) for i in ids]
+def rows(*ids: int) -> list[Claimed]:
+    return [Claimed(i, b'{"n":%d}' % i, 0.0) for i in ids]
 
 
-def rejected(batch: list[Row], status: int = 400, body: str = "bad") -> list:
+def rejected(batch: list[Claimed], status: int = 400, body: str = "bad") -> list:
     return [(row, APIError(status, "invalid", body, body=body)) for row in batch]
 
 

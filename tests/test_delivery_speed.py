@@ -5,10 +5,20 @@ Full batches under steady load, and the rules a faster uploader must keep.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
+import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from outbox_analytics.store import Outbox
+import msgpack
+import pytest
+
+from outbox_analytics import OutboxBusy
+from outbox_analytics.delivery.lease_holder import LeaseHolder
+from outbox_analytics.store import Claimed, Outbox
 
 from .conftest import outbox_with
 
@@ -56,3 +66,105 @@ def test_batches_are_full_under_steady_load(make_client, receiver) -> None:
     assert client.flush(timeout=10).pending == 0
     assert len(sizes) >= 5, sizes  # (the load was steady: it was being delivered meanwhile)
     assert sum(sizes) / len(sizes) >= 18, sizes  # full, but for one cut short by a stall
+
+
+def test_a_claimed_batch_keeps_no_decoded_messages(outbox_file: Path) -> None:
+    """Claimed rows hold their messages as JSON bytes: nothing for the garbage
+    collector to walk while the batch is on the wire (its passes were the
+    uploader's largest cost)."""
+    outbox_with(outbox_file, 5)
+    with Outbox(str(outbox_file)) as outbox:
+        lease = outbox.try_lease()
+        assert lease is not None
+        rows = lease.claim(5)
+        assert not any(gc.is_tracked(value) for row in rows for value in row)
+        assert [json.loads(row.json)["properties"]["n"] for row in rows] == [0, 1, 2, 3, 4]
+        assert rows[2].message["event"] == "Stored"  # (decoded on demand, for callbacks)
+        lease.close()
+
+
+def _ids(rows: list[Claimed]) -> list[int]:
+    return [row.id for row in rows]
+
+
+@contextlib.contextmanager
+def delivered_with_one_ahead(path: Path) -> Iterator[tuple[Outbox, LeaseHolder, list[Claimed]]]:
+    """30 pending; the first 10 delivered (acknowledged) while the next 10 wait, claimed ahead."""
+    outbox_with(path, 30)
+    with Outbox(str(path)) as outbox:
+        holder = LeaseHolder(outbox)
+        with holder.turn():
+            lease = holder.take()
+            assert lease is not None
+            first = holder.claim(10, 1 << 20)
+            holder.claim_ahead(10, 1 << 20)
+            holder.acknowledge(lease, _ids(first))
+            yield outbox, holder, first
+            holder.give_up()
+
+
+def test_rows_delivered_while_the_next_batch_waits_are_deleted_once_it_goes(
+    outbox_file: Path,
+) -> None:
+    with delivered_with_one_ahead(outbox_file) as (outbox, holder, first):
+        assert outbox.stats().inflight == 20  # kept until the next batch is on the wire
+        holder.settle()
+        assert outbox.stats().inflight == 10
+        assert outbox.state_of(first[0].id) is None
+        # With no batch ahead, delivered rows are deleted at once.
+        second = holder.claim(10, 1 << 20)
+        assert holder.lease is not None
+        holder.acknowledge(holder.lease, _ids(second))
+        assert (outbox.stats().inflight, outbox.stats().pending) == (0, 10)
+
+
+def test_a_reclaim_deletes_the_delivered_rows_first(outbox_file: Path) -> None:
+    """After a failure mid-batch, rows already delivered are not sent again."""
+    with delivered_with_one_ahead(outbox_file) as (outbox, holder, first):
+        holder.reclaim()
+        assert [outbox.state_of(row_id) for row_id in _ids(first)] == [None] * 10
+        assert (outbox.stats().pending, outbox.stats().inflight) == (20, 0)
+
+
+def test_a_deletion_that_failed_before_a_reclaim_is_forgotten(
+    outbox_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows whose deletion failed go back to pending with the rest, and are
+    sent again; the deletion must not be kept, or it would delete them once
+    they are claimed again, before they are delivered."""
+    with delivered_with_one_ahead(outbox_file) as (outbox, holder, first):
+        with monkeypatch.context() as patched:
+            patched.setattr(holder.lease, "ack", _busy)
+            holder.reclaim()
+        assert outbox.stats().pending == 30
+        again = holder.claim(10, 1 << 20)
+        assert _ids(again) == _ids(first)
+        holder.settle()
+        assert outbox.stats().inflight == 10  # still in flight: not deleted undelivered
+
+
+def _busy(ids: list[int]) -> int:
+    raise OutboxBusy("the file is locked", "outbox")
+
+
+def test_a_row_that_cannot_be_sent_as_json_is_dead_lettered_not_stuck(
+    make_client, receiver, outbox_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row written by another program holding bytes (msgpack's bin type) once
+    stopped every later event: the batch failed to encode, again and again."""
+    client = make_client(upload_size=10)
+    client.track("u", "Before")
+    assert client.flush(timeout=10).pending == 0
+    unsendable = {"type": "track", "event": "Bytes", "userId": "u", "properties": {"raw": b"\0"}}
+    with sqlite3.connect(outbox_file) as conn:
+        conn.execute(
+            "INSERT INTO ack_queue_default (data, timestamp, status) VALUES (?, ?, 0)",
+            (msgpack.packb(unsendable, use_bin_type=True), time.time()),
+        )
+    client.track("u", "After")
+    result = client.flush(timeout=10)
+    assert (result.pending, result.dead) == (0, 1)
+    assert [m["event"] for m in receiver.accepted()] == ["Before", "After"]
+    (dead,) = client.outbox.rows("dead")
+    assert dead.last_error is not None and "cannot be sent as JSON" in dead.last_error
+    assert "1 row(s) moved to the dead-letter state" in caplog.text

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import APIError, DeliveryError, RetryableError, without_frames
-from ..request import MAX_BATCH_BYTES, encode_messages
-from ..store import Row, UploadLease
+from ..request import MAX_BATCH_BYTES, join_messages
+from ..store import Claimed, UploadLease
 from ..utils import RateLimitedLog, printable
 from .lease_holder import LeaseHolder
 from .schedule import Schedule, SteadyWallClock
@@ -64,7 +64,7 @@ class _Batch:
     def __init__(
         self,
         lease: UploadLease,
-        rows: list[Row],
+        rows: list[Claimed],
         claimed_at: float,
         deadline: float | None,
         interrupt: Interruption | None,
@@ -134,6 +134,7 @@ class Rounds:
         if lease is None:
             return 0
         rows = self.holder.claim(self.upload_size, MAX_BATCH_BYTES)
+        self.tally.dead += lease.take_unsendable()  # (by this claim, or the one ahead)
         if not rows:
             return 0
         batch = _Batch(lease, rows, self.clock.now(), deadline, interrupt, claim_ahead)
@@ -151,21 +152,16 @@ class Rounds:
         finally:
             if batch.released_any or len(batch.finished) < len(batch.rows):
                 self.holder.release_ahead()  # it must not overtake what goes back to pending
+        if not self.holder.has_ahead:
+            self.holder.settle()  # no batch goes next to hide the deletion behind
         return len(rows)
 
     def _fit_body(self, batch: _Batch) -> None:
-        """Keep the JSON body under the hard limit; put back the rows that do not fit.
-
-        JSON is at most 8 bytes per stored msgpack byte (see client.py), so a
-        batch whose stored size is under an eighth of the limit needs no
-        measuring; otherwise each message is measured as JSON.
-        """
+        """Keep the JSON body under the hard limit; put back the rows that do not fit."""
         budget = MAX_BATCH_BYTES - _BODY_OVERHEAD - len(self.sender.requester.write_key)
-        if 8 * sum(row.size for row in batch.rows) <= budget:
-            return
         total = 0
         for index, row in enumerate(batch.rows):
-            total += len(encode_messages([row.message])) - 1  # less [], plus a comma
+            total += len(row.json) + 1  # and a comma
             if total > budget:
                 rest = batch.rows[index:]
                 if index == 0:  # alone too large: it can never be sent
@@ -179,7 +175,7 @@ class Rounds:
     # -- sending and splitting -------------------------------------------------------
 
     def _deliver(
-        self, batch: _Batch, rows: Sequence[Row], endpoint_judges_events: bool = False
+        self, batch: _Batch, rows: Sequence[Claimed], endpoint_judges_events: bool = False
     ) -> None:
         """Send `rows`; on a rejection, split them and let the triage judge what it found."""
         rows = list(rows)
@@ -187,7 +183,7 @@ class Rounds:
         if memory.is_same_head(rows) and not endpoint_judges_events:
             self._resend_same_head(batch, rows, memory)
             return
-        rejected: list[tuple[Row, APIError]] = []
+        rejected: list[tuple[Claimed, APIError]] = []
         self._send_or_split(batch, rows, rejected)
         if not rejected:
             return
@@ -197,7 +193,7 @@ class Rounds:
         for buried, exc in verdict.groups:
             self._bury(batch, buried, exc)
 
-    def _resend_same_head(self, batch: _Batch, rows: list[Row], memory: Rejections) -> None:
+    def _resend_same_head(self, batch: _Batch, rows: list[Claimed], memory: Rejections) -> None:
         """The rows that were each rejected alike last time: still so, and is the endpoint to blame?
 
         Sent once, whole; rejected alike again, the next pending event is sent
@@ -218,7 +214,7 @@ class Rounds:
         self._acknowledge(batch, rows)
 
     def _ask_about_the_next_event(
-        self, batch: _Batch, head: list[Row], exc: APIError, memory: Rejections
+        self, batch: _Batch, head: list[Claimed], exc: APIError, memory: Rejections
     ) -> None:
         following = batch.lease.claim(1)
         if not following:
@@ -238,7 +234,7 @@ class Rounds:
         self._deliver(batch, head, endpoint_judges_events=True)
 
     def _send_or_split(
-        self, batch: _Batch, rows: Sequence[Row], rejected: list[tuple[Row, APIError]]
+        self, batch: _Batch, rows: Sequence[Claimed], rejected: list[tuple[Claimed, APIError]]
     ) -> None:
         """Send `rows`; acknowledge them, or split a rejected batch, noting rejected rows."""
         try:
@@ -258,8 +254,8 @@ class Rounds:
             return
         self._acknowledge(batch, rows)
 
-    def _send(self, batch: _Batch, rows: Sequence[Row]) -> None:
-        messages = encode_messages([row.message for row in rows])  # once for all attempts
+    def _send(self, batch: _Batch, rows: Sequence[Claimed]) -> None:
+        messages = join_messages([row.json for row in rows])  # once for all attempts
         whole = len(rows) == len(batch.rows)
 
         def before_attempt(number: int) -> Callable[[], None] | None:
@@ -270,9 +266,8 @@ class Rounds:
                 log.debug("sending %d messages (attempt %d): %s", len(rows), number, text)
             # Claim the next batch meanwhile: only while the whole batch goes
             # out (not the halves of a rejected one), and once.
-            if batch.claim_ahead and number == 1 and whole:
-                return lambda: self.holder.claim_ahead(self.upload_size, MAX_BATCH_BYTES)
-            return None
+            claim_next = batch.claim_ahead and number == 1 and whole
+            return lambda: self._while_on_the_wire(claim_next)
 
         self.sender.send(
             messages,
@@ -282,7 +277,21 @@ class Rounds:
             after_failure=lambda exc: self._note_failure(batch, rows, exc),
         )
 
-    def _note_failure(self, batch: _Batch, rows: Sequence[Row], exc: RetryableError) -> None:
+    def _while_on_the_wire(self, claim_next: bool) -> None:
+        """Delete the rows delivered last (see LeaseHolder.acknowledge), then claim the next batch.
+
+        Never raises: a deletion that fails now is tried again after this
+        batch, and no batch is claimed ahead to put it off further.
+        """
+        try:
+            self.holder.settle()
+        except Exception:
+            log.debug("could not delete the rows delivered last; trying again later", exc_info=True)
+            return
+        if claim_next:
+            self.holder.claim_ahead(self.upload_size, MAX_BATCH_BYTES)
+
+    def _note_failure(self, batch: _Batch, rows: Sequence[Claimed], exc: RetryableError) -> None:
         """A failed attempt, in the file at once (the rows stay claimed): status shows the cause.
 
         Without it, attempts and the error reached the file only when the
@@ -303,15 +312,15 @@ class Rounds:
 
     # -- settling rows -----------------------------------------------------------------
 
-    def _acknowledge(self, batch: _Batch, rows: Sequence[Row]) -> None:
+    def _acknowledge(self, batch: _Batch, rows: Sequence[Claimed]) -> None:
         ids = [row.id for row in rows]
-        batch.lease.ack(ids)
+        self.holder.acknowledge(batch.lease, ids)
         batch.finished.update(ids)
         self.tally.sent += len(ids)
         self.schedule.consecutive_failures = 0
         self.rejections().forget()  # the endpoint accepts events
 
-    def _bury(self, batch: _Batch, rows: Sequence[Row], exc: DeliveryError) -> None:
+    def _bury(self, batch: _Batch, rows: Sequence[Claimed], exc: DeliveryError) -> None:
         ids = [row.id for row in rows]
         for attempts, same in batch.by_attempts(ids).items():
             batch.lease.dead_letter(
@@ -381,7 +390,7 @@ class Rounds:
             )
         batch.finished.update(row.id for row in batch.rows)
 
-    def _report(self, exc: Exception, rows: Sequence[Row]) -> None:
+    def _report(self, exc: Exception, rows: Sequence[Claimed]) -> None:
         if self.on_error is None:
             return
         try:

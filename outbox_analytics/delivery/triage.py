@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import APIError, EndpointRejected
-from ..store import Row
+from ..store import Claimed
 
 __all__ = [
     "BuryThem",
@@ -98,7 +98,7 @@ class Rejections:
     endpoint: tuple[RejectionKey, int, int] | None = None
     lone: RejectionKey | None = None  # the last batch of one event, rejected
 
-    def is_same_head(self, rows: Sequence[Row]) -> bool:
+    def is_same_head(self, rows: Sequence[Claimed]) -> bool:
         """The batch is (part of) the remembered head: no event in it was judged since."""
         if self.endpoint is None:
             return False
@@ -123,7 +123,7 @@ class EndpointToBlame:
 class BuryThem:
     """The rejections are about these events: dead-letter each group with its error."""
 
-    groups: list[tuple[list[Row], APIError]]
+    groups: list[tuple[list[Claimed], APIError]]
 
 
 Verdict = EndpointToBlame | BuryThem
@@ -131,8 +131,8 @@ Verdict = EndpointToBlame | BuryThem
 
 def judge(
     memory: Rejections,
-    rows: Sequence[Row],
-    rejected: Sequence[tuple[Row, APIError]],
+    rows: Sequence[Claimed],
+    rejected: Sequence[tuple[Claimed, APIError]],
     endpoint_judges_events: bool,
 ) -> Verdict:
     """What to do with the rows a split of `rows` found rejected (remembered in `memory`).
@@ -147,7 +147,7 @@ def judge(
             memory.endpoint = (key, rows[0].id, rows[-1].id)
             return EndpointToBlame(endpoint_error(rejected[0][1]))
         memory.lone = key
-    groups: dict[RejectionKey, tuple[list[Row], APIError]] = {}
+    groups: dict[RejectionKey, tuple[list[Claimed], APIError]] = {}
     for row, exc in rejected:
         groups.setdefault(rejection_key(exc), ([], exc))[0].append(row)
     return BuryThem(list(groups.values()))

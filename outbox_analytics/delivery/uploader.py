@@ -179,9 +179,7 @@ class Uploader:
         If the thread still gets its answer before the end, those rows are
         sent again by the next run (same messageIds: the receiver drops them).
         """
-        lease = self.holder.lease
-        if lease is not None:
-            lease.reclaim()
+        self.holder.reclaim()
 
     def _thread_step(self) -> float:
         with self.holder.turn():

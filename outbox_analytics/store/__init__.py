@@ -21,9 +21,10 @@ from .outbox import (
     default_outbox_path,
     fallback_outbox_path,
 )
-from .schema import Head, OutboxStats, Row, encode_message
+from .schema import Claimed, Head, OutboxStats, Row, encode_message
 
 __all__ = [
+    "Claimed",
     "DEFAULT_MAX_PENDING",
     "PATH_ENV",
     "Head",

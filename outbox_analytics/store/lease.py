@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import struct
 import sys
@@ -51,7 +52,7 @@ from .. import process
 from ..errors import OutboxError, OutboxUnavailable
 from . import schema
 from .connection import FLOCK_FORMAT, Database, Identity, file_handle, file_identity, flock_request
-from .schema import DEAD, INFLIGHT, INFLIGHT_WHERE, ROW_COLUMNS, TABLE, Row
+from .schema import DEAD, INFLIGHT, INFLIGHT_WHERE, ROW_COLUMNS, TABLE, Claimed
 
 try:
     import fcntl
@@ -68,6 +69,8 @@ __all__ = [
     "try_lease",
     "unmark_writer",
 ]
+
+log = logging.getLogger("outbox_analytics")
 
 _OFD = fcntl is not None and hasattr(fcntl, "F_OFD_SETLK")
 # SQLite locks bytes 0x40000000 to 0x400001FF; these are far from them.
@@ -93,6 +96,8 @@ class UploadLease:
         self._lock_in_place = lock_in_place
         self._pid = process.current_pid()
         self._closed = False
+        # Rows dead-lettered by claims because they cannot be sent (see take_unsendable).
+        self._unsendable = 0
         # Monotonic time of the uploader's next look for stranded rows (see find_stranded).
         self.next_stranded_check = 0.0
 
@@ -124,7 +129,7 @@ class UploadLease:
 
     def claim(
         self, max_count: int, max_bytes: int | None = None, *, whole: bool = False
-    ) -> list[Row]:
+    ) -> list[Claimed]:
         """Mark the oldest pending rows in flight and return them, in order.
 
         At most `max_count` rows whose stored sizes add up to at most
@@ -132,8 +137,9 @@ class UploadLease:
         stall the queue). With `whole`, only a full batch (either limit
         reached) is claimed, else nothing: a batch claimed ahead while one is
         on the wire must not be cut short by taking what happens to be there.
-        A row whose payload cannot be decoded is moved to the dead-letter
-        state instead. Nothing is claimed once the lease is no longer valid.
+        A row whose payload cannot be decoded, or sent as JSON, is moved to
+        the dead-letter state instead. Nothing is claimed once the lease is
+        no longer valid.
         """
         if not self.valid:
             return []
@@ -170,18 +176,27 @@ class UploadLease:
 
         chosen = self._db.write(take, "claim rows")
         # Decoded after the commit: appends wait on the file lock as briefly as possible.
-        taken: list[Row] = []
-        undecodable: list[int] = []
+        taken: list[Claimed] = []
+        unsendable: dict[str, list[int]] = {}
         for raw in chosen:
             try:
-                taken.append(schema.to_row(raw, "inflight"))
+                taken.append(schema.to_claimed(raw))
+            except schema.NotJSON as exc:
+                unsendable.setdefault(str(exc), []).append(raw[0])
             except ValueError:
-                undecodable.append(raw[0])
-        if undecodable:
-            self.dead_letter(
-                undecodable, attempts=0, status=None, error="the stored payload cannot be decoded"
+                unsendable.setdefault("the stored payload cannot be decoded", []).append(raw[0])
+        for error, ids in unsendable.items():
+            self.dead_letter(ids, attempts=0, status=None, error=error)
+            self._unsendable += len(ids)
+            log.error(
+                "outbox-analytics: %d row(s) moved to the dead-letter state: %s", len(ids), error
             )
         return taken
+
+    def take_unsendable(self) -> int:
+        """How many rows claims dead-lettered since the last call (for the uploader's counts)."""
+        count, self._unsendable = self._unsendable, 0
+        return count
 
     def ack(self, ids: Iterable[int]) -> int:
         """Delete delivered rows (only rows still in flight). Returns how many."""

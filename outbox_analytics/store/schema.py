@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn
 
 import msgpack
+import orjson
 
 from ..errors import NotAnOutbox
 
@@ -30,6 +31,7 @@ __all__ = [
     "READY",
     "TABLE",
     "TABLE_NAME",
+    "Claimed",
     "Head",
     "OutboxStats",
     "Row",
@@ -198,6 +200,31 @@ class Row(NamedTuple):
     last_error: str | None = None
     next_attempt_at: float | None = None
     first_attempt_at: float | None = None
+
+
+class Claimed(NamedTuple):
+    """A row claimed for delivery, its message already the JSON that the request body holds.
+
+    The decoded message is not kept. Kept, a batch's dicts and lists stayed
+    alive while it was on the wire, and the garbage collector's passes over
+    them were the uploader's largest single cost (measured in a restart
+    drain: decoding took 12 us a row with them, 6.5 with the collector off).
+    """
+
+    id: int
+    json: bytes
+    enqueued_at: float
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
+    next_attempt_at: float | None = None
+    first_attempt_at: float | None = None
+
+    @property
+    def message(self) -> dict[str, Any]:
+        """The message itself (for callbacks and tests: delivery needs only the JSON)."""
+        message: dict[str, Any] = orjson.loads(self.json)
+        return message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -565,6 +592,26 @@ def to_row(raw: Sequence[Any], state: str) -> Row:
     """A Row from the ROW_COLUMNS of one row; ValueError if its payload cannot be decoded."""
     message = decode_message(raw[0], raw[1])
     return Row(raw[0], message, state, raw[2], raw[9], raw[4] or 0, *raw[5:9])
+
+
+class NotJSON(ValueError):
+    """A stored message that decodes but holds what JSON cannot (bytes, non-text keys)."""
+
+
+def to_claimed(raw: Sequence[Any]) -> Claimed:
+    """A Claimed row from the ROW_COLUMNS of one row; ValueError if it cannot be sent as JSON.
+
+    orjson, not json: 100 typical events encode in 60 us instead of 510
+    (measured), on the uploader's thread, which shares the interpreter with
+    the threads that track. Its compact, unescaped UTF-8 is the JSON that
+    Segment's API takes; cleaning made every value one it encodes.
+    """
+    message = decode_message(raw[0], raw[1])
+    try:
+        encoded = orjson.dumps(message)
+    except orjson.JSONEncodeError as exc:  # (written by another program: bytes, say)
+        raise NotJSON(f"the stored payload cannot be sent as JSON: {exc}") from exc
+    return Claimed(raw[0], encoded, raw[2], raw[4] or 0, *raw[5:9])
 
 
 def readable_row(raw: Sequence[Any]) -> Row:
