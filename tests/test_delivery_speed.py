@@ -21,6 +21,7 @@ from outbox_analytics.delivery.lease_holder import LeaseHolder
 from outbox_analytics.store import Claimed, Outbox
 
 from .conftest import outbox_with
+from .receiver import Reply
 
 
 def test_a_whole_claim_takes_a_full_batch_or_nothing(outbox_file: Path) -> None:
@@ -168,3 +169,23 @@ def test_a_row_that_cannot_be_sent_as_json_is_dead_lettered_not_stuck(
     (dead,) = client.outbox.rows("dead")
     assert dead.last_error is not None and "cannot be sent as JSON" in dead.last_error
     assert "1 row(s) moved to the dead-letter state" in caplog.text
+
+
+def test_a_drain_cut_short_with_a_batch_claimed_ahead_leaves_nothing_in_flight(
+    outbox_file: Path, make_client, receiver
+) -> None:
+    """drain() claims the next batch while one is on the wire, as the thread does;
+    when its time runs out, every row not delivered is pending again, none lost."""
+    receiver.responder = lambda request: Reply(delay=0.3)
+    client = make_client(upload_size=10, sync_mode=True)
+    with client.batch():
+        for n in range(30):
+            client.track("u", "Stored", {"n": n})
+    first = client.drain(timeout=0.5)
+    assert first.sent == 10 and first.pending == 20
+    stats = client.stats()
+    assert (stats.inflight, stats.pending) == (0, 20)
+    receiver.responder = lambda request: Reply()
+    assert client.drain(timeout=10).pending == 0
+    delivered = {message["properties"]["n"] for message in receiver.accepted()}
+    assert delivered == set(range(30))

@@ -149,6 +149,8 @@ class _Counts:
     def result(self, explain: bool = False) -> FlushResult:
         tally = self.uploader.tally
         pending = self.uploader.outbox.count_unfinished(self.mark)
+        # Read after the count: a deletion in between can only overstate what is left.
+        pending -= self.uploader.holder.delivered_up_to(self.mark)
         why = self._why_pending() if explain and pending else None
         return FlushResult(tally.sent - self.sent, tally.dead - self.dead, pending, why)
 
@@ -195,7 +197,7 @@ def _drain_step(uploader: Uploader, deadline: float | None) -> float | None:
         if uploader.schedule.paused_until > now:
             return uploader.schedule.paused_until - now  # a server's Retry-After
         try:
-            claimed = uploader.rounds.run(deadline=deadline)
+            claimed = uploader.rounds.run(deadline=deadline, claim_ahead=True)
         except OutboxDamaged as damage:  # as the thread does: move it aside, salvage, go on
             uploader.recover(damage)
             return 0.0

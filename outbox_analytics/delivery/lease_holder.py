@@ -176,6 +176,11 @@ class LeaseHolder:
                 self._acked = acked  # for the next settle
             raise
 
+    def delivered_up_to(self, row_id: int) -> int:
+        """How many rows with ids up to `row_id` are delivered but not yet deleted."""
+        acked = self._acked
+        return 0 if acked is None else sum(1 for delivered in acked[1] if delivered <= row_id)
+
     def _settle_or_forget(self) -> None:
         """Before rows in flight are reclaimed or the lease goes: settle now, or never.
 
