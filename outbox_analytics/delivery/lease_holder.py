@@ -83,7 +83,7 @@ class LeaseHolder:
     def give_up(self) -> None:
         """Give the lease back, with the batch claimed ahead."""
         self.release_ahead()
-        self._settle_or_forget()
+        self.settle_or_forget()
         lease, self._lease = self._lease, None
         if lease is not None:
             lease.close()
@@ -91,7 +91,7 @@ class LeaseHolder:
     def reclaim(self) -> None:
         """After a failure mid-batch: every row in flight is ours (the lease is held): pending."""
         self._ahead = None  # (reclaimed with the rest)
-        self._settle_or_forget()  # delivered rows are not reclaimed to be sent again
+        self.settle_or_forget()  # delivered rows are not reclaimed to be sent again
         if self._lease is None:
             return
         try:
@@ -107,7 +107,7 @@ class LeaseHolder:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is lease:
             return ahead[1]
-        self._settle_or_forget()  # (only with a batch ahead, of this lease, may it wait)
+        self.settle_or_forget()  # (only with a batch ahead, of this lease, may it wait)
         return lease.claim(count, max_bytes=max_bytes)
 
     @property
@@ -181,7 +181,7 @@ class LeaseHolder:
         acked = self._acked
         return 0 if acked is None else sum(1 for delivered in acked[1] if delivered <= row_id)
 
-    def _settle_or_forget(self) -> None:
+    def settle_or_forget(self) -> None:
         """Before rows in flight are reclaimed or the lease goes: settle now, or never.
 
         A deletion kept past a reclaim could find the same rows claimed
