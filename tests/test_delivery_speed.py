@@ -189,3 +189,27 @@ def test_a_drain_cut_short_with_a_batch_claimed_ahead_leaves_nothing_in_flight(
     assert client.drain(timeout=10).pending == 0
     delivered = {message["properties"]["n"] for message in receiver.accepted()}
     assert delivered == set(range(30))
+
+
+def test_a_flush_reads_the_file_only_once_the_uploader_may_be_past_its_events(
+    make_client, receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It wakes after every batch; while the uploader has not claimed as far as
+    the flush's last event, reading the file only took the uploader's lock."""
+    stored = make_client(upload=False)
+    with stored.batch():
+        for n in range(400):
+            stored.track("u", "Stored", {"n": n})
+    stored.shutdown()
+    looks: list[int] = []
+    unfinished = Outbox.unfinished
+
+    def counted(self: Outbox, up_to_id: int) -> bool:
+        looks.append(up_to_id)
+        return unfinished(self, up_to_id)
+
+    monkeypatch.setattr(Outbox, "unfinished", counted)
+    client = make_client(upload_size=10)
+    assert client.flush(timeout=30).pending == 0
+    assert len(receiver.requests) == 40
+    assert len(looks) < 20, looks  # one per batch before

@@ -176,6 +176,11 @@ class LeaseHolder:
                 self._acked = acked  # for the next settle
             raise
 
+    def claimed_below(self, row_id: int) -> bool:
+        """Whether this process holds the lease and has claimed no row as far as `row_id` yet."""
+        lease = self._lease
+        return self.holds and lease is not None and lease.claimed_through < row_id
+
     def delivered_up_to(self, row_id: int) -> int:
         """How many rows with ids up to `row_id` are delivered but not yet deleted."""
         acked = self._acked

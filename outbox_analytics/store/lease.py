@@ -98,6 +98,7 @@ class UploadLease:
         self._closed = False
         # Rows dead-lettered by claims because they cannot be sent (see take_unsendable).
         self._unsendable = 0
+        self.claimed_through = 0  # the highest id claimed by this lease so far
         # Monotonic time of the uploader's next look for stranded rows (see find_stranded).
         self.next_stranded_check = 0.0
 
@@ -175,6 +176,8 @@ class UploadLease:
             return chosen
 
         chosen = self._db.write(take, "claim rows")
+        if chosen:
+            self.claimed_through = max(self.claimed_through, chosen[-1][0])
         # Decoded after the commit: appends wait on the file lock as briefly as possible.
         taken: list[Claimed] = []
         unsendable: dict[str, list[int]] = {}
