@@ -9,6 +9,7 @@ import contextlib
 import gc
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import msgpack
 import pytest
 
 from outbox_analytics import OutboxBusy
+from outbox_analytics.delivery.flushing import FlushResult
 from outbox_analytics.delivery.lease_holder import LeaseHolder
 from outbox_analytics.store import Claimed, Outbox
 
@@ -156,12 +158,7 @@ def test_a_row_that_cannot_be_sent_as_json_is_dead_lettered_not_stuck(
     client = make_client(upload_size=10)
     client.track("u", "Before")
     assert client.flush(timeout=10).pending == 0
-    unsendable = {"type": "track", "event": "Bytes", "userId": "u", "properties": {"raw": b"\0"}}
-    with sqlite3.connect(outbox_file) as conn:
-        conn.execute(
-            "INSERT INTO ack_queue_default (data, timestamp, status) VALUES (?, ?, 0)",
-            (msgpack.packb(unsendable, use_bin_type=True), time.time()),
-        )
+    _store_unsendable(outbox_file, 1)
     client.track("u", "After")
     result = client.flush(timeout=10)
     assert (result.pending, result.dead) == (0, 1)
@@ -213,3 +210,54 @@ def test_a_flush_reads_the_file_only_once_the_uploader_may_be_past_its_events(
     assert client.flush(timeout=30).pending == 0
     assert len(receiver.requests) == 40
     assert len(looks) < 20, looks  # one per batch before
+
+
+def _store_unsendable(path: Path, count: int) -> None:
+    """Rows another program appended, holding bytes: they decode, but JSON cannot hold them."""
+    unsendable = {"type": "track", "event": "Bytes", "userId": "u", "properties": {"raw": b"\0"}}
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO ack_queue_default (data, timestamp, status) VALUES (?, ?, 0)",
+            [(msgpack.packb(unsendable, use_bin_type=True), time.time())] * count,
+        )
+
+
+def test_rows_a_claim_ahead_dead_letters_are_counted_before_the_drain_ends(
+    make_client, receiver, outbox_file: Path
+) -> None:
+    client = make_client(upload_size=10, sync_mode=True)
+    with client.batch():
+        for n in range(10):
+            client.track("u", "Stored", {"n": n})
+    _store_unsendable(outbox_file, 10)  # the next batch, claimed ahead while the first goes
+    reports: list[FlushResult] = []
+    result = client.drain(timeout=10, progress=reports.append)
+    assert (result.sent, result.dead, result.pending) == (10, 10, 0)
+    assert reports[-1] == result
+
+
+def test_a_drain_ends_once_its_events_are_delivered_not_after_the_batch_ahead(
+    make_client, receiver
+) -> None:
+    """Events stored while a drain runs may be claimed ahead; once the drain's
+    own are delivered it returns, instead of sending (and retrying) those."""
+    client = make_client(upload_size=10, sync_mode=True)
+    with client.batch():
+        for n in range(20):
+            client.track("u", "Before", {"n": n})
+    answers = iter([Reply(delay=0.3), Reply()])
+    receiver.responder = lambda request: next(answers, Reply(503))
+
+    def track_meanwhile() -> None:
+        time.sleep(0.1)
+        with client.batch():
+            for n in range(10):
+                client.track("u", "During", {"n": n})
+
+    tracker = threading.Thread(target=track_meanwhile)
+    tracker.start()
+    result = client.drain(timeout=10)
+    tracker.join()
+    assert (result.sent, result.pending) == (20, 0)
+    assert [len(request.batch) for request in receiver.requests] == [10, 10]
+    assert client.stats().pending == 10  # (the events stored during it: pending, none in flight)

@@ -134,7 +134,7 @@ class Rounds:
         if lease is None:
             return 0
         rows = self.holder.claim(self.upload_size, MAX_BATCH_BYTES)
-        self.tally.dead += lease.take_unsendable()  # (by this claim, or the one ahead)
+        self._count_unsendable(lease)
         if not rows:
             return 0
         batch = _Batch(lease, rows, self.clock.now(), deadline, interrupt, claim_ahead)
@@ -217,6 +217,7 @@ class Rounds:
         self, batch: _Batch, head: list[Claimed], exc: APIError, memory: Rejections
     ) -> None:
         following = batch.lease.claim(1)
+        self._count_unsendable(batch.lease)
         if not following:
             raise endpoint_error(exc)
         probe = following[0]
@@ -290,6 +291,12 @@ class Rounds:
             return
         if claim_next:
             self.holder.claim_ahead(self.upload_size, MAX_BATCH_BYTES)
+            self._count_unsendable(self.holder.lease)
+
+    def _count_unsendable(self, lease: UploadLease | None) -> None:
+        """Count the rows a claim moved to the dead-letter state (they cannot be sent)."""
+        if lease is not None:
+            self.tally.dead += lease.take_unsendable()
 
     def _note_failure(self, batch: _Batch, rows: Sequence[Claimed], exc: RetryableError) -> None:
         """A failed attempt, in the file at once (the rows stay claimed): status shows the cause.
