@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 from benchlib import (
+    HERE,
     at_least,
     below,
     build_outbox,
@@ -206,7 +207,7 @@ def restart_and_status(args: argparse.Namespace, backlog: Backlog) -> None:
 
 def time_command(command: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(command, capture_output=True, check=True)
+    subprocess.run(command, capture_output=True, check=True, cwd=HERE)
     return time.perf_counter() - started
 
 
@@ -214,7 +215,7 @@ def time_cli(backlog: Backlog) -> float:
     """Wall time of the status command, interpreter start and imports included."""
     command = [sys.executable, "-m", "outbox_analytics", "status", "--json", backlog.path]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=HERE)
     took = time.perf_counter() - started
     check_counts(backlog, json.loads(done.stdout), "status --json")
     return took

@@ -19,6 +19,8 @@ from typing import Any
 from outbox_analytics import Client
 from outbox_analytics.store import Outbox, encode_message
 
+# The benchmarks' folder: no copy of the package is there (see run_python).
+HERE = os.path.dirname(os.path.abspath(__file__))
 USER = "user-8f14e45f"
 EVENT = "Order Completed"
 PROPERTIES = {
@@ -86,6 +88,8 @@ def run_python(code: str, *args: str, timeout: float = 1800) -> Any:
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=HERE,  # `-c` puts the working directory first on sys.path: the repository's
+        # package would shadow the tree PYTHONPATH names (before/after runs)
     )
     if done.returncode != 0:
         raise RuntimeError(f"child failed ({done.returncode}):\n{done.stderr[-3000:]}")

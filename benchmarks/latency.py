@@ -31,6 +31,7 @@ import time
 from urllib.request import urlopen
 
 import receiver
+from benchlib import HERE
 
 CHILD = r"""
 import sys
@@ -106,6 +107,7 @@ def measure(mode: str, contender: str, switch: float, url: str, requests: int) -
         [sys.executable, "-c", CHILD, mode, contender, url, str(switch)],
         stdout=subprocess.PIPE,
         text=True,
+        cwd=HERE,  # not the repository: its package would shadow PYTHONPATH's
     )
     assert child.stdout is not None
     try:

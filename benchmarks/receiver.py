@@ -8,6 +8,7 @@ Binds 127.0.0.1 only (the collector's default host).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from urllib.request import urlopen
@@ -46,7 +47,10 @@ def start(stamp_path: str | None = None) -> tuple[subprocess.Popen[str], str]:
     With `stamp_path`, the monotonic time of the first batch it accepts is written there.
     """
     command = [sys.executable, "-c", _SERVE, *([stamp_path] if stamp_path else [])]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    # Run from this folder: `-c` puts the working directory first on sys.path, and
+    # the repository's package would shadow the tree PYTHONPATH names.
+    here = os.path.dirname(os.path.abspath(__file__))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=here)
     assert process.stdout is not None
     return process, process.stdout.readline().strip()
 
