@@ -261,3 +261,26 @@ def test_a_drain_ends_once_its_events_are_delivered_not_after_the_batch_ahead(
     assert (result.sent, result.pending) == (20, 0)
     assert [len(request.batch) for request in receiver.requests] == [10, 10]
     assert client.stats().pending == 10  # (the events stored during it: pending, none in flight)
+
+
+def test_a_batch_deleted_as_ctrl_c_lands_is_counted_as_sent(
+    make_client, receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain's last progress report says what got through, even when the
+    interrupt comes right after the delivered rows were deleted."""
+    client = make_client(upload_size=2, sync_mode=True)
+    with client.batch():
+        for n in range(4):
+            client.track("u", "Stored", {"n": n})
+    acknowledge = LeaseHolder.acknowledge
+
+    def acknowledge_then_interrupt(holder: LeaseHolder, lease: object, ids: list[int]) -> None:
+        acknowledge(holder, lease, ids)  # type: ignore[arg-type]
+        holder.settle()  # (deleted now, should it have waited for the next batch)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LeaseHolder, "acknowledge", acknowledge_then_interrupt)
+    reports: list[FlushResult] = []
+    with pytest.raises(KeyboardInterrupt):
+        client.drain(timeout=10, progress=reports.append)
+    assert (reports[-1].sent, reports[-1].pending) == (2, 2)
