@@ -18,7 +18,7 @@ import msgpack
 import pytest
 
 from outbox_analytics import OutboxBusy
-from outbox_analytics.delivery.flushing import FlushResult
+from outbox_analytics.delivery.flushing import STOPPED, FlushResult
 from outbox_analytics.delivery.lease_holder import LeaseHolder
 from outbox_analytics.store import Claimed, Outbox
 
@@ -284,3 +284,67 @@ def test_a_batch_deleted_as_ctrl_c_lands_is_counted_as_sent(
     with pytest.raises(KeyboardInterrupt):
         client.drain(timeout=10, progress=reports.append)
     assert (reports[-1].sent, reports[-1].pending) == (2, 2)
+
+
+def test_a_count_taken_while_delivered_rows_are_deleted_sees_them_once(
+    outbox_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush counting what is left while the uploader deletes a delivered batch
+    counted it as neither delivered nor deleted: sent + pending came to more than
+    was stored."""
+    with delivered_with_one_ahead(outbox_file) as (outbox, holder, _):
+        mark = outbox.last_id()
+        readings: list[int] = []
+
+        def count_what_is_left() -> None:
+            with holder.deleting:
+                readings.append(outbox.count_unfinished(mark) - holder.delivered_up_to(mark))
+
+        lease = holder.lease
+        assert lease is not None
+        ack = lease.ack
+
+        def ack_while_counted(ids: list[int]) -> int:
+            counter = threading.Thread(target=count_what_is_left)
+            counter.start()
+            counter.join(0.2)  # (it waits for the deletion, unless nothing makes it)
+            return ack(ids)
+
+        monkeypatch.setattr(lease, "ack", ack_while_counted)
+        holder.settle()
+        time.sleep(0.1)
+        assert readings == [20]  # 30 stored, 10 delivered: 20 left, before or after the deletion
+
+
+def test_a_flush_right_after_start_sends_a_head_an_earlier_run_left_backing_off(
+    make_client, receiver
+) -> None:
+    """A cron job's second run: Client() then flush(). The first run's failures
+    left a retry time ahead on the oldest event; no other process uploads, so
+    the flush must not wait for one (it returned at once, sending nothing)."""
+    receiver.responder = lambda request: Reply(500)
+    first = make_client(max_retries=0)
+    first.track("u", "Stored")
+    assert first.flush(timeout=10).pending == 1
+    first.shutdown()
+    assert first.outbox is not None and first.outbox.head(1).next_attempt_at is not None
+    receiver.responder = lambda request: Reply()
+    second = make_client()
+    result = second.flush(timeout=10)
+    assert (result.sent, result.pending) == (1, 0)
+
+
+def test_a_flush_ended_by_join_says_the_uploader_was_stopped(make_client, receiver) -> None:
+    receiver.responder = lambda request: Reply(delay=0.2)
+    client = make_client(upload_size=5)
+    with client.batch():
+        for n in range(100):
+            client.track("u", "Stored", {"n": n})
+    results: list[FlushResult] = []
+    flusher = threading.Thread(target=lambda: results.append(client.flush(timeout=20)))
+    flusher.start()
+    time.sleep(0.5)
+    client.join(5)
+    flusher.join(10)
+    (result,) = results
+    assert result.pending > 0 and result.last_error == STOPPED

@@ -26,6 +26,7 @@ __all__ = ["TIMED_OUT", "FlushResult", "drain", "flush", "other_gave_up"]
 
 # `last_error` when nothing failed: the time given ran out first (the CLI names its --timeout).
 TIMED_OUT = "the timeout ran out before the server answered"
+STOPPED = "the uploader was stopped (join() or shutdown()) before they were sent"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def flush(uploader: Uploader, timeout: float | None = None) -> FlushResult:
     deadline = None if timeout is None else time.monotonic() + timeout
     mark = uploader.outbox.last_id()
     started = time.monotonic()
-    counts = _Counts(uploader, mark, deadline=deadline)
+    counts = _Counts(uploader, mark, deadline=deadline, by_the_thread=True)
     with uploader.hurry(started):
         while uploader.outbox.unfinished(mark):
             if not uploader.running or uploader.schedule.gave_up_at >= started:
@@ -158,20 +159,23 @@ class _Counts:
         mark: int,
         progress: Callable[[FlushResult], None] | None = None,
         deadline: float | None = None,
+        by_the_thread: bool = False,
     ) -> None:
         self.uploader, self.mark, self.progress = uploader, mark, progress
         self.deadline = deadline
+        self.by_the_thread = by_the_thread  # a flush waiting for the background thread
         tally = uploader.tally
         self.sent, self.dead, self.failed_rounds = tally.sent, tally.dead, tally.failed_rounds
         self.reported: FlushResult | None = None
 
     def result(self, explain: bool = False) -> FlushResult:
-        tally = self.uploader.tally
-        pending = self.uploader.outbox.count_unfinished(self.mark)
-        # Read after the count: a deletion in between can only overstate what is left.
-        pending -= self.uploader.holder.delivered_up_to(self.mark)
+        tally, holder = self.uploader.tally, self.uploader.holder
+        with holder.deleting:  # (no batch half counted as sent, half deleted)
+            sent, dead = tally.sent - self.sent, tally.dead - self.dead
+            pending = self.uploader.outbox.count_unfinished(self.mark)
+            pending -= holder.delivered_up_to(self.mark)  # delivered, deleted soon
         why = self._why_pending() if explain and pending else None
-        return FlushResult(tally.sent - self.sent, tally.dead - self.dead, pending, why)
+        return FlushResult(sent, dead, pending, why)
 
     def report(self) -> None:
         if self.progress is None:
@@ -191,6 +195,8 @@ class _Counts:
         if failure is not None and tally.failed_rounds != self.failed_rounds:
             body = failure.body if failure.body and failure.body not in str(failure) else ""
             return f"{failure}: {body}" if body else str(failure)
+        if self.by_the_thread and not self.uploader.running:
+            return STOPPED
         stats = self.uploader.outbox.stats()
         if stats.uploader_alive and not self.uploader.holder.holds:
             return "another process holds the upload lease and is sending them"
@@ -235,7 +241,7 @@ def _drain_step(uploader: Uploader, deadline: float | None, mark: int) -> float 
 
 def other_gave_up(uploader: Uploader) -> bool:
     """Another process uploads, and it is backing off: waiting here would not help."""
-    if uploader.holder.holds:
-        return False
+    if uploader.holder.holds or uploader.outbox.lease_is_free():
+        return False  # (free: no one backs off; this process's thread is about to take it)
     head = uploader.outbox.head(1)
     return stored_wait(head.next_attempt_at, uploader.rounds.clock.now()) > 0

@@ -40,6 +40,9 @@ class LeaseHolder:
         self._lease: UploadLease | None = None
         self._ahead: tuple[UploadLease, list[Claimed]] | None = None
         self._acked: tuple[UploadLease, list[int]] | None = None  # delivered, to delete
+        # Held while delivered rows are counted and deleted, and while a flush
+        # counts what is left: it then sees each batch once, as sent or as left.
+        self.deleting = threading.RLock()
         self._pid = process.known_pid()
 
     @property
@@ -84,9 +87,14 @@ class LeaseHolder:
         """Give the lease back, with the batch claimed ahead."""
         self.release_ahead()
         self.settle_or_forget()
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            lease.close()
+        # Held until closed: a flush asking meanwhile must not take the lease,
+        # still locked, for another process's.
+        lease = self._lease
+        try:
+            if lease is not None:
+                lease.close()
+        finally:
+            self._lease = None
 
     def reclaim(self) -> None:
         """After a failure mid-batch: every row in flight is ours (the lease is held): pending."""
@@ -165,16 +173,17 @@ class LeaseHolder:
 
     def settle(self) -> None:
         """Delete the rows whose deletion waited; raises as UploadLease.ack does (kept then)."""
-        acked, self._acked = self._acked, None
-        if acked is None:
-            return
-        lease, ids = acked
-        try:
-            lease.ack(ids)
-        except BaseException:
-            if self._acked is None:
-                self._acked = acked  # for the next settle
-            raise
+        with self.deleting:
+            acked, self._acked = self._acked, None
+            if acked is None:
+                return
+            lease, ids = acked
+            try:
+                lease.ack(ids)
+            except BaseException:
+                if self._acked is None:
+                    self._acked = acked  # for the next settle
+                raise
 
     def claimed_below(self, row_id: int) -> bool:
         """Whether this process holds the lease and has claimed no row as far as `row_id` yet."""

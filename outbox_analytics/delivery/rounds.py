@@ -321,10 +321,12 @@ class Rounds:
 
     def _acknowledge(self, batch: _Batch, rows: Sequence[Claimed]) -> None:
         ids = [row.id for row in rows]
-        # Counted before the deletion: a Ctrl-C between the two must not leave
-        # delivered rows out of what a drain reports as sent.
-        self.tally.sent += len(ids)
-        self.holder.acknowledge(batch.lease, ids)
+        # Counted and deleted as one, for a flush counting meanwhile; counted
+        # first, so that a Ctrl-C between the two leaves nothing delivered
+        # out of what a drain reports as sent.
+        with self.holder.deleting:
+            self.tally.sent += len(ids)
+            self.holder.acknowledge(batch.lease, ids)
         batch.finished.update(ids)
         self.schedule.consecutive_failures = 0
         self.rejections().forget()  # the endpoint accepts events
