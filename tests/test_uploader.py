@@ -602,6 +602,21 @@ def test_a_deadline_that_passes_before_any_answer_reports_no_failure(
     assert client.drain(timeout=10).pending == 0
 
 
+def test_a_send_cut_short_by_the_callers_deadline_is_not_counted_as_an_attempt(
+    make_client, receiver
+) -> None:
+    """The rows go back as they were: no answer came, so no attempt failed (the
+    test above passed or not by whether its send had begun before the deadline)."""
+    receiver.responder = lambda request: Reply(delay=1.0)
+    client = make_client(upload=True)
+    client.join()  # drain() alone sends
+    track_numbered(client, 5)
+    assert client.drain(timeout=0.3).pending == 5
+    assert len(receiver.requests) == 1  # (it was sent)
+    stats = client.stats()
+    assert stats is not None and stats.head_attempts == 0 and stats.head_last_error is None
+
+
 def test_a_missing_ca_bundle_is_a_reported_failure_with_backoff(
     make_client, monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:

@@ -142,7 +142,8 @@ class Rounds:
         try:
             self._fit_body(batch)
             self._deliver(batch, batch.rows)
-        except Interrupted:
+        except Interrupted:  # no answer came: the sends cut short were no failures
+            batch.attempts = dict.fromkeys(batch.attempts, 0)
             self._release(batch, None)
         except RetryableError as exc:
             self._give_up_for_now(batch, exc)
