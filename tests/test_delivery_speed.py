@@ -5,22 +5,19 @@ Full batches under steady load, and the rules a faster uploader must keep.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from outbox_analytics import OutboxBusy
+from outbox_analytics.delivery import flushing
 from outbox_analytics.delivery.flushing import STOPPED, FlushResult
-from outbox_analytics.delivery.lease_holder import LeaseHolder
-from outbox_analytics.store import Claimed, Outbox
+from outbox_analytics.store import Outbox, UploadLease
 
 from .conftest import outbox_with
 from .receiver import Reply
@@ -84,70 +81,6 @@ def test_a_claimed_batch_keeps_no_decoded_messages(outbox_file: Path) -> None:
         assert [json.loads(row.json)["properties"]["n"] for row in rows] == [0, 1, 2, 3, 4]
         assert rows[2].message["event"] == "Stored"  # (decoded on demand, for callbacks)
         lease.close()
-
-
-def _ids(rows: list[Claimed]) -> list[int]:
-    return [row.id for row in rows]
-
-
-@contextlib.contextmanager
-def delivered_with_one_ahead(path: Path) -> Iterator[tuple[Outbox, LeaseHolder, list[Claimed]]]:
-    """30 pending; the first 10 delivered (acknowledged) while the next 10 wait, claimed ahead."""
-    outbox_with(path, 30)
-    with Outbox(str(path)) as outbox:
-        holder = LeaseHolder(outbox)
-        with holder.turn():
-            lease = holder.take()
-            assert lease is not None
-            first = holder.claim(10, 1 << 20)
-            holder.claim_ahead(10, 1 << 20)
-            holder.acknowledge(lease, _ids(first))
-            yield outbox, holder, first
-            holder.give_up()
-
-
-def test_rows_delivered_while_the_next_batch_waits_are_deleted_once_it_goes(
-    outbox_file: Path,
-) -> None:
-    with delivered_with_one_ahead(outbox_file) as (outbox, holder, first):
-        assert outbox.stats().inflight == 20  # kept until the next batch is on the wire
-        holder.settle()
-        assert outbox.stats().inflight == 10
-        assert outbox.state_of(first[0].id) is None
-        # With no batch ahead, delivered rows are deleted at once.
-        second = holder.claim(10, 1 << 20)
-        assert holder.lease is not None
-        holder.acknowledge(holder.lease, _ids(second))
-        assert (outbox.stats().inflight, outbox.stats().pending) == (0, 10)
-
-
-def test_a_reclaim_deletes_the_delivered_rows_first(outbox_file: Path) -> None:
-    """After a failure mid-batch, rows already delivered are not sent again."""
-    with delivered_with_one_ahead(outbox_file) as (outbox, holder, first):
-        holder.reclaim()
-        assert [outbox.state_of(row_id) for row_id in _ids(first)] == [None] * 10
-        assert (outbox.stats().pending, outbox.stats().inflight) == (20, 0)
-
-
-def test_a_deletion_that_failed_before_a_reclaim_is_forgotten(
-    outbox_file: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Rows whose deletion failed go back to pending with the rest, and are
-    sent again; the deletion must not be kept, or it would delete them once
-    they are claimed again, before they are delivered."""
-    with delivered_with_one_ahead(outbox_file) as (outbox, holder, first):
-        with monkeypatch.context() as patched:
-            patched.setattr(holder.lease, "ack", _busy)
-            holder.reclaim()
-        assert outbox.stats().pending == 30
-        again = holder.claim(10, 1 << 20)
-        assert _ids(again) == _ids(first)
-        holder.settle()
-        assert outbox.stats().inflight == 10  # still in flight: not deleted undelivered
-
-
-def _busy(ids: list[int]) -> int:
-    raise OutboxBusy("the file is locked", "outbox")
 
 
 def test_a_row_that_cannot_be_sent_as_json_is_dead_lettered_not_stuck(
@@ -272,48 +205,46 @@ def test_a_batch_deleted_as_ctrl_c_lands_is_counted_as_sent(
     with client.batch():
         for n in range(4):
             client.track("u", "Stored", {"n": n})
-    acknowledge = LeaseHolder.acknowledge
+    ack = UploadLease.ack
 
-    def acknowledge_then_interrupt(holder: LeaseHolder, lease: object, ids: list[int]) -> None:
-        acknowledge(holder, lease, ids)  # type: ignore[arg-type]
-        holder.settle()  # (deleted now, should it have waited for the next batch)
+    def ack_then_interrupt(lease: UploadLease, ids: list[int]) -> int:
+        ack(lease, ids)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(LeaseHolder, "acknowledge", acknowledge_then_interrupt)
+    monkeypatch.setattr(UploadLease, "ack", ack_then_interrupt)
     reports: list[FlushResult] = []
     with pytest.raises(KeyboardInterrupt):
         client.drain(timeout=10, progress=reports.append)
     assert (reports[-1].sent, reports[-1].pending) == (2, 2)
 
 
-def test_a_count_taken_while_delivered_rows_are_deleted_sees_them_once(
-    outbox_file: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_flush_counting_while_a_batch_is_acknowledged_sees_it_once(
+    make_client, receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A flush counting what is left while the uploader deletes a delivered batch
-    counted it as neither delivered nor deleted: sent + pending came to more than
-    was stored."""
-    with delivered_with_one_ahead(outbox_file) as (outbox, holder, _):
-        mark = outbox.last_id()
-        readings: list[int] = []
+    """A flush counting what is left while the uploader deleted a delivered batch
+    saw it as sent and as pending: sent + pending came to more than was stored."""
+    client = make_client(upload_size=10, sync_mode=True)
+    with client.batch():
+        for n in range(30):
+            client.track("u", "Stored", {"n": n})
+    uploader = client.uploader
+    assert uploader is not None
+    counts = flushing._Counts(uploader, uploader.outbox.last_id())
+    readings: list[FlushResult] = []
+    ack = UploadLease.ack
 
-        def count_what_is_left() -> None:
-            with holder.deleting:
-                readings.append(outbox.count_unfinished(mark) - holder.delivered_up_to(mark))
-
-        lease = holder.lease
-        assert lease is not None
-        ack = lease.ack
-
-        def ack_while_counted(ids: list[int]) -> int:
-            counter = threading.Thread(target=count_what_is_left)
+    def ack_while_counted(lease: UploadLease, ids: list[int]) -> int:
+        if not readings:
+            counter = threading.Thread(target=lambda: readings.append(counts.result()))
             counter.start()
             counter.join(0.2)  # (it waits for the deletion, unless nothing makes it)
-            return ack(ids)
+        return ack(lease, ids)
 
-        monkeypatch.setattr(lease, "ack", ack_while_counted)
-        holder.settle()
-        time.sleep(0.1)
-        assert readings == [20]  # 30 stored, 10 delivered: 20 left, before or after the deletion
+    monkeypatch.setattr(UploadLease, "ack", ack_while_counted)
+    client.drain(timeout=10)
+    time.sleep(0.1)
+    (reading,) = readings
+    assert reading.sent + reading.pending == 30, reading
 
 
 def test_a_flush_right_after_start_sends_a_head_an_earlier_run_left_backing_off(

@@ -128,7 +128,7 @@ def drain(
     counts = _Counts(uploader, mark, progress, deadline)
     try:
         while uploader.outbox.unfinished(mark) and uploader.schedule.gave_up_at < started:
-            wait = _drain_step(uploader, deadline, mark)
+            wait = _drain_step(uploader, deadline)
             if wait == _SENT:
                 counts.report()
                 continue
@@ -173,7 +173,6 @@ class _Counts:
         with holder.deleting:  # (no batch half counted as sent, half deleted)
             sent, dead = tally.sent - self.sent, tally.dead - self.dead
             pending = self.uploader.outbox.count_unfinished(self.mark)
-            pending -= holder.delivered_up_to(self.mark)  # delivered, deleted soon
         why = self._why_pending() if explain and pending else None
         return FlushResult(sent, dead, pending, why)
 
@@ -211,14 +210,8 @@ def _as_it_is(uploader: Uploader, why: str) -> FlushResult:
     return FlushResult(0, 0, pending, why if pending else None)
 
 
-def _drain_step(uploader: Uploader, deadline: float | None, mark: int) -> float | None:
-    """Send one batch if this process can (_SENT); else how long to wait (None: stop waiting).
-
-    Once every row up to `mark` has been claimed, rows delivered but not yet
-    deleted (see LeaseHolder.acknowledge) are deleted now: left, they would
-    read as unfinished, and the drain would go on to send the batch claimed
-    ahead, of events stored after it began (and retry it, should it fail).
-    """
+def _drain_step(uploader: Uploader, deadline: float | None) -> float | None:
+    """Send one batch if this process can (_SENT); else how long to wait (None: stop waiting)."""
     with uploader.holder.turn():
         now = time.monotonic()
         if deadline is not None and now >= deadline:
@@ -229,8 +222,6 @@ def _drain_step(uploader: Uploader, deadline: float | None, mark: int) -> float 
             return uploader.schedule.paused_until - now  # a server's Retry-After
         try:
             claimed = uploader.rounds.run(deadline=deadline, claim_ahead=True)
-            if not uploader.holder.claimed_below(mark):
-                uploader.holder.settle()
         except OutboxDamaged as damage:  # as the thread does: move it aside, salvage, go on
             uploader.recover(damage)
             return 0.0

@@ -1,7 +1,4 @@
-"""The lease holder: one client's upload lease, the batches either side of the one on the wire.
-
-Besides the lease it keeps the batch claimed ahead (sent next) and the rows
-of the batch before, delivered but not yet deleted (see `acknowledge`).
+"""The lease holder: one client's upload lease, the batch claimed ahead, and whose turn it is.
 
 Three callers deliver for a client: its background thread, `drain()` and
 sync_mode sends, on any number of threads. They take turns: `turn()` is the
@@ -39,7 +36,6 @@ class LeaseHolder:
         self._turn = threading.Lock()
         self._lease: UploadLease | None = None
         self._ahead: tuple[UploadLease, list[Claimed]] | None = None
-        self._acked: tuple[UploadLease, list[int]] | None = None  # delivered, to delete
         # Held while delivered rows are counted and deleted, and while a flush
         # counts what is left: it then sees each batch once, as sent or as left.
         self.deleting = threading.RLock()
@@ -86,7 +82,6 @@ class LeaseHolder:
     def give_up(self) -> None:
         """Give the lease back, with the batch claimed ahead."""
         self.release_ahead()
-        self.settle_or_forget()
         # Held until closed: a flush asking meanwhile must not take the lease,
         # still locked, for another process's.
         lease = self._lease
@@ -99,7 +94,6 @@ class LeaseHolder:
     def reclaim(self) -> None:
         """After a failure mid-batch: every row in flight is ours (the lease is held): pending."""
         self._ahead = None  # (reclaimed with the rest)
-        self.settle_or_forget()  # delivered rows are not reclaimed to be sent again
         if self._lease is None:
             return
         try:
@@ -115,7 +109,6 @@ class LeaseHolder:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is lease:
             return ahead[1]
-        self.settle_or_forget()  # (only with a batch ahead, of this lease, may it wait)
         return lease.claim(count, max_bytes=max_bytes)
 
     @property
@@ -151,61 +144,10 @@ class LeaseHolder:
         except Exception:  # left in flight: the next holder of the lease reclaims them
             log.debug("could not put back the batch claimed ahead", exc_info=True)
 
-    # -- deleting what was delivered ------------------------------------------------
-
-    def acknowledge(self, lease: UploadLease, ids: list[int]) -> None:
-        """Delete delivered rows: at once, or, while the next batch waits to go, once it is sent.
-
-        Deleting a batch of 100 takes about 0.7 ms, during which a receiver
-        that answered would otherwise wait for the next batch: a fifth of a
-        restart drain's time (measured with benchmarks/deliver.py). So while
-        a batch claimed ahead is ready, its rows go first and the delivered
-        rows are deleted while it is on the wire (`settle`). Until then they
-        read as in flight; a crash sends them again with their messageIds,
-        as a crash between the answer and the deletion always could.
-        """
-        self.settle()
-        ahead = self._ahead
-        if ahead is not None and ahead[0] is lease:
-            self._acked = (lease, ids)
-        else:
-            lease.ack(ids)
-
-    def settle(self) -> None:
-        """Delete the rows whose deletion waited; raises as UploadLease.ack does (kept then)."""
-        with self.deleting:
-            acked, self._acked = self._acked, None
-            if acked is None:
-                return
-            lease, ids = acked
-            try:
-                lease.ack(ids)
-            except BaseException:
-                if self._acked is None:
-                    self._acked = acked  # for the next settle
-                raise
-
     def claimed_below(self, row_id: int) -> bool:
         """Whether this process holds the lease and has claimed no row as far as `row_id` yet."""
         lease = self._lease
         return self.holds and lease is not None and lease.claimed_through < row_id
-
-    def delivered_up_to(self, row_id: int) -> int:
-        """How many rows with ids up to `row_id` are delivered but not yet deleted."""
-        acked = self._acked
-        return 0 if acked is None else sum(1 for delivered in acked[1] if delivered <= row_id)
-
-    def settle_or_forget(self) -> None:
-        """Before rows in flight are reclaimed or the lease goes: settle now, or never.
-
-        A deletion kept past a reclaim could find the same rows claimed
-        again by a later batch, and delete them before they are delivered.
-        """
-        try:
-            self.settle()
-        except Exception:  # still in flight: reclaimed, and sent again
-            log.debug("could not delete the rows delivered last", exc_info=True)
-        self._acked = None
 
 
 _holders: weakref.WeakSet[LeaseHolder] = weakref.WeakSet()

@@ -153,8 +153,6 @@ class Rounds:
         finally:
             if batch.released_any or len(batch.finished) < len(batch.rows):
                 self.holder.release_ahead()  # it must not overtake what goes back to pending
-        if not self.holder.has_ahead:
-            self.holder.settle()  # no batch goes next to hide the deletion behind
         return len(rows)
 
     def _fit_body(self, batch: _Batch) -> None:
@@ -268,8 +266,9 @@ class Rounds:
                 log.debug("sending %d messages (attempt %d): %s", len(rows), number, text)
             # Claim the next batch meanwhile: only while the whole batch goes
             # out (not the halves of a rejected one), and once.
-            claim_next = batch.claim_ahead and number == 1 and whole
-            return lambda: self._while_on_the_wire(claim_next)
+            if batch.claim_ahead and number == 1 and whole:
+                return self._claim_next
+            return None
 
         self.sender.send(
             messages,
@@ -279,20 +278,10 @@ class Rounds:
             after_failure=lambda exc: self._note_failure(batch, rows, exc),
         )
 
-    def _while_on_the_wire(self, claim_next: bool) -> None:
-        """Delete the rows delivered last (see LeaseHolder.acknowledge), then claim the next batch.
-
-        Never raises: a deletion that fails now is tried again after this
-        batch, and no batch is claimed ahead to put it off further.
-        """
-        try:
-            self.holder.settle()
-        except Exception:
-            log.debug("could not delete the rows delivered last; trying again later", exc_info=True)
-            return
-        if claim_next:
-            self.holder.claim_ahead(self.upload_size, MAX_BATCH_BYTES)
-            self._count_unsendable(self.holder.lease)
+    def _claim_next(self) -> None:
+        """While a batch is on the wire (never raises: see LeaseHolder.claim_ahead)."""
+        self.holder.claim_ahead(self.upload_size, MAX_BATCH_BYTES)
+        self._count_unsendable(self.holder.lease)
 
     def _count_unsendable(self, lease: UploadLease | None) -> None:
         """Count the rows a claim moved to the dead-letter state (they cannot be sent)."""
@@ -327,7 +316,7 @@ class Rounds:
         # out of what a drain reports as sent.
         with self.holder.deleting:
             self.tally.sent += len(ids)
-            self.holder.acknowledge(batch.lease, ids)
+            batch.lease.ack(ids)
         batch.finished.update(ids)
         self.schedule.consecutive_failures = 0
         self.rejections().forget()  # the endpoint accepts events

@@ -179,7 +179,6 @@ class Uploader:
         If the thread still gets its answer before the end, those rows are
         sent again by the next run (same messageIds: the receiver drops them).
         """
-        self.holder.settle_or_forget()  # (delivered: not to be sent again)
         lease = self.holder.lease
         if lease is not None:
             lease.reclaim()
