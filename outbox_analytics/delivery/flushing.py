@@ -22,7 +22,7 @@ from .schedule import stored_wait
 if TYPE_CHECKING:
     from .uploader import Uploader
 
-__all__ = ["TIMED_OUT", "FlushResult", "drain", "flush", "other_gave_up"]
+__all__ = ["STOPPED", "TIMED_OUT", "FlushResult", "drain", "flush", "other_gave_up"]
 
 # `last_error` when nothing failed: the time given ran out first (the CLI names its --timeout).
 TIMED_OUT = "the timeout ran out before the server answered"
