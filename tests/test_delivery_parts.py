@@ -96,7 +96,7 @@ def test_a_round_that_gives_up_doubles_the_next_backoff() -> None:
     assert schedule.gave_up(NOW, 0.5) == 4.0
     assert schedule.gave_up(NOW + 5, 0.5) == 8.0
     assert schedule.gave_up_at == NOW + 5
-    schedule.pause(NOW, 1e9)
+    schedule.pause(NOW, 1e9, "HTTP 429")
     assert schedule.paused_until == NOW + MAX_WAIT
 
 

@@ -647,3 +647,21 @@ def test_a_missing_ca_bundle_is_a_reported_failure_with_backoff(
 def test_a_timeout_of_zero_is_refused_at_the_call(tmp_path) -> None:
     with pytest.raises(ValueError, match="timeout"):
         Client("k", outbox_path=str(tmp_path / "o.db"), timeout=0)
+
+
+@pytest.mark.parametrize("call", ["flush", "drain"])
+def test_a_retry_after_longer_than_the_timeout_is_the_reason_given(
+    make_client, receiver, call: str, caplog
+) -> None:
+    receiver.script = [Reply(429, headers={"Retry-After": "30"}, body='{"error": "slow down"}')]
+    client = make_client()
+    track_numbered(client, 3)
+    started = time.monotonic()
+    result = getattr(client, call)(timeout=1)
+    assert time.monotonic() - started < 5  # the 30 s pause is not waited out
+    assert result.pending == 3 and result.sent == 0
+    assert len(receiver.requests) == 1  # nothing is sent before the server's time
+    assert result.last_error.startswith('HTTP 429: {"error": "slow down"}')
+    gave_up = [r.getMessage() for r in caplog.records if "could not deliver" in r.getMessage()]
+    assert gave_up or call == "flush"  # (the thread goes on waiting: it has not given up)
+    assert all("after 1 attempt(s)" in message for message in gave_up)  # one request was made

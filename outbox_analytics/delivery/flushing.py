@@ -199,6 +199,9 @@ class _Counts:
         stats = self.uploader.outbox.stats()
         if stats.uploader_alive and not self.uploader.holder.holds:
             return "another process holds the upload lease and is sending them"
+        paused = self.uploader.schedule.pause_reason(time.monotonic())
+        if paused is not None:
+            return paused  # the time ran out, but the server had asked us to wait longer
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return TIMED_OUT  # this call's time ran out: an earlier run's error would mislead
         return stats.head_last_error or TIMED_OUT

@@ -368,9 +368,9 @@ class Rounds:
         suppressed = self._warn_exhausted.ready()
         if suppressed is not None:
             log.warning(
-                "could not deliver %d event(s) after %d attempts: %s; they stay in the"
+                "could not deliver %d event(s) after %d attempt(s): %s; they stay in the"
                 " outbox and will be retried (%d more such reports suppressed)",
-                len(unfinished), self.sender.max_retries + 1, printable(error_text(exc)),
+                len(unfinished), self.sender.attempts_made, printable(error_text(exc)),
                 suppressed,
             )  # fmt: skip
         self._report(exc, unfinished)

@@ -49,12 +49,22 @@ class Schedule:
     """What the uploader remembers between batches, all in monotonic time."""
 
     paused_until: float = 0.0  # a server's Retry-After pauses every send
+    paused_by: str = ""  # the answer that asked for the pause, as the failure says it
     consecutive_failures: int = 0  # whole rounds failed in a row
     gave_up_at: float = -math.inf  # when a round last gave up
     longest_wait: float = 0.0  # of the retry policy, in the current batch
 
-    def pause(self, now: float, seconds: float) -> None:
-        self.paused_until = max(self.paused_until, now + min(seconds, MAX_WAIT))
+    def pause(self, now: float, seconds: float, answer: str) -> None:
+        until = now + min(seconds, MAX_WAIT)
+        if until > self.paused_until:
+            self.paused_until, self.paused_by = until, answer
+
+    def pause_reason(self, now: float) -> str | None:
+        """Why sends wait now, when a server asked for it (for a flush that ends meanwhile)."""
+        if self.paused_until <= now:
+            return None
+        left = self.paused_until - now
+        return f"{self.paused_by} (the server asked to wait: Retry-After, {left:.0f}s left)"
 
     def gave_up(self, now: float, upload_interval: float) -> float:
         """A round ran out of retries at `now`: how long the head waits before the next."""

@@ -83,6 +83,7 @@ class Sender:
         self.retry_wait = retry_wait
         self._requester: Requester | None = None
         self._pid = 0
+        self.attempts_made = 0  # requests made by the last send (for its give-up report)
 
     @property
     def requester(self) -> Requester:
@@ -126,6 +127,7 @@ class Sender:
             reraise=True,
         )
         last_failure: RetryableError | None = None
+        self.attempts_made = 0
         for attempt in retrying:
             with attempt:
                 if interrupt is not None and interrupt.is_set():
@@ -139,6 +141,7 @@ class Sender:
                 meanwhile = before_attempt(number)
                 requester = self.requester
                 body = encode_batch(messages, utc_now_iso(), requester.write_key)
+                self.attempts_made = number
                 try:
                     requester.send(
                         body, retry_count=number - 1, deadline=deadline, meanwhile=meanwhile
@@ -156,7 +159,7 @@ class Sender:
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
-            self._schedule.pause(now, retry_after)
+            self._schedule.pause(now, retry_after, printable(str(exc)))
         wait = max(wait, self._schedule.paused_until - now)
         self._schedule.longest_wait = max(self._schedule.longest_wait, wait)
         if deadline is not None:
