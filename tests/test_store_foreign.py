@@ -194,3 +194,32 @@ def test_an_sqlite_file_without_tables_is_made_an_outbox(tmp_path: Path) -> None
     client.shutdown()
     code, out, _ = _run("status", path, "--json")
     assert code == 0 and json.loads(out)["pending"] == 1
+
+
+def test_a_row_another_program_inserted_without_a_status_is_pending_and_sent(
+    outbox_file: Path, make_client, receiver
+) -> None:
+    """A hand-written INSERT leaves status NULL: it was counted as pending, never
+    claimed, and no command could send or remove it (shutdown said, forever, that
+    an event was left)."""
+    storing = make_client(upload=False)
+    storing.track("u", "Stored")
+    storing.track("u", "Stored")
+    storing.shutdown()
+    hand = {"type": "track", "event": "By Hand", "userId": "u", "messageId": "hand-1"}
+    with contextlib.closing(sqlite3.connect(outbox_file)) as db, db:
+        db.execute(
+            "INSERT INTO ack_queue_default (data, timestamp) VALUES (?, 0)",
+            (persistqueue.serializers.msgpack.dumps(hand),),
+        )
+    code, out, _ = _run("list", outbox_file, "--jsonl")
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and listed[-1]["event"] == "By Hand"
+    assert listed[-1]["_outbox"]["state"] == "pending"
+
+    client = make_client()
+    assert client.stats().pending == 3
+    result = client.flush(timeout=10)
+    assert (result.sent, result.pending) == (3, 0)
+    assert client.stats().pending == 0
+    assert [m["messageId"] for m in receiver.accepted()][-1] == "hand-1"

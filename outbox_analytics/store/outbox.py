@@ -598,7 +598,9 @@ class Outbox:
     def state_of(self, row_id: int) -> str | None:
         """The row's state (pending, inflight or dead); None once delivered or never stored."""
         status = self._db.scalar(
-            f"SELECT status FROM {TABLE} WHERE _id = ? AND {schema.STATE_WHERE['all']}", (row_id,)
+            f"SELECT ifnull(status, {schema.NEW}) FROM {TABLE}"
+            f" WHERE _id = ? AND {schema.STATE_WHERE['all']}",
+            (row_id,),
         )
         return None if status is None else schema.state_of(status)
 

@@ -50,14 +50,18 @@ NEW, READY, INFLIGHT, ACKED, DEAD = 0, 1, 2, 5, 9
 # it only uses a partial index whose WHERE clause it finds in the query's.
 INFLIGHT_WHERE = f"status >= 2 AND status = {INFLIGHT}"
 DEAD_WHERE = f"status >= 2 AND status = {DEAD}"
-PENDING_WHERE = "status < 2"
+# A row another program inserted without a status (NULL) is pending, as an
+# append is: counted, claimed and sent, not left uncounted and unsent forever.
+PENDING_WHERE = "ifnull(status, 0) < 2"
 STATE_WHERE = {
     "pending": PENDING_WHERE,
     "inflight": INFLIGHT_WHERE,
     "dead": DEAD_WHERE,
-    "all": f"status IN ({NEW}, {READY}, {INFLIGHT}, {DEAD})",
+    "all": f"ifnull(status, {NEW}) IN ({NEW}, {READY}, {INFLIGHT}, {DEAD})",
 }
-_STATE_NAMES = {NEW: "pending", READY: "pending", INFLIGHT: "inflight", DEAD: "dead"}
+_STATE_NAMES = {
+    NEW: "pending", READY: "pending", None: "pending", INFLIGHT: "inflight", DEAD: "dead"
+}
 
 EXTRA_COLUMNS = {
     "attempts": "INTEGER NOT NULL DEFAULT 0",
@@ -152,7 +156,7 @@ _COUNT_EVERY_PENDING = (
 # (rows made pending again: few); the run itself is counted from its ends,
 # less its in-flight, dead and tombstone rows (a small index).
 _COUNT_PENDING_BY_RUN = f"""
-    (SELECT count(*) FROM {TABLE} WHERE _id >= low AND _id < gapless AND status < 2)
+    (SELECT count(*) FROM {TABLE} WHERE _id >= low AND _id < gapless AND {PENDING_WHERE})
     + max(0, coalesce((SELECT max(_id) FROM {TABLE}), 0) - max(low, gapless) + 1)
     - (SELECT count(*) FROM {TABLE} WHERE status >= 2 AND _id >= max(low, gapless))"""
 _LOWEST_PENDING = (
@@ -168,9 +172,11 @@ PENDING_SPAN = (
     f"SELECT max(0, coalesce((SELECT max(_id) FROM {TABLE}), 0) - max({_LOWEST_PENDING}, 1) + 1)"
 )
 # The oldest pending rows, in order, reading from the cursor on.
-FIRST_PENDING = f"FROM {TABLE} WHERE _id >= {CURSOR} AND status < 2 ORDER BY _id"
+FIRST_PENDING = f"FROM {TABLE} WHERE _id >= {CURSOR} AND {PENDING_WHERE} ORDER BY _id"
 # The pending rows up to an id (the one parameter).
-FIRST_PENDING_UP_TO = f"FROM {TABLE} WHERE _id >= {CURSOR} AND _id <= ? AND status < 2"
+FIRST_PENDING_UP_TO = (
+    f"FROM {TABLE} WHERE _id >= {CURSOR} AND _id <= ? AND {PENDING_WHERE}"
+)
 # length(data) from SQL, not len() in Python: a hostile or damaged row may
 # hold an integer or NULL there, and must be dead-lettered, not crash a loop.
 ROW_COLUMNS = (
@@ -360,7 +366,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA:
         conn.execute(statement)
     if read_meta(conn, "claim_from") is None:  # the first pending row, found once by a scan
-        first = conn.execute(f"SELECT min(_id) FROM {TABLE} WHERE status < 2").fetchone()[0]
+        first = conn.execute(f"SELECT min(_id) FROM {TABLE} WHERE {PENDING_WHERE}").fetchone()[0]
         write_meta(conn, "claim_from", first or 0)
     if read_meta(conn, "schema_version") != SCHEMA_VERSION:  # (before the triggers were there)
         write_meta(conn, GAPLESS_FROM, _find_gapless_from(conn))
@@ -548,7 +554,7 @@ def first_stranded(conn: sqlite3.Connection) -> int | None:
     say) can strand one; this reads every row below the cursor.
     """
     return conn.execute(  # type: ignore[no-any-return]
-        f"SELECT min(_id) FROM {TABLE} WHERE _id < {CURSOR} AND status < 2"
+        f"SELECT min(_id) FROM {TABLE} WHERE _id < {CURSOR} AND {PENDING_WHERE}"
     ).fetchone()[0]
 
 
