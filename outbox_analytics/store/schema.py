@@ -60,7 +60,11 @@ STATE_WHERE = {
     "all": f"ifnull(status, {NEW}) IN ({NEW}, {READY}, {INFLIGHT}, {DEAD})",
 }
 _STATE_NAMES = {
-    NEW: "pending", READY: "pending", None: "pending", INFLIGHT: "inflight", DEAD: "dead"
+    NEW: "pending",
+    READY: "pending",
+    None: "pending",
+    INFLIGHT: "inflight",
+    DEAD: "dead",
 }
 
 EXTRA_COLUMNS = {
@@ -174,9 +178,7 @@ PENDING_SPAN = (
 # The oldest pending rows, in order, reading from the cursor on.
 FIRST_PENDING = f"FROM {TABLE} WHERE _id >= {CURSOR} AND {PENDING_WHERE} ORDER BY _id"
 # The pending rows up to an id (the one parameter).
-FIRST_PENDING_UP_TO = (
-    f"FROM {TABLE} WHERE _id >= {CURSOR} AND _id <= ? AND {PENDING_WHERE}"
-)
+FIRST_PENDING_UP_TO = f"FROM {TABLE} WHERE _id >= {CURSOR} AND _id <= ? AND {PENDING_WHERE}"
 # length(data) from SQL, not len() in Python: a hostile or damaged row may
 # hold an integer or NULL there, and must be dead-lettered, not crash a loop.
 ROW_COLUMNS = (
