@@ -497,6 +497,24 @@ def test_an_interrupted_drain_puts_its_rows_back(make_client, receiver, outbox_f
     assert client.outbox.try_lease() is not None  # and the lease is free
 
 
+def test_drain_keeps_its_timeout_while_the_clients_own_thread_is_sending(
+    make_client, receiver, outbox_file
+) -> None:
+    """drain() waited for its turn with no bound: the client's thread took the
+    turn back batch after batch, and a drain(timeout=8) took 10 to 33 s."""
+    stored(outbox_file, 3000)
+    receiver.responder = lambda request: Reply(delay=0.3)
+    client = make_client()
+    deadline = time.monotonic() + 5
+    while not receiver.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.uploader.running and receiver.requests  # the thread is sending
+    started = time.monotonic()
+    result = client.drain(timeout=1)
+    assert time.monotonic() - started < 1.6
+    assert result.pending > 0
+
+
 def test_drain_waits_for_the_client_that_holds_the_lease(make_client, receiver) -> None:
     sender = make_client()
     track_numbered(sender, 20)

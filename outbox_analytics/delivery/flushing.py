@@ -147,6 +147,7 @@ def drain(
 
 
 _IN_A_CALL = "not sent: called from inside a call on the outbox (a signal handler?)"
+_TURN_WAIT = 0.05  # seconds a drain step waits for the turn before looking again
 _SENT = -1.0  # _drain_step ran a batch: go on at once
 
 
@@ -215,7 +216,12 @@ def _as_it_is(uploader: Uploader, why: str) -> FlushResult:
 
 def _drain_step(uploader: Uploader, deadline: float | None) -> float | None:
     """Send one batch if this process can (_SENT); else how long to wait (None: stop waiting)."""
-    with uploader.holder.turn():
+    # The turn is waited for briefly: this client's thread, sending, takes it
+    # back batch after batch, and an unbounded wait outlived the timeout.
+    left = _TURN_WAIT if deadline is None else min(_TURN_WAIT, deadline - time.monotonic())
+    with uploader.holder.turn(left) as mine:
+        if not mine:
+            return 0.0  # the thread is sending: the caller looks at the file and the time again
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return 0.0  # the caller sees the timeout
