@@ -679,7 +679,19 @@ def test_a_retry_after_longer_than_the_timeout_is_the_reason_given(
     assert time.monotonic() - started < 5  # the 30 s pause is not waited out
     assert result.pending == 3 and result.sent == 0
     assert len(receiver.requests) == 1  # nothing is sent before the server's time
-    assert result.last_error.startswith('HTTP 429: {"error": "slow down"}')
+    assert result.last_error.startswith('HTTP 429: {"error": "slow down"} (the server asked')
     gave_up = [r.getMessage() for r in caplog.records if "could not deliver" in r.getMessage()]
     assert gave_up or call == "flush"  # (the thread goes on waiting: it has not given up)
     assert all("after 1 attempt(s)" in message for message in gave_up)  # one request was made
+
+
+@pytest.mark.parametrize("call", ["flush", "drain"])
+def test_a_timeout_during_retries_gives_the_last_failure(make_client, receiver, call: str) -> None:
+    """It said "the timeout ran out before the server answered" after several
+    answers, each a 503 (or a refused connection)."""
+    receiver.responder = lambda request: Reply(503, body="down for maintenance")
+    client = make_client(max_retries=100, retry_wait=tenacity.wait_fixed(0.1))
+    track_numbered(client, 2)
+    result = getattr(client, call)(timeout=1)
+    assert result.pending == 2 and len(receiver.requests) >= 2
+    assert result.last_error.startswith("HTTP 503: down for maintenance")

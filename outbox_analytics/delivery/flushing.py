@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import process, servers
-from ..errors import OutboxDamaged
+from ..errors import OutboxDamaged, RetryableError
 from .schedule import stored_wait
 
 if TYPE_CHECKING:
@@ -167,6 +167,7 @@ class _Counts:
         self.by_the_thread = by_the_thread  # a flush waiting for the background thread
         tally = uploader.tally
         self.sent, self.dead, self.failed_rounds = tally.sent, tally.dead, tally.failed_rounds
+        self.failed_attempts = tally.failed_attempts
         self.reported: FlushResult | None = None
 
     def result(self, explain: bool = False) -> FlushResult:
@@ -190,22 +191,29 @@ class _Counts:
 
     def _why_pending(self) -> str:
         """Why rows are left: this call's last failure (with the server's body), else the file's."""
+        paused = self.uploader.schedule.pause_reason(time.monotonic())
+        if paused is not None:
+            return paused  # the server asked us to wait longer than this call's time
         tally = self.uploader.tally
-        failure = tally.last_failure
-        if failure is not None and tally.failed_rounds != self.failed_rounds:
-            body = failure.body if failure.body and failure.body not in str(failure) else ""
-            return f"{failure}: {body}" if body else str(failure)
+        if tally.last_failure is not None and tally.failed_rounds != self.failed_rounds:
+            return _in_words(tally.last_failure)
+        retried = tally.last_attempt_failure
+        if retried is not None and tally.failed_attempts != self.failed_attempts:
+            return f"{_in_words(retried)} (still being retried)"  # the time ran out meanwhile
         if self.by_the_thread and not self.uploader.running:
             return STOPPED
         stats = self.uploader.outbox.stats()
         if stats.uploader_alive and not self.uploader.holder.holds:
             return "another process holds the upload lease and is sending them"
-        paused = self.uploader.schedule.pause_reason(time.monotonic())
-        if paused is not None:
-            return paused  # the time ran out, but the server had asked us to wait longer
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return TIMED_OUT  # this call's time ran out: an earlier run's error would mislead
         return stats.head_last_error or TIMED_OUT
+
+
+def _in_words(failure: RetryableError) -> str:
+    """A failure as the server or the network put it, with the server's answer."""
+    body = failure.body if failure.body and failure.body not in str(failure) else ""
+    return f"{failure}: {body}" if body else str(failure)
 
 
 def _as_it_is(uploader: Uploader, why: str) -> FlushResult:

@@ -56,6 +56,8 @@ class Tally:
     dead: int = 0  # rows moved to the dead-letter state
     failed_rounds: int = 0  # times retries ran out
     last_failure: RetryableError | None = None  # of the last round that gave up
+    failed_attempts: int = 0  # sends that failed and were to be retried
+    last_attempt_failure: RetryableError | None = None  # of the last of them
 
 
 class _Batch:
@@ -294,6 +296,8 @@ class Rounds:
         Without it, attempts and the error reached the file only when the
         round gave up, minutes of retries later.
         """
+        self.tally.failed_attempts += 1
+        self.tally.last_attempt_failure = exc
         ids = [row.id for row in rows]
         try:
             for attempts, same in batch.by_attempts(ids).items():
