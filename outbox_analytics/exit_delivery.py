@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import handoff, process, servers
+from .store import record_drops_at_exit
 from .utils import printable
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ def _at_exit() -> None:
     The uploader threads are daemons: whatever is still in flight when the
     budget ends stays in the outbox, and the next run sends it.
     """
+    record_drops_at_exit()  # (nothing is sent: even when turned off)
     if not _state.on:
         return
     deadline = time.monotonic() + EXIT_BUDGET

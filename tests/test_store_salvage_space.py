@@ -324,3 +324,38 @@ def test_a_salvage_killed_midway_goes_on_without_copying_a_row_twice(tmp_path: P
     Client("k", outbox_path=str(path), upload=False).shutdown()
     assert _salvaged(path) == expected
     assert _leftovers(tmp_path) == []
+
+
+_DROPS_THEN_ROOM = """
+import json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+from outbox_analytics import Client
+client = Client("k", outbox_path=sys.argv[1], upload=False)
+client.track("u", "First")
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
+refused = 0
+while refused < 20:
+    refused += not client.track("u", "Padded", {"pad": "x" * 200})[0]
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print(json.dumps(client.stats().dropped))
+if sys.argv[2] == "shutdown":
+    client.shutdown()
+"""
+
+
+@pytest.mark.parametrize("ending", ["shutdown", "exit"])
+def test_events_refused_on_a_full_disk_are_counted_in_the_file_at_the_end(
+    tmp_path: Path, ending: str
+) -> None:
+    """The count waited for the next commit in the same process: with room back,
+    neither shutdown() nor the exit wrote it, and every other process read 0."""
+    path = tmp_path / "o.db"
+    child = subprocess.run(
+        [sys.executable, "-c", _DROPS_THEN_ROOM, str(path), ending],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == 20
+    reader = Client("k", outbox_path=str(path), upload=False)
+    assert reader.stats().dropped == 20
+    reader.shutdown()

@@ -20,6 +20,7 @@ from .outbox import (
     default_directories,
     default_outbox_path,
     fallback_outbox_path,
+    record_drops_at_exit,
 )
 from .schema import Claimed, Head, OutboxStats, Row, encode_message
 
@@ -36,4 +37,5 @@ __all__ = [
     "default_outbox_path",
     "encode_message",
     "fallback_outbox_path",
+    "record_drops_at_exit",
 ]

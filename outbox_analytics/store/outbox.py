@@ -55,6 +55,7 @@ __all__ = [
     "default_directories",
     "default_outbox_path",
     "fallback_outbox_path",
+    "record_drops_at_exit",
 ]
 
 PATH_ENV = "OUTBOX_ANALYTICS_PATH"
@@ -257,13 +258,32 @@ class Outbox:
 
     def close(self) -> None:
         """Close the connection. Still usable: a later call reopens it rather than lose an event."""
-        if not self.readonly:
-            with contextlib.suppress(OutboxError):  # (a full disk, a busy file: only a hint lost)
-                self._db.write(schema.record_highest_id, "note the highest id", _DROP_RECORD_WAIT)
+        self.record_drops()
         if self._marked:
             self._marked = False
             unmark_writer(self._db)
         self._db.close()
+
+    def record_drops(self) -> None:
+        """Count in the file the drops it does not hold yet; note the highest id.
+
+        Drops are counted with the next commit; those refused while the disk
+        was full, with no commit after, would vanish with this process (at
+        close and at exit, then). Still full, or a busy file: not now.
+        """
+        if self.readonly:
+            return
+
+        def record(conn: sqlite3.Connection) -> int:
+            drops = self._unrecorded_drops
+            if drops:
+                conn.execute(schema.ADD_DROPPED, (drops,))
+            schema.record_highest_id(conn)
+            return drops
+
+        with contextlib.suppress(OutboxError):
+            recorded = self._db.write(record, "count drops", _DROP_RECORD_WAIT)
+            self._count_unrecorded_drops(-recorded)
 
     def __enter__(self) -> Outbox:
         return self
@@ -768,6 +788,13 @@ def file_bytes(path: str) -> int:
 
 
 _live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+def record_drops_at_exit() -> None:
+    """At this process's exit: every outbox's drops not yet counted in its file, counted."""
+    for outbox in list(_live_outboxes):
+        if outbox.unrecorded_drops:
+            outbox.record_drops()
 
 
 def _forget_in_new_process() -> None:
