@@ -279,6 +279,31 @@ def test_send_false_stores_nothing(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+@pytest.mark.parametrize(
+    ("home", "state"), [("relhome", None), ("", None), ("/nowhere-home", "rel/state")]
+)
+def test_the_default_path_never_depends_on_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: str, state: str | None
+) -> None:
+    """A relative or empty HOME, or a relative XDG_STATE_HOME (which the XDG spec
+    says to ignore), put the outbox under whatever directory the job started in."""
+    monkeypatch.delenv("OUTBOX_ANALYTICS_PATH", raising=False)
+    monkeypatch.setenv("HOME", home)
+    if state is None:
+        monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_STATE_HOME", state)
+    paths = set()
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        paths.add(default_outbox_path("k", "https://api.segment.io"))
+    (path,) = paths
+    assert os.path.isabs(path) and not path.startswith((str(tmp_path), "/.local"))
+    if home.startswith("/"):
+        assert path.startswith("/nowhere-home/.local/state/")  # the relative XDG value ignored
+
+
 def test_default_path_is_per_user_keyed_and_hides_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -95,7 +95,10 @@ def default_outbox_path(write_key: str, host: str) -> str:
     override = os.environ.get(PATH_ENV)
     if override:
         return override
-    return os.path.join(_user_state_dir(), "outbox-analytics", _file_name(write_key, host))
+    state = _user_state_dir()
+    if state is None:
+        return fallback_outbox_path(write_key, host)
+    return os.path.join(state, "outbox-analytics", _file_name(write_key, host))
 
 
 def fallback_outbox_path(write_key: str, host: str) -> str:
@@ -115,7 +118,9 @@ def fallback_directory() -> str:
 
 def default_directories() -> list[str]:
     """Where default outboxes live: the state directory, then the fallback one."""
-    return [os.path.join(_user_state_dir(), "outbox-analytics"), fallback_directory()]
+    state = _user_state_dir()
+    mine = [] if state is None else [os.path.join(state, "outbox-analytics")]
+    return [*mine, fallback_directory()]
 
 
 def _file_name(write_key: str, host: str) -> str:
@@ -123,13 +128,39 @@ def _file_name(write_key: str, host: str) -> str:
     return f"outbox-{digest}.sqlite3"
 
 
-def _user_state_dir() -> str:
-    home = os.path.expanduser("~")
+def _user_state_dir() -> str | None:
+    """The per-user state directory; None without an absolute one (then: the fallback).
+
+    Relative settings are ignored, as the XDG spec says: the outbox would
+    depend on the directory a job starts in, and a restart would not find it.
+    """
     if sys.platform == "win32":
-        return os.environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+        return _absolute(os.environ.get("LOCALAPPDATA")) or _under_home("AppData", "Local")
     if sys.platform == "darwin":
-        return os.path.join(home, "Library", "Application Support")
-    return os.environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+        return _under_home("Library", "Application Support")
+    return _absolute(os.environ.get("XDG_STATE_HOME")) or _under_home(".local", "state")
+
+
+def _under_home(*parts: str) -> str | None:
+    """A path in the home directory: $HOME if absolute, else the account's (an empty or
+    relative $HOME is a mistake, not a place)."""
+    home = _absolute(os.environ.get("HOME")) or _absolute(_account_home())
+    return None if home is None else os.path.join(home, *parts)
+
+
+def _account_home() -> str:
+    try:
+        import pwd
+    except ImportError:  # pragma: no cover - Windows
+        return os.path.expanduser("~")
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:  # a uid with no account (a container's)
+        return ""
+
+
+def _absolute(path: str | None) -> str | None:
+    return path if path and os.path.isabs(path) else None
 
 
 class Outbox:
