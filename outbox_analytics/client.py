@@ -195,13 +195,15 @@ class Client:
         """
         host = str(self.config.host)
         path = default_outbox_path(self.write_key, host)
-        try:
+        if os.environ.get(PATH_ENV):
             return Outbox(path, fsync=fsync, max_pending=max_pending)
-        except OutboxUnavailable as exc:
-            if os.environ.get(PATH_ENV):
-                raise
-            why = str(exc)
         fallback = fallback_outbox_path(self.write_key, host)
+        why = "no home directory to keep it in"  # (then the default path is the fallback)
+        if path != fallback:
+            try:
+                return Outbox(path, fsync=fsync, max_pending=max_pending)
+            except OutboxUnavailable as exc:
+                why = str(exc)
         try:
             make_own_directory(os.path.dirname(fallback))  # (a name anyone may take first)
             outbox = Outbox(fallback, fsync=fsync, max_pending=max_pending)

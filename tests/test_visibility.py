@@ -190,6 +190,29 @@ def test_a_fallback_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
     assert result["ok"] is False and list(elsewhere.iterdir()) == []
 
 
+# A uid with no account and no $HOME (a container's): no home directory at all.
+NO_HOME = "import pwd\npwd.getpwuid = lambda uid: {}[uid]\n"
+
+
+def test_with_no_home_at_all_the_fallback_directory_is_checked_and_said(
+    tmp_path: Path,
+) -> None:
+    """With no home, the fallback path was used directly: a directory planted there
+    (a link elsewhere, another user's) was taken, and nothing was said."""
+    temp, elsewhere = tmp_path / "tmp", tmp_path / "elsewhere"
+    temp.mkdir()
+    elsewhere.mkdir(mode=0o700)
+    (temp / f"outbox-analytics-{os.getuid()}").symlink_to(elsewhere)
+    env = {"TMPDIR": str(temp), "HOME": "", "XDG_STATE_HOME": ""}
+    result, _ = _run_with(env, NO_HOME + MODULE_API_JOB)
+    assert result["ok"] is False and list(elsewhere.iterdir()) == []
+
+    (temp / f"outbox-analytics-{os.getuid()}").unlink()
+    result, err = _run_with(env, NO_HOME + MODULE_API_JOB)
+    assert result["ok"] and Path(result["path"]).parent == temp / f"outbox-analytics-{os.getuid()}"
+    assert "no home directory" in err and "outbox_path" in err
+
+
 def test_the_exit_line_is_there_every_time_the_server_is_down(outbox_file: Path) -> None:
     code = FAILING_JOB  # max_retries=1 against a refused connection: a round ends fast
     for _ in range(4):
