@@ -159,8 +159,12 @@ def test_dead_rows_at_the_head_are_stepped_over_once(tmp_path: Path) -> None:
         lease.close()
 
 
-def _strand_in_flight_rows(path: Path, count: int) -> None:
-    """Claim rows, then let persist-queue's auto_resume make them pending behind the cursor."""
+def _strand_in_flight_rows(path: Path, count: int, noted: bool = True) -> None:
+    """Claim rows, then let persist-queue's auto_resume make them pending behind the cursor.
+
+    Not `noted`: as if the trigger had not seen it (a program that dropped it,
+    a version of this library older than the trigger).
+    """
     with Outbox(path) as outbox:
         for number in range(count):
             outbox.append(_message(number))
@@ -174,15 +178,31 @@ def _strand_in_flight_rows(path: Path, count: int) -> None:
             auto_resume=True,
         )
         lease.close()
+        if not noted:
+            outbox.database.execute(f"DELETE FROM outbox_meta WHERE key = '{schema.STRANDED_FROM}'")
 
 
-def test_rows_stranded_by_another_program_are_counted_checked_and_found(tmp_path: Path) -> None:
+def test_rows_stranded_by_another_program_are_counted_checked_and_claimed(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite3"
     _strand_in_flight_rows(path, 5)
     with Outbox(path) as outbox:
+        assert outbox.stats().pending == 5  # counts do not depend on the cursor
+        assert outbox.count_unfinished(outbox.last_id()) == 5  # nor what a flush waits for
+        problems = maintenance.check(outbox)
+        assert len(problems) == 1 and "below the claim cursor" in problems[0]
+        lease = _lease(outbox)
+        # The trigger noted where they are: the next claim goes back for them.
+        assert [row.message["n"] for row in lease.claim(10)] == [0, 1, 2, 3, 4]
+        assert lease.find_stranded() is None
+        lease.close()
+
+
+def test_rows_stranded_unseen_by_the_trigger_are_found_by_a_look(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    _strand_in_flight_rows(path, 5, noted=False)
+    with Outbox(path) as outbox:
         lease = _lease(outbox)
         assert lease.claim(10) == []  # claims start past them
-        assert outbox.stats().pending == 5  # but counts do not depend on the cursor
         problems = maintenance.check(outbox)
         assert len(problems) == 1 and "below the claim cursor" in problems[0]
         assert lease.find_stranded() == 1
@@ -191,9 +211,37 @@ def test_rows_stranded_by_another_program_are_counted_checked_and_found(tmp_path
         lease.close()
 
 
+@pytest.mark.parametrize("status", [None, 0])
+def test_a_drain_sends_a_dead_row_another_program_made_pending(
+    tmp_path: Path, receiver, status: int | None
+) -> None:
+    """Set to NULL below the cursor, the trigger missed it (counted as 0, never sent);
+    set to 0, it was counted but only an idle thread's look, once a minute, found it:
+    drain() and the CLI's drain said it was stored after they began."""
+    from .receiver import Reply
+
+    path = tmp_path / "outbox.sqlite3"
+    receiver.responder = lambda request: Reply(400 if request.batch[0]["event"] == "Bad" else 200)
+    client = Client("k", host=receiver.url, outbox_path=str(path), upload=False)
+    for event in ("A", "Bad", "B"):
+        client.track("u", event)
+    client.shutdown()
+    client = Client("k", host=receiver.url, outbox_path=str(path), upload_size=1, sync_mode=True)
+    assert client.drain(timeout=10).dead == 1
+    receiver.responder = lambda request: Reply()
+    with sqlite3.connect(path) as db:  # the other program
+        db.execute("UPDATE ack_queue_default SET status = ? WHERE status = 9", (status,))
+    db.close()
+    assert client.stats().pending == 1
+    result = client.drain(timeout=10)
+    assert (result.sent, result.pending) == (1, 0) and client.stats().pending == 0
+    client.shutdown()
+    assert [m["event"] for m in receiver.accepted()] == ["A", "B", "Bad"]
+
+
 def test_an_idle_uploader_sends_rows_stranded_behind_the_cursor(tmp_path: Path, receiver) -> None:
     path = tmp_path / "outbox.sqlite3"
-    _strand_in_flight_rows(path, 5)
+    _strand_in_flight_rows(path, 5, noted=False)
     client = Client("k", host=receiver.url, outbox_path=str(path), upload_interval=0.05)
     assert client.uploader is not None
     client.track("u", "Starts the uploader", {"n": 5})  # (stranded rows alone do not)
@@ -322,3 +370,23 @@ def test_a_migration_killed_at_any_moment_keeps_every_row_and_the_highest_id(
         assert pending == [4, 5, 6, 7, 8, *range(11, 200_001)]
         assert [row.id for row in outbox.rows("dead")] == [1, 2]
         assert outbox.append(_message(0)) == 200_011  # AUTOINCREMENT's mark kept
+
+
+def test_a_version_3_file_gets_the_trigger_that_sees_null_statuses(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path) as outbox:
+        outbox.append(_message(0))
+    with sqlite3.connect(path) as db:  # as version 3 left it
+        (text,) = db.execute(
+            "SELECT sql FROM sqlite_master WHERE name = ?", (schema.STRANDED_TRIGGER,)
+        ).fetchone()
+        db.execute(f"DROP TRIGGER {schema.STRANDED_TRIGGER}")
+        db.execute(text.replace("ifnull(NEW.status, 0) < 2", "NEW.status < 2"))
+        db.execute("UPDATE outbox_meta SET value = 3 WHERE key = 'schema_version'")
+    db.close()
+    with Outbox(path) as outbox:
+        trigger = outbox.database.scalar(
+            "SELECT sql FROM sqlite_master WHERE name = ?", (schema.STRANDED_TRIGGER,)
+        )
+        assert "ifnull(NEW.status, 0) < 2" in trigger
+        assert [row.message["n"] for row in outbox.rows("pending")] == [0]

@@ -146,6 +146,9 @@ class UploadLease:
             return []
 
         def take(conn: Any) -> list[Any]:
+            stranded = schema.read_meta(conn, schema.STRANDED_FROM)
+            if stranded is not None:  # made pending below the cursor by another program
+                schema.lower_cursor(conn, stranded)
             candidates = conn.execute(
                 f"SELECT {ROW_COLUMNS} {schema.FIRST_PENDING} LIMIT ?", (max_count,)
             ).fetchall()

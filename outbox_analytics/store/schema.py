@@ -92,7 +92,7 @@ CURSOR = "coalesce((SELECT value FROM outbox_meta WHERE key = 'claim_from'), 0)"
 # know, naming it: this one tells an operator why, instead of an older
 # version breaking the claim cursor or the kept-highest-id rule.
 NEWER_THAN_0_1 = "requires_outbox_analytics_0_2"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: the stranded-rows trigger also sees a status set to NULL
 # The lowest pending row below the claim cursor (see first_stranded), if any:
 # noted by a trigger, forgotten once the cursor is lowered to it.
 STRANDED_FROM = "stranded_from"
@@ -115,9 +115,10 @@ _SCHEMA = [
     f"CREATE TABLE IF NOT EXISTS {NEWER_THAN_0_1} (why TEXT)",
     # Notes where a row made pending below the claim cursor lies (by any
     # program: persist-queue's resume of unacknowledged rows too), so that
-    # counts know where pending rows start. Appends (INSERT) never run it.
+    # counts know where pending rows start, and the next claim goes back for
+    # it. Appends (INSERT) never run it.
     f"""CREATE TRIGGER IF NOT EXISTS {STRANDED_TRIGGER} AFTER UPDATE OF status ON {TABLE}
-    WHEN NEW.status < 2 AND NEW._id < {CURSOR}
+    WHEN ifnull(NEW.status, 0) < 2 AND NEW._id < {CURSOR}
     BEGIN
         INSERT INTO outbox_meta (key, value) VALUES ('{STRANDED_FROM}', NEW._id)
         ON CONFLICT (key) DO UPDATE SET value = min(value, excluded.value);
@@ -177,8 +178,10 @@ PENDING_SPAN = (
 )
 # The oldest pending rows, in order, reading from the cursor on.
 FIRST_PENDING = f"FROM {TABLE} WHERE _id >= {CURSOR} AND {PENDING_WHERE} ORDER BY _id"
-# The pending rows up to an id (the one parameter).
-FIRST_PENDING_UP_TO = f"FROM {TABLE} WHERE _id >= {CURSOR} AND _id <= ? AND {PENDING_WHERE}"
+# The pending rows up to an id (the one parameter), stranded ones noted below the cursor too.
+FIRST_PENDING_UP_TO = (
+    f"FROM {TABLE} WHERE _id >= {_LOWEST_PENDING} AND _id <= ? AND {PENDING_WHERE}"
+)
 # length(data) from SQL, not len() in Python: a hostile or damaged row may
 # hold an integer or NULL there, and must be dead-lettered, not crash a loop.
 ROW_COLUMNS = (
@@ -365,17 +368,30 @@ def migrate(conn: sqlite3.Connection) -> None:
     elif _autoincrement(sql[0]) or not set(EXTRA_COLUMNS) <= _columns(conn):
         _rebuild(conn)
     conn.execute("DROP INDEX IF EXISTS outbox_pending")
+    version = _stored_version(conn)
+    if version != SCHEMA_VERSION:  # an older trigger's text is replaced by this version's
+        conn.execute(f"DROP TRIGGER IF EXISTS {STRANDED_TRIGGER}")
     for statement in _SCHEMA:
         conn.execute(statement)
     if read_meta(conn, "claim_from") is None:  # the first pending row, found once by a scan
         first = conn.execute(f"SELECT min(_id) FROM {TABLE} WHERE {PENDING_WHERE}").fetchone()[0]
         write_meta(conn, "claim_from", first or 0)
-    if read_meta(conn, "schema_version") != SCHEMA_VERSION:  # (before the triggers were there)
+    if version is None or version < 3:  # (before the gaps triggers were there)
         write_meta(conn, GAPLESS_FROM, _find_gapless_from(conn))
+    if version != SCHEMA_VERSION:  # (strandings an older trigger did not see)
         stranded = first_stranded(conn)
         if stranded is not None:
             write_meta(conn, STRANDED_FROM, stranded)
     write_meta(conn, "schema_version", SCHEMA_VERSION)
+
+
+def _stored_version(conn: sqlite3.Connection) -> int | None:
+    """The schema version the file says it has (None: a new or persist-queue file)."""
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox_meta'"
+    ).fetchone()
+    version = read_meta(conn, "schema_version") if has_meta else None
+    return version if isinstance(version, int) else None
 
 
 def _find_gapless_from(conn: sqlite3.Connection) -> int:
