@@ -156,6 +156,7 @@ class Client:
                 config.outbox_path, fsync=config.fsync, max_pending=config.max_queue_size
             )
         self.outbox = outbox
+        exit_delivery.keep_count_of_drops()
         # One file, one key and host: never send another app's events.
         outbox.bind(self.write_key, config.host if config.upload else None)
         # Rows a dead uploader left in flight are pending again; a live

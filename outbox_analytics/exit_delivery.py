@@ -28,7 +28,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import handoff, process, servers
 from .store import record_drops_at_exit
@@ -54,10 +54,16 @@ class _ExitState:
         self.first_steps: list[Callable[[], None]] = []
         self.forked_child = False  # made by fork(): exit may come through os._exit()
         self.finalizer_pid: int | None = None  # where multiprocessing's finalizer is set
+        self.finalizer: Any = None  # that multiprocessing.util.Finalize
+        self.finalizer_set_in: int | None = None  # by this process
+        self.exited_in: int | None = None  # the process whose exit delivery ran
+        self.outboxes = False  # a client of this process has an outbox (its drops count at exit)
 
     def new_process(self) -> None:
         self.forked_child = True
-        if self.clients:  # inherited clients deliver at the worker's exit too
+        # Inherited clients deliver, and inherited outboxes count their drops,
+        # at the worker's exit too.
+        if self.clients or self.outboxes:
             _register_with_multiprocessing()
 
 
@@ -89,6 +95,12 @@ def before_exit(step: Callable[[], None]) -> None:
     _state.first_steps.append(step)
 
 
+def keep_count_of_drops() -> None:
+    """A client has an outbox: its drops are counted at this process's exit, a worker's too."""
+    _state.outboxes = True
+    _register_with_multiprocessing()
+
+
 def enroll(client: Client) -> None:
     """`client` (with a background uploader) delivers at this process's exit."""
     _state.clients.add(client)
@@ -102,6 +114,9 @@ def _at_exit() -> None:
     The uploader threads are daemons: whatever is still in flight when the
     budget ends stays in the outbox, and the next run sends it.
     """
+    if _state.exited_in == os.getpid():
+        return  # (both atexit and a finalizer, or an inherited finalizer and ours)
+    _state.exited_in = os.getpid()
     record_drops_at_exit()  # (nothing is sent: even when turned off)
     if not _state.on:
         return
@@ -122,7 +137,9 @@ def _at_exit() -> None:
 def _register_with_multiprocessing() -> None:
     """In a forked child, have multiprocessing's finalizers deliver too (once per process).
 
-    Its fork workers leave through os._exit(): atexit never runs there.
+    Its fork workers leave through os._exit(): atexit never runs there. A
+    worker clears the finalizers it inherited after our fork hook ran, then
+    runs its after-fork hooks: there the finalizer is set again.
     """
     if not _state.forked_child or _state.finalizer_pid == os.getpid():
         return
@@ -131,7 +148,19 @@ def _register_with_multiprocessing() -> None:
     import multiprocessing.util
 
     _state.finalizer_pid = os.getpid()
-    multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
+    _set_finalizer()
+    multiprocessing.util.register_after_fork(_state, lambda state: _set_finalizer())
+
+
+def _set_finalizer() -> None:
+    """Exit delivery among multiprocessing's finalizers of this process, unless there already."""
+    import multiprocessing.util
+
+    finalizer, mine = _state.finalizer, _state.finalizer_set_in == os.getpid()
+    if finalizer is not None and mine and finalizer.still_active():
+        return
+    _state.finalizer = multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
+    _state.finalizer_set_in = os.getpid()
 
 
 def deliver(client: Client, budget: float) -> None:

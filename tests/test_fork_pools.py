@@ -132,3 +132,37 @@ def test_a_child_forked_while_the_default_client_is_built_does_not_hang(
     out, err = process.communicate(timeout=30)
     assert out.strip() == "0", err  # exit status 0: no SIGALRM, the event stored
     assert [m["event"] for m in receiver.accepted()] == ["First call in the child"]
+
+
+WORKERS_ALONE = """
+import multiprocessing, sys
+from outbox_analytics import Client, exit_delivery
+exit_delivery.EXIT_BUDGET = 10.0  # (a loaded test machine)
+url, path = sys.argv[1:]
+client = Client("test-write-key", host=url, outbox_path=path, upload_interval=60)
+
+def task(number):
+    for n in range(5):
+        assert client.track("worker", "Task", {"task": number, "n": n})[0]
+    return number
+
+if __name__ == "__main__":
+    pool = multiprocessing.get_context("fork").Pool(2)
+    assert sorted(pool.map(task, range(4), chunksize=1)) == [0, 1, 2, 3]
+    pool.close()
+    pool.join()
+    exit_delivery.turn_off()  # what arrives, the workers sent
+"""
+
+
+def test_fork_pool_workers_deliver_at_their_own_exit(receiver, tmp_path: Path) -> None:
+    """A fork worker's exit delivery was registered with multiprocessing's finalizers
+    in the fork hook, and multiprocessing cleared them right after: workers sent
+    nothing at exit, and a parent that exited at once left it all to the next run."""
+    result = subprocess.run(
+        [sys.executable, "-c", WORKERS_ALONE, receiver.url, str(tmp_path / "o.db")],
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(delivered(receiver)) == {(task, n) for task in range(4) for n in range(5)}

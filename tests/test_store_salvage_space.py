@@ -350,12 +350,48 @@ def test_events_refused_on_a_full_disk_are_counted_in_the_file_at_the_end(
     """The count waited for the next commit in the same process: with room back,
     neither shutdown() nor the exit wrote it, and every other process read 0."""
     path = tmp_path / "o.db"
+    assert _drops_after(_DROPS_THEN_ROOM, path, ending) == (20, 20)
+
+
+_DROPS_IN_A_POOL_WORKER = """
+import multiprocessing, resource, signal, sys
+from outbox_analytics import Client
+path = sys.argv[1]
+
+def work(_):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    client = Client("k", outbox_path=path, upload=False)  # made in the worker
+    client.track("u", "First")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
+    refused = 0
+    while refused < 5:
+        refused += not client.track("u", "Padded", {"pad": "x" * 200})[0]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    return refused
+
+if __name__ == "__main__":
+    pool = multiprocessing.get_context("fork").Pool(1)
+    print(pool.map(work, [0])[0])
+    pool.close()
+    pool.join()
+"""
+
+
+def test_drops_in_a_fork_pool_worker_are_counted_at_its_exit(tmp_path: Path) -> None:
+    """A worker leaves through os._exit(): only multiprocessing's finalizers run,
+    and none was set for a client without an uploader (nor kept for one with)."""
+    assert _drops_after(_DROPS_IN_A_POOL_WORKER, tmp_path / "o.db") == (5, 5)
+
+
+def _drops_after(code: str, path: Path, *args: str) -> tuple[int, int]:
+    """Run `code` in a child: the drops it saw, and those the file counts after it ended."""
     child = subprocess.run(
-        [sys.executable, "-c", _DROPS_THEN_ROOM, str(path), ending],
+        [sys.executable, "-c", code, str(path), *args],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert child.returncode == 0, child.stderr
-    assert json.loads(child.stdout) == 20
     reader = Client("k", outbox_path=str(path), upload=False)
-    assert reader.stats().dropped == 20
+    stats = reader.stats()
     reader.shutdown()
+    assert stats is not None
+    return json.loads(child.stdout), stats.dropped

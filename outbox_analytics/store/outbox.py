@@ -540,6 +540,12 @@ class Outbox:
     def _count_unrecorded_drops(self, count: int) -> None:
         with self._drops_lock:
             self._unrecorded_drops += count
+            # Kept alive while it owes the file a count: a client dropped
+            # without shutdown() (a pool task's) would take it along.
+            if self._unrecorded_drops:
+                _owing_drops.add(self)
+            else:
+                _owing_drops.discard(self)
 
     @property
     def unrecorded_drops(self) -> int:
@@ -821,11 +827,13 @@ def file_bytes(path: str) -> int:
 _live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
 
 
+_owing_drops: set[Outbox] = set()  # outboxes whose file does not count all their drops yet
+
+
 def record_drops_at_exit() -> None:
     """At this process's exit: every outbox's drops not yet counted in its file, counted."""
-    for outbox in list(_live_outboxes):
-        if outbox.unrecorded_drops:
-            outbox.record_drops()
+    for outbox in list(_owing_drops):
+        outbox.record_drops()
 
 
 def _forget_in_new_process() -> None:
@@ -835,6 +843,7 @@ def _forget_in_new_process() -> None:
     for outbox in list(_live_outboxes):
         outbox._unrecorded_drops = 0
         outbox._drops_lock = threading.RLock()
+    _owing_drops.clear()
 
 
 process.on_new_process(_forget_in_new_process)
