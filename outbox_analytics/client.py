@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import numbers
 import operator
 import os
@@ -416,6 +417,8 @@ def _require_timeout(timeout: Any) -> None:
     """flush(), join(), shutdown() and drain(): a wrong timeout fails at the call, not inside."""
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
         raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if timeout is not None and math.isnan(timeout):  # (it compared as no timeout at all)
+        raise ValueError("timeout must be a number of seconds or None, got nan")
 
 
 def _configure_logging(debug: bool, log_handler: logging.Handler | None) -> None:

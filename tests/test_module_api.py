@@ -154,10 +154,13 @@ def test_the_default_clients_queue(module_settings) -> None:
 
 
 @pytest.mark.parametrize("method", ["flush", "join", "shutdown", "drain"])
-def test_a_wrong_timeout_fails_at_the_call(store_only, method: str) -> None:
+@pytest.mark.parametrize(("timeout", "error"), [("soon", TypeError), (float("nan"), ValueError)])
+def test_a_wrong_timeout_fails_at_the_call(
+    store_only, method: str, timeout: object, error: type[Exception]
+) -> None:
     store_only.track("u", "E")
-    with pytest.raises(TypeError, match="timeout must be a number"):
-        getattr(store_only, method)("soon")
+    with pytest.raises(error, match="timeout must be a number"):
+        getattr(store_only, method)(timeout)  # (nan acted as no timeout at all)
     stats = store_only.stats()
     assert stats is not None and stats.pending == 1  # nothing lost, the client still works
     assert store_only.track("u", "E")[0]

@@ -138,12 +138,25 @@ def drain(
             time.sleep(wait)
     finally:
         if not uploader.running:  # nobody goes on: the lease and the request thread go
-            with uploader.holder.turn():
-                uploader.holder.reclaim()
-                uploader.holder.give_up()
-            uploader.sender.close()
+            _give_back(uploader, deadline)
         counts.report_if_changed()  # (on an interruption too: what got through)
     return counts.result(explain=True)
+
+
+def _give_back(uploader: Uploader, deadline: float | None) -> None:
+    """A drain ends with no thread to go on: rows in flight pending again, the lease given back.
+
+    Unless another thread of ours is sending in a drain of its own (it holds
+    the turn, and gives everything back as its drain ends): never waited for
+    past the deadline.
+    """
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    with uploader.holder.turn(left) as mine:
+        if not mine:
+            return
+        uploader.holder.reclaim()
+        uploader.holder.give_up()
+    uploader.sender.close()
 
 
 _IN_A_CALL = "not sent: called from inside a call on the outbox (a signal handler?)"

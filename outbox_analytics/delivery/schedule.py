@@ -63,8 +63,8 @@ class Schedule:
         """Why sends wait now, when a server asked for it (for a flush that ends meanwhile)."""
         if self.paused_until <= now:
             return None
-        left = self.paused_until - now
-        return f"{self.paused_by} (the server asked to wait: Retry-After, {left:.0f}s left)"
+        left = math.ceil(self.paused_until - now)  # (never "0s left")
+        return f"{self.paused_by} (the server asked to wait: Retry-After, {left}s left)"
 
     def gave_up(self, now: float, upload_interval: float) -> float:
         """A round ran out of retries at `now`: how long the head waits before the next."""

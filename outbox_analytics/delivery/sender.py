@@ -34,9 +34,10 @@ DEFAULT_RETRY_WAIT: tenacity.wait.wait_base = tenacity.wait_exponential(
 
 
 class Interrupted(Exception):
-    """The caller's interruption was set, or its deadline passed before any answer.
+    """The caller's interruption was set, or its deadline passed before retries ran out.
 
-    Not a failure of the batch: its rows go back to pending as they were.
+    Not a failure of the batch: its rows go back to pending as they were
+    (each failed attempt was noted as it came: see `after_failure`).
     """
 
 
@@ -109,10 +110,12 @@ class Sender:
     ) -> None:
         """POST `messages` (a JSON array) until a 2xx; else APIError, RetryableError, Interrupted.
 
-        `deadline` (monotonic) bounds the retries and each request.
-        `before_attempt(number)` runs before each attempt and may return a
-        function to run while that request is on the wire; `after_failure(exc)`
-        runs after each failed attempt that will be retried.
+        RetryableError: the retries ran out. `deadline` (monotonic) bounds the
+        retries and each request: reached first, it is Interrupted, not a
+        failed round. `before_attempt(number)` runs before each attempt and
+        may return a function to run while that request is on the wire;
+        `after_failure(exc)` runs after each failed attempt but the last of a
+        round that runs out.
         """
         stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.max_retries + 1)
         if deadline is not None:
@@ -126,31 +129,32 @@ class Sender:
             before_sleep=lambda state: _after_failure(state, after_failure),
             reraise=True,
         )
-        last_failure: RetryableError | None = None
         self.attempts_made = 0
-        for attempt in retrying:
-            with attempt:
-                if interrupt is not None and interrupt.is_set():
-                    raise Interrupted()
-                if deadline is not None and time.monotonic() >= deadline:
-                    # The cause to report is the last real failure, not the
-                    # deadline; with none, the caller's time ran out before
-                    # the server could answer: no failure to report at all.
-                    raise last_failure or Interrupted()
-                number = attempt.retry_state.attempt_number
-                meanwhile = before_attempt(number)
-                requester = self.requester
-                body = encode_batch(messages, utc_now_iso(), requester.write_key)
-                self.attempts_made = number
-                try:
-                    requester.send(
-                        body, retry_count=number - 1, deadline=deadline, meanwhile=meanwhile
-                    )
-                except CallerDeadline:
-                    raise last_failure or Interrupted() from None
-                except RetryableError as failure:
-                    last_failure = failure
-                    raise
+        try:
+            for attempt in retrying:
+                with attempt:
+                    if interrupt is not None and interrupt.is_set():
+                        raise Interrupted()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise Interrupted()  # (the failures so far were noted)
+                    number = attempt.retry_state.attempt_number
+                    meanwhile = before_attempt(number)
+                    requester = self.requester
+                    body = encode_batch(messages, utc_now_iso(), requester.write_key)
+                    self.attempts_made = number
+                    try:
+                        requester.send(
+                            body, retry_count=number - 1, deadline=deadline, meanwhile=meanwhile
+                        )
+                    except CallerDeadline:
+                        raise Interrupted() from None
+        except RetryableError as failure:
+            if self.attempts_made > self.max_retries:
+                raise  # the retries ran out: a failed round
+            # The caller's time ran out first: a failure noted like any other, no round lost.
+            if after_failure is not None:
+                after_failure(failure)
+            raise Interrupted() from failure
 
     def _wait(self, state: tenacity.RetryCallState, deadline: float | None) -> float:
         """The retry policy's wait, floored by the server's Retry-After (which pauses all)."""

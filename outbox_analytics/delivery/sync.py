@@ -62,9 +62,14 @@ def _wait_until_delivered(
     uploader: Uploader, row_id: int, deadline: float, timeout: float, started: float
 ) -> None:
     pause = 0.002  # polls of the file while another sender works: sleeps, growing to 50 ms
+    tally = uploader.rounds.tally
+    failed_attempts = tally.failed_attempts
     while uploader.outbox.unfinished(row_id):
         left = deadline - time.monotonic()
         if left <= 0:
+            failure = tally.last_attempt_failure
+            if failure is not None and tally.failed_attempts != failed_attempts:
+                raise _for_caller(failure)  # the time ran out while retrying: say why
             raise RetryableError(f"not delivered within {timeout}s; the event stays in the outbox")
         if _send_in_turn(uploader, row_id, deadline):
             pause = 0.002
