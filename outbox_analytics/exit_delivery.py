@@ -207,7 +207,13 @@ def _say_what_is_left(client: Client) -> None:
     if not stats.pending:
         return
     if handoff.handed_off(outbox.path):
-        return  # a sender of ours goes on with them, quietly
+        if stats.head_last_error:  # a server failing: say so, or a cron job never would
+            log.warning(
+                "outbox-analytics: %d event(s) handed to a background sender, though sending"
+                " failed (%s); its warnings go to %s",
+                stats.pending, printable(stats.head_last_error[:300]), outbox.path + ".sender.log",
+            )  # fmt: skip
+        return  # otherwise a sender of ours goes on with them, quietly
     why = stats.head_last_error or f"the exit budget ({EXIT_BUDGET:g}s) ran out"
     log.warning(
         "outbox-analytics: %d event(s) not sent yet stay in %s (%s); the next run sends"

@@ -175,8 +175,11 @@ def test_a_server_that_is_down_ends_the_sender_within_its_lifetime_and_events_st
     tmp_path: Path,
 ) -> None:
     path, mark = tmp_path / "outbox.sqlite3", uuid.uuid4().hex
-    run_cli(path, "http://127.0.0.1:9", 300, mark=mark, lifetime=2)  # nothing listens there
+    _, ran = run_cli(path, "http://127.0.0.1:9", 300, mark=mark, lifetime=2)  # no one listens
     assert senders(mark), "no sender started"
+    # The script still says why, in one line (it said nothing, run after run).
+    (line,) = [line for line in ran.stderr.splitlines() if "handed to a background sender" in line]
+    assert "connection refused" in line and f"{path}.sender.log" in line
     took = wait_for_senders_to_end(mark, timeout=8)  # its lifetime, start and shutdown
     assert took < 6
     assert pending(path) == (300, 0)  # nothing lost, nothing left in flight
