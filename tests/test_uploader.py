@@ -243,6 +243,25 @@ def test_rows_retried_too_long_are_dead_lettered_not_deleted(make_client, receiv
     assert "gave up after" in dead[0].last_error
 
 
+def test_rows_retried_too_long_by_drains_cut_short_are_dead_lettered(
+    make_client, receiver, outbox_file
+) -> None:
+    """A drain whose timeout comes between retries gives no round up: the rows must
+    still expire after max_total_backoff_duration (a cron job's short drains)."""
+    receiver.responder = lambda r: Reply(503)
+    stored(outbox_file, 2)
+    client = make_client(
+        sync_mode=True, max_retries=100, retry_wait=tenacity.wait_fixed(0.05),
+        max_total_backoff_duration=0.3,
+    )  # fmt: skip
+    first = client.drain(timeout=0.2)
+    assert first.pending == 2 and "still being retried" in first.last_error
+    time.sleep(0.3)
+    second = client.drain(timeout=0.2)
+    assert second.dead == 2 and second.pending == 0
+    assert "gave up after" in next(client.outbox.rows("dead")).last_error
+
+
 @pytest.mark.every_python
 def test_sync_mode_delivers_on_the_callers_thread(make_client, receiver) -> None:
     client = make_client(sync_mode=True)

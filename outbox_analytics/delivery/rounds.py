@@ -81,6 +81,7 @@ class _Batch:
         self.attempts = {row.id: 0 for row in rows}  # sends not yet counted in the file
         self.finished: set[int] = set()  # acknowledged, dead or released
         self.released_any = False  # some rows went back to pending
+        self.failure: RetryableError | None = None  # the last failed send of the round
 
     def by_attempts(self, ids: Sequence[int]) -> dict[int, list[int]]:
         """Row ids grouped by how many sends they were part of (one UPDATE per group)."""
@@ -144,7 +145,9 @@ class Rounds:
         try:
             self._fit_body(batch)
             self._deliver(batch, batch.rows)
-        except Interrupted:  # no answer came: the sends cut short were no failures
+        except Interrupted:  # cut short: failed sends were noted, one with no answer is none
+            if batch.failure is not None:
+                self._bury_expired(batch, batch.failure)
             batch.attempts = dict.fromkeys(batch.attempts, 0)
             self._release(batch, None)
         except RetryableError as exc:
@@ -297,7 +300,7 @@ class Rounds:
         round gave up, minutes of retries later.
         """
         self.tally.failed_attempts += 1
-        self.tally.last_attempt_failure = exc
+        self.tally.last_attempt_failure = batch.failure = exc
         ids = [row.id for row in rows]
         try:
             for attempts, same in batch.by_attempts(ids).items():
@@ -352,6 +355,21 @@ class Rounds:
         self.tally.failed_rounds += 1
         self.tally.last_failure = exc
         backoff = self.schedule.gave_up(time.monotonic(), self.upload_interval)
+        self._bury_expired(batch, exc)
+        unfinished = [row for row in batch.rows if row.id not in batch.finished]
+        self._release(batch, exc, backoff)
+        suppressed = self._warn_exhausted.ready()
+        if suppressed is not None:
+            log.warning(
+                "could not deliver %d event(s) after %d attempt(s): %s; they stay in the"
+                " outbox and will be retried (%d more such reports suppressed)",
+                len(unfinished), self.sender.attempts_made, printable(error_text(exc)),
+                suppressed,
+            )  # fmt: skip
+        self._report(exc, unfinished)
+
+    def _bury_expired(self, batch: _Batch, exc: RetryableError) -> None:
+        """Rows retried for max_total_backoff_duration move to the dead-letter state."""
         now = self.clock.now()
         too_old = [
             row
@@ -367,17 +385,6 @@ class Rounds:
                 status=exc.status,
             )
             self._bury(batch, too_old, expired)
-        unfinished = [row for row in batch.rows if row.id not in batch.finished]
-        self._release(batch, exc, backoff)
-        suppressed = self._warn_exhausted.ready()
-        if suppressed is not None:
-            log.warning(
-                "could not deliver %d event(s) after %d attempt(s): %s; they stay in the"
-                " outbox and will be retried (%d more such reports suppressed)",
-                len(unfinished), self.sender.attempts_made, printable(error_text(exc)),
-                suppressed,
-            )  # fmt: skip
-        self._report(exc, unfinished)
 
     def _release(self, batch: _Batch, exc: RetryableError | None, backoff: float = 0.0) -> None:
         """Return every row of the batch not yet finished to pending."""
