@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,12 @@ from pathlib import Path
 import pytest
 
 from outbox_analytics import Client
+
+# Started in the background by a shell without job control (nohup, a CI
+# runner's script), this process ignores SIGINT, and so would every process
+# it starts: the tests that interrupt a child with SIGINT would wait for good.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
