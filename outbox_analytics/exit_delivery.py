@@ -55,7 +55,6 @@ class _ExitState:
         self.forked_child = False  # made by fork(): exit may come through os._exit()
         self.finalizer_pid: int | None = None  # where multiprocessing's finalizer is set
         self.finalizer: Any = None  # that multiprocessing.util.Finalize
-        self.finalizer_set_in: int | None = None  # by this process
         self.exited_in: int | None = None  # the process whose exit delivery ran
         self.outboxes = False  # a client of this process has an outbox (its drops count at exit)
 
@@ -156,11 +155,10 @@ def _set_finalizer() -> None:
     """Exit delivery among multiprocessing's finalizers of this process, unless there already."""
     import multiprocessing.util
 
-    finalizer, mine = _state.finalizer, _state.finalizer_set_in == os.getpid()
-    if finalizer is not None and mine and finalizer.still_active():
+    # (A parent's, still among this process's finalizers, runs the same _at_exit here.)
+    if _state.finalizer is not None and _state.finalizer.still_active():
         return
     _state.finalizer = multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
-    _state.finalizer_set_in = os.getpid()
 
 
 def deliver(client: Client, budget: float) -> None:

@@ -326,21 +326,32 @@ def test_a_salvage_killed_midway_goes_on_without_copying_a_row_twice(tmp_path: P
     assert _leftovers(tmp_path) == []
 
 
-_DROPS_THEN_ROOM = """
+# Both jobs below: events refused while the file may not grow, then room again.
+_REFUSED_THEN_ROOM = """
 import json, resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 from outbox_analytics import Client
+
+def refused_then_room(client, count):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    client.track("u", "First")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
+    refused = 0
+    while refused < count:
+        refused += not client.track("u", "Padded", {"pad": "x" * 200})[0]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    return refused
+"""
+
+_DROPS_THEN_ROOM = (
+    _REFUSED_THEN_ROOM
+    + """
 client = Client("k", outbox_path=sys.argv[1], upload=False)
-client.track("u", "First")
-resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
-refused = 0
-while refused < 20:
-    refused += not client.track("u", "Padded", {"pad": "x" * 200})[0]
-resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+refused_then_room(client, 20)
 print(json.dumps(client.stats().dropped))
 if sys.argv[2] == "shutdown":
     client.shutdown()
 """
+)
 
 
 @pytest.mark.parametrize("ending", ["shutdown", "exit"])
@@ -353,21 +364,15 @@ def test_events_refused_on_a_full_disk_are_counted_in_the_file_at_the_end(
     assert _drops_after(_DROPS_THEN_ROOM, path, ending) == (20, 20)
 
 
-_DROPS_IN_A_POOL_WORKER = """
-import multiprocessing, resource, signal, sys
-from outbox_analytics import Client
+_DROPS_IN_A_POOL_WORKER = (
+    _REFUSED_THEN_ROOM
+    + """
+import multiprocessing
 path = sys.argv[1]
 
 def work(_):
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     client = Client("k", outbox_path=path, upload=False)  # made in the worker
-    client.track("u", "First")
-    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
-    refused = 0
-    while refused < 5:
-        refused += not client.track("u", "Padded", {"pad": "x" * 200})[0]
-    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    return refused
+    return refused_then_room(client, 5)
 
 if __name__ == "__main__":
     pool = multiprocessing.get_context("fork").Pool(1)
@@ -375,6 +380,7 @@ if __name__ == "__main__":
     pool.close()
     pool.join()
 """
+)
 
 
 def test_drops_in_a_fork_pool_worker_are_counted_at_its_exit(tmp_path: Path) -> None:
