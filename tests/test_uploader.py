@@ -597,13 +597,21 @@ def test_the_next_batch_is_claimed_while_one_is_on_the_wire(
     client = None
 
     def slow(request):
-        if client is not None:
-            inflight_during_requests.append(client.stats().inflight)
-        return Reply(delay=0.2)
+        # The next batch is claimed on the uploader's thread while this request
+        # is on its way here: look until it is (or for long enough that it
+        # never will be), not only as the request arrives.
+        deadline = time.monotonic() + 5
+        while client is not None and 200 not in inflight_during_requests:
+            inflight = client.stats().inflight
+            if inflight >= 200 or time.monotonic() > deadline:
+                inflight_during_requests.append(inflight)
+                break
+            time.sleep(0.02)
+        return Reply()
 
     receiver.responder = slow
     client = make_client(upload_size=100)
-    assert client.flush(timeout=20).pending == 0
+    assert client.flush(timeout=30).pending == 0
     assert max(inflight_during_requests) == 200  # this batch and the next
     assert _first_seen_order(receiver) == list(range(250))
 
