@@ -263,6 +263,7 @@ class Requester:
         a byte a second would hold us for good. So the request runs on a
         thread of this requester's, and at the deadline its sockets are shut
         (see wire.py): it fails at once and the thread serves the next one.
+        Time the process spends stopped does not count (_wait_while_running).
         """
         if self.transport is not None:
             if meanwhile is not None:
@@ -281,7 +282,7 @@ class Requester:
         callers = deadline is not None and deadline - time.monotonic() < wait
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - time.monotonic()))
-        if not request.done.wait(wait):
+        if not _wait_while_running(request.done, wait):
             request.call.cut()
             if not request.done.wait(_CUT_GRACE):
                 # Not on a socket (resolving the host name, say): this thread
@@ -429,6 +430,33 @@ class _Poster:
                 request.done.set()
 
 
+def _wait_while_running(done: threading.Event, seconds: float) -> bool:
+    """Wait for `done` for up to `seconds` of the time this process runs; whether it is set.
+
+    A process stopped while a request is on the wire (SIGSTOP, Ctrl-Z, a
+    Lambda frozen between invocations) finds at thaw that the monotonic
+    clock ran on: a plain wait has expired, and cutting the call would throw
+    away an answer that may be in the socket already, and send the batch
+    again. So the wait goes in short steps, and a step that overran by far
+    (the process was stopped) counts for nothing: the request then gets the
+    rest of its time, and reads what came meanwhile.
+    """
+    left = seconds
+    while left > 0:
+        step = min(left, _WAIT_STEP)
+        started = time.monotonic()
+        if done.wait(step):
+            return True
+        took = time.monotonic() - started
+        if took < step + _STOPPED_FOR:
+            left -= took
+    return done.is_set()
+
+
+# A step of a wait; one that overran by this much means the process was
+# stopped (a loaded machine wakes a thread late by milliseconds, not this).
+_WAIT_STEP = 1.0
+_STOPPED_FOR = 0.5
 _posters: weakref.WeakSet[_Poster] = weakref.WeakSet()
 _STAND_DOWN_WAIT = 0.05
 # How long a request whose sockets were shut at the deadline has to end.

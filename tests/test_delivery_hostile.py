@@ -3,12 +3,14 @@
 Redirects (never followed: nothing reaches another host, nothing is deleted),
 a server that trickles its answer, hostile rate-limit headers, rows stored
 while the clock was ahead, callbacks that raise SystemExit, threads racing a
-client's first call, and the OAuth token request's own proxies.
+client's first call, the OAuth token request's own proxies, and a process
+stopped while its request is on the wire.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import random
 import signal
@@ -450,3 +452,46 @@ def test_a_sync_call_keeps_its_timeout_against_a_trickling_server(
         client.track("u", "Trickled")
     assert time.monotonic() - started < 0.7  # not timeout plus the request thread's grace
     client.shutdown(timeout=1)
+
+
+STOPPED_MID_REQUEST = """
+import json, sys
+from outbox_analytics import Client
+
+client = Client("test-write-key", host=sys.argv[1], outbox_path=sys.argv[2], timeout=1.0)
+for n in range(5):
+    client.track("u", "Frozen", {"n": n})
+result = client.flush(timeout=30)
+print(json.dumps({"sent": result.sent, "pending": result.pending, "error": result.last_error}))
+client.shutdown()
+"""
+
+
+def test_a_process_stopped_mid_request_reads_the_answer_that_came_meanwhile(
+    receiver, tmp_path: Path
+) -> None:
+    # A Lambda frozen between invocations, or a job stopped with Ctrl-Z: the
+    # server answers while the process is stopped, for longer than `timeout`.
+    # At thaw, the answer in the socket acknowledges the batch: cutting the
+    # call as too slow sent the same events again, thaw after thaw.
+    child = None
+    stopped = threading.Event()
+
+    def stop_the_sender(request):
+        if not stopped.is_set():
+            child.send_signal(signal.SIGSTOP)
+            stopped.set()
+        return Reply()  # at once, into the stopped process's socket
+
+    receiver.responder = stop_the_sender
+    child = start_python(STOPPED_MID_REQUEST, receiver.url, str(tmp_path / "outbox.sqlite3"))
+    try:
+        assert stopped.wait(30)
+        time.sleep(2.5)  # stopped for longer than timeout (1 s) and its grace
+    finally:
+        child.send_signal(signal.SIGCONT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert json.loads(out) == {"sent": 5, "pending": 0, "error": None}
+    assert len(receiver.requests) == 1  # sent once
+    assert sorted(m["properties"]["n"] for m in receiver.accepted()) == list(range(5))
