@@ -51,6 +51,7 @@ from .errors import (
 from .messages import MESSAGE_TYPES
 from .metrics import prometheus_text
 from .store import Outbox, OutboxStats, Row, maintenance
+from .store.lease import describe_holder
 from .utils import printable
 from .version import VERSION
 
@@ -346,6 +347,12 @@ def _exceeded(args: argparse.Namespace, stats: OutboxStats) -> list[str]:
     return found
 
 
+def _uploader(stats: OutboxStats) -> str:
+    if not stats.uploader_alive:
+        return "no"
+    return f"yes ({describe_holder(stats.uploader_pid, stats.uploader_host)})"
+
+
 def _status_table(stats: OutboxStats) -> str:
     age = stats.oldest_pending_age_s
     lines = [
@@ -356,7 +363,7 @@ def _status_table(stats: OutboxStats) -> str:
         ("dead", stats.dead),
         ("dropped", stats.dropped),
         ("oldest pending", "-" if age is None else f"{age:.1f}s ago"),
-        ("uploader alive", "yes" if stats.uploader_alive else "no"),
+        ("uploader alive", _uploader(stats)),
     ]
     if stats.wal_pinned_since is not None:
         held = f"{max(0.0, time.time() - stats.wal_pinned_since):.0f}s"

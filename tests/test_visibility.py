@@ -255,3 +255,51 @@ def test_a_sigterm_mid_request_leaves_views_that_agree_and_check_passes(
     cli.main(["export", str(outbox_file), "--state", "pending"])
     exported = len(capsys.readouterr().out.splitlines())
     assert pending == listed == exported == 300
+
+
+LEASE_HOLDING_JOB = """
+import sys, time
+from outbox_analytics import Client
+client = Client("test-write-key", host=sys.argv[1], outbox_path=sys.argv[2])
+client.track("user", "First")
+assert client.flush(timeout=20).pending == 0  # the uploader holds the lease from here on
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stopped: seen in /proc")
+def test_a_stopped_lease_holder_is_named_by_flush_and_status(
+    receiver, outbox_file: Path, make_client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A job stopped with Ctrl-Z (or a frozen Lambda sharing a file) keeps the
+    # lease: the others' events wait for it. "Another process is sending
+    # them" sent an operator looking for a slow server.
+    import signal
+
+    holder = start_python(LEASE_HOLDING_JOB, receiver.url, str(outbox_file))
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        client = make_client(outbox_path=str(outbox_file))
+        assert (client.stats().uploader_alive, client.stats().uploader_pid) == (True, holder.pid)
+        cli.main(["status", str(outbox_file)])
+        assert f"uploader alive   yes (pid {holder.pid})\n" in capsys.readouterr().out
+
+        holder.send_signal(signal.SIGSTOP)
+        client.track("user", "Waiting")
+        result = client.flush(timeout=0.5)
+        assert result.pending == 1
+        assert result.last_error == (
+            f"another process (pid {holder.pid}, stopped) holds the upload lease:"
+            f" they are sent once it runs again (kill -CONT {holder.pid}) or exits"
+        )
+        cli.main(["status", str(outbox_file)])
+        assert f"uploader alive   yes (pid {holder.pid}, stopped)\n" in capsys.readouterr().out
+
+        holder.send_signal(signal.SIGCONT)  # it runs again, and sends them
+        assert client.flush(timeout=20).pending == 0
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.communicate(timeout=30)
+    assert [m["event"] for m in receiver.accepted()] == ["First", "Waiting"]

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING
 
 from .. import process, servers
 from ..errors import OutboxDamaged, RetryableError
+from ..store.lease import describe_holder, holder_stopped
 from .schedule import stored_wait
 
 if TYPE_CHECKING:
+    from ..store import OutboxStats
     from .uploader import Uploader
 
 __all__ = ["STOPPED", "TIMED_OUT", "FlushResult", "drain", "flush", "other_gave_up"]
@@ -217,10 +219,21 @@ class _Counts:
             return STOPPED
         stats = self.uploader.outbox.stats()
         if stats.uploader_alive and not self.uploader.holder.holds:
-            return "another process holds the upload lease and is sending them"
+            return _another_holder(stats)
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return TIMED_OUT  # this call's time ran out: an earlier run's error would mislead
         return stats.head_last_error or TIMED_OUT
+
+
+def _another_holder(stats: OutboxStats) -> str:
+    """Rows another process is to send: which one, and whether it can (a stopped one cannot)."""
+    who = describe_holder(stats.uploader_pid, stats.uploader_host)
+    if holder_stopped(stats.uploader_pid, stats.uploader_host):
+        return (
+            f"another process ({who}) holds the upload lease: they are sent once it runs again"
+            f" (kill -CONT {stats.uploader_pid}) or exits"
+        )
+    return f"another process ({who}) holds the upload lease and is sending them"
 
 
 def _in_words(failure: RetryableError) -> str:

@@ -41,6 +41,8 @@ import contextlib
 import errno
 import logging
 import os
+import socket
+import sqlite3
 import struct
 import sys
 import threading
@@ -62,10 +64,13 @@ except ImportError:  # pragma: no cover - Windows: one process per file
 __all__ = [
     "LEASE_LOCK_ENV",
     "UploadLease",
+    "describe_holder",
+    "holder_stopped",
     "lease_held_here",
     "lease_is_free",
     "mark_writer",
     "other_writers",
+    "read_holder",
     "try_lease",
     "unmark_writer",
 ]
@@ -293,6 +298,20 @@ class UploadLease:
             self._db.write(lambda conn: schema.make_pending(conn, INFLIGHT_WHERE), "reclaim rows")
         )
 
+    def take_over(self) -> int:
+        """Just taken: reclaim, and note who holds the lease now, in one transaction.
+
+        The lock itself does not say who holds it (an open-file lock has no
+        pid), and "another process is sending them" is not enough for an
+        operator whose events wait on a process that was stopped.
+        """
+
+        def work(conn: sqlite3.Connection) -> int:
+            schema.write_meta(conn, _HOLDER_KEY, f"{self._pid} {socket.gethostname()}")
+            return schema.make_pending(conn, INFLIGHT_WHERE)
+
+        return int(self._db.write(work, "take the upload lease"))
+
     def find_stranded(self) -> int | None:
         """Make claims reach pending rows below the claim cursor; the first such row, or None.
 
@@ -350,11 +369,53 @@ def try_lease(db: Database) -> UploadLease | None:
         lease = UploadLease(db, *taken)
         _held[db.identity] = lease
     try:
-        lease.reclaim()
+        lease.take_over()
     except BaseException:
         lease.close()
         raise
     return lease
+
+
+# Who took the lease last: "<pid> <host name>" (see UploadLease.take_over).
+_HOLDER_KEY = "lease_holder"
+
+
+def read_holder(conn: sqlite3.Connection) -> tuple[int | None, str | None]:
+    """The pid and host of the process that took the lease last (meaningful while it is held)."""
+    pid, _, host = str(schema.read_meta(conn, _HOLDER_KEY) or "").partition(" ")
+    return (int(pid), host or None) if pid.isdigit() else (None, None)
+
+
+def describe_holder(pid: int | None, host: str | None) -> str:
+    """The lease holder for people: "pid 1234", "pid 1234, stopped", "pid 1234 on db-2"."""
+    if pid is None:
+        return "a process of an older release"
+    if not _on_this_host(host):
+        return f"pid {pid} on {host}"
+    return f"pid {pid}, stopped" if _is_stopped(pid) else f"pid {pid}"
+
+
+def holder_stopped(pid: int | None, host: str | None) -> bool:
+    """Whether the lease holder is stopped (SIGSTOP, Ctrl-Z, a debugger): seen on Linux only.
+
+    Such a holder keeps the lease (its lock lives as long as it does) and
+    sends nothing until it runs again.
+    """
+    return pid is not None and _on_this_host(host) and _is_stopped(pid)
+
+
+def _on_this_host(host: str | None) -> bool:
+    return not host or host == socket.gethostname()
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The state follows "(name)", and a name may hold spaces and parentheses.
+            fields = stat.read().rpartition(b")")[2].split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] in (b"T", b"t")
 
 
 def lease_held_here(db: Database) -> bool:

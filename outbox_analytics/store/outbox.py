@@ -43,6 +43,7 @@ from .lease import (
     lease_is_free,
     mark_writer,
     other_writers,
+    read_holder,
     try_lease,
     unmark_writer,
 )
@@ -706,10 +707,11 @@ class Outbox:
             ).fetchall()
             dropped = schema.read_meta(conn, "dropped")
             pinned_since = schema.read_meta(conn, _WAL_PINNED_KEY)
-            return pending, taken, min(heads, default=None), dropped, pinned_since
+            holder = read_holder(conn) if alive else (None, None)
+            return pending, taken, min(heads, default=None), dropped, pinned_since, holder
 
         with self._db.memory_mapped():
-            pending, taken, head, dropped, pinned_since = self._db.snapshot(read)
+            pending, taken, head, dropped, pinned_since, holder = self._db.snapshot(read)
         log_bytes = wal_bytes(self.path)
         if log_bytes <= connection.WAL_LIMIT_BYTES:
             pinned_since = None  # (a note left by a writer that stopped since: the log is back)
@@ -725,6 +727,8 @@ class Outbox:
             file_bytes=file_bytes(self.path),
             path=self.path,
             uploader_alive=alive,
+            uploader_pid=holder[0],
+            uploader_host=holder[1],
             head_attempts=head[2] or 0 if head else 0,
             head_last_status=head[3] if head else None,
             head_last_error=head[4] if head else None,

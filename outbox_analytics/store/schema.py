@@ -275,6 +275,10 @@ class OutboxStats:
     # The write-ahead log's part of `file_bytes` (up to about 20 MB, emptied
     # when copied back), so the database itself can be told from it.
     wal_bytes: int = 0
+    # While a process holds the upload lease: its pid and host name (None if
+    # an older release took it).
+    uploader_pid: int | None = None
+    uploader_host: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
