@@ -303,3 +303,34 @@ def test_a_stopped_lease_holder_is_named_by_flush_and_status(
         holder.kill()
         holder.communicate(timeout=30)
     assert [m["event"] for m in receiver.accepted()] == ["First", "Waiting"]
+
+
+def test_a_holder_note_is_believed_only_while_its_process_lives(outbox_file: Path) -> None:
+    # A taker that could not note itself (a full disk) leaves the last note
+    # in place: a gone process of this host is never named as the holder.
+    import socket
+    import sqlite3
+
+    from outbox_analytics import Client
+    from outbox_analytics.store.lease import read_holder
+
+    Client("k", outbox_path=str(outbox_file), upload=False).shutdown()  # an outbox file
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    here, elsewhere = socket.gethostname(), "not-" + socket.gethostname()
+    conn = sqlite3.connect(outbox_file)
+    try:
+        for note, expected in [
+            (f"{os.getpid()} {here}", (os.getpid(), here)),
+            (f"{gone.stdout.strip()} {here}", (None, None)),
+            (f"{gone.stdout.strip()} {elsewhere}", (int(gone.stdout), elsewhere)),  # unknowable
+            ("garbage", (None, None)),
+        ]:
+            conn.execute("INSERT OR REPLACE INTO outbox_meta VALUES ('lease_holder', ?)", (note,))
+            assert read_holder(conn) == expected, note
+    finally:
+        conn.close()

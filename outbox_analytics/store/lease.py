@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .. import process
-from ..errors import OutboxError, OutboxUnavailable
+from ..errors import OutboxBusy, OutboxError, OutboxUnavailable
 from . import schema
 from .connection import FLOCK_FORMAT, Database, Identity, file_handle, file_identity, flock_request
 from .schema import DEAD, INFLIGHT, INFLIGHT_WHERE, ROW_COLUMNS, TABLE, Claimed
@@ -298,19 +298,26 @@ class UploadLease:
             self._db.write(lambda conn: schema.make_pending(conn, INFLIGHT_WHERE), "reclaim rows")
         )
 
-    def take_over(self) -> int:
-        """Just taken: reclaim, and note who holds the lease now, in one transaction.
+    def note_holder(self) -> None:
+        """Just taken: note who holds the lease, for `status` and flush messages (best effort).
 
         The lock itself does not say who holds it (an open-file lock has no
         pid), and "another process is sending them" is not enough for an
-        operator whose events wait on a process that was stopped.
+        operator whose events wait on a process that was stopped. Written
+        only when it changes, and never at the cost of the lease: on a full
+        disk the note fails and the lease is held all the same.
         """
-
-        def work(conn: sqlite3.Connection) -> int:
-            schema.write_meta(conn, _HOLDER_KEY, f"{self._pid} {socket.gethostname()}")
-            return schema.make_pending(conn, INFLIGHT_WHERE)
-
-        return int(self._db.write(work, "take the upload lease"))
+        holder = f"{self._pid} {socket.gethostname()}"
+        try:
+            if self._db.read(lambda conn: schema.read_meta(conn, _HOLDER_KEY)) == holder:
+                return
+            self._db.write(
+                lambda conn: schema.write_meta(conn, _HOLDER_KEY, holder),
+                "note the upload lease's holder",
+                wait=_NOTE_WAIT,
+            )
+        except (OutboxBusy, OutboxUnavailable) as exc:
+            log.debug("could not note who holds the upload lease: %s", exc)
 
     def find_stranded(self) -> int | None:
         """Make claims reach pending rows below the claim cursor; the first such row, or None.
@@ -369,27 +376,45 @@ def try_lease(db: Database) -> UploadLease | None:
         lease = UploadLease(db, *taken)
         _held[db.identity] = lease
     try:
-        lease.take_over()
+        lease.reclaim()
     except BaseException:
         lease.close()
         raise
+    lease.note_holder()
     return lease
 
 
-# Who took the lease last: "<pid> <host name>" (see UploadLease.take_over).
+# Who took the lease last: "<pid> <host name>" (see UploadLease.note_holder).
 _HOLDER_KEY = "lease_holder"
+_NOTE_WAIT = 1.0  # seconds: another program's write lock does not hold up the uploader for long
 
 
 def read_holder(conn: sqlite3.Connection) -> tuple[int | None, str | None]:
-    """The pid and host of the process that took the lease last (meaningful while it is held)."""
+    """The pid and host of the process that took the lease last (meaningful while it is held).
+
+    (None, None) if not known: no note (an older release took it), or the
+    note of a holder of this host that is gone (its taker could not write).
+    """
     pid, _, host = str(schema.read_meta(conn, _HOLDER_KEY) or "").partition(" ")
-    return (int(pid), host or None) if pid.isdigit() else (None, None)
+    if not pid.isdigit() or (_on_this_host(host) and not _alive(int(pid))):
+        return None, None
+    return int(pid), host or None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
 
 
 def describe_holder(pid: int | None, host: str | None) -> str:
     """The lease holder for people: "pid 1234", "pid 1234, stopped", "pid 1234 on db-2"."""
     if pid is None:
-        return "a process of an older release"
+        return "a process whose pid is not known"
     if not _on_this_host(host):
         return f"pid {pid} on {host}"
     return f"pid {pid}, stopped" if _is_stopped(pid) else f"pid {pid}"

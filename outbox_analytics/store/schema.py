@@ -276,7 +276,7 @@ class OutboxStats:
     # when copied back), so the database itself can be told from it.
     wal_bytes: int = 0
     # While a process holds the upload lease: its pid and host name (None if
-    # an older release took it).
+    # not known: an older release took it, or could not note itself).
     uploader_pid: int | None = None
     uploader_host: str | None = None
 
