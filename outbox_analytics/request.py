@@ -437,24 +437,27 @@ def _wait_while_running(done: threading.Event, seconds: float) -> bool:
     Lambda frozen between invocations) finds at thaw that the monotonic
     clock ran on: a plain wait has expired, and cutting the call would throw
     away an answer that may be in the socket already, and send the batch
-    again. So the wait goes in short steps, and a step that overran by far
-    (the process was stopped) counts for nothing: the request then gets the
-    rest of its time, and reads what came meanwhile.
+    again. So the wait goes in short steps, and a step that came back late by
+    far while the process hardly used the CPU (it was stopped) counts for
+    nothing: the request gets the rest of its time, and reads what came.
+    A step late because the process was busy (a thread or a gevent greenlet
+    holding the CPU) counts: the server had that time.
     """
     left = seconds
     while left > 0:
         step = min(left, _WAIT_STEP)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         if done.wait(step):
             return True
-        took = time.monotonic() - started
-        if took < step + _STOPPED_FOR:
-            left -= took
+        late = time.monotonic() - started - step
+        stopped = late >= _STOPPED_FOR and time.process_time() - cpu_started < late / 2
+        if not stopped:
+            left -= step + max(0.0, late)
     return done.is_set()
 
 
-# A step of a wait; one that overran by this much means the process was
-# stopped (a loaded machine wakes a thread late by milliseconds, not this).
+# A step of a wait; one back this much late (and the process idle) means the
+# process was stopped: a loaded machine wakes a thread late by milliseconds.
 _WAIT_STEP = 1.0
 _STOPPED_FOR = 0.5
 _posters: weakref.WeakSet[_Poster] = weakref.WeakSet()

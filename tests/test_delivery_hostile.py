@@ -495,3 +495,47 @@ def test_a_process_stopped_mid_request_reads_the_answer_that_came_meanwhile(
     assert json.loads(out) == {"sent": 5, "pending": 0, "error": None}
     assert len(receiver.requests) == 1  # sent once
     assert sorted(m["properties"]["n"] for m in receiver.accepted()) == list(range(5))
+
+
+BUSY_UNDER_GEVENT = """
+from gevent import monkey
+monkey.patch_all()
+
+import json, sys, time
+import gevent
+from outbox_analytics import Client, RetryableError
+
+def hog():  # holds the CPU 1.5 s at a time: every step of a wait comes back late
+    while True:
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            pass
+        gevent.sleep(0.01)
+
+gevent.spawn(hog)
+gevent.sleep(0.1)
+client = Client("k", host=sys.argv[1], outbox_path=sys.argv[2], sync_mode=True, timeout=1.0,
+                max_retries=0)
+started = time.monotonic()
+try:
+    client.track("u", "Busy")
+except RetryableError:
+    pass
+print(json.dumps({"took": time.monotonic() - started}), flush=True)
+"""
+
+
+def test_a_busy_process_is_not_taken_for_a_stopped_one(
+    trickling_server: str, tmp_path: Path
+) -> None:
+    # Under gevent, a greenlet holding the CPU makes each step of a wait come
+    # back late, as a stopped process does; but the process ran, so the time
+    # counts: the request still ends after about `timeout`, not when the hog stops.
+    pytest.importorskip("gevent")
+    child = start_python(BUSY_UNDER_GEVENT, trickling_server, str(tmp_path / "outbox.sqlite3"))
+    try:
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert json.loads(out)["took"] < 10  # timeout plus a burst or two; never the hog's whole life
