@@ -350,7 +350,7 @@ def _exceeded(args: argparse.Namespace, stats: OutboxStats) -> list[str]:
 def _uploader(stats: OutboxStats) -> str:
     if not stats.uploader_alive:
         return "no"
-    return f"yes ({describe_holder(stats.uploader_pid, stats.uploader_host)})"
+    return f"yes ({describe_holder(stats)})"
 
 
 def _status_table(stats: OutboxStats) -> str:

@@ -194,13 +194,13 @@ def test_the_exit_flush_waits_for_a_lease_taken_but_not_yet_in_hand(
     for n in range(20):
         stored.track("u", "Before exit", {"n": n})
     stored.shutdown()
-    reclaim, go_on = UploadLease.reclaim, threading.Event()
+    take_over, go_on = UploadLease.take_over, threading.Event()
 
-    def slow_reclaim(lease: UploadLease) -> int:  # (a busy file makes it this slow)
+    def slow_take_over(lease: UploadLease) -> int:  # (a busy file makes it this slow)
         go_on.wait(10)
-        return reclaim(lease)
+        return take_over(lease)
 
-    monkeypatch.setattr(UploadLease, "reclaim", slow_reclaim)
+    monkeypatch.setattr(UploadLease, "take_over", slow_take_over)
     client = Client("k", host=receiver.url, outbox_path=str(outbox_file))
     assert client.uploader is not None and client.outbox is not None
     deadline = time.monotonic() + 5

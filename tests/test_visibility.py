@@ -281,7 +281,12 @@ def test_a_stopped_lease_holder_is_named_by_flush_and_status(
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
         client = make_client(outbox_path=str(outbox_file))
-        assert (client.stats().uploader_alive, client.stats().uploader_pid) == (True, holder.pid)
+        stats = client.stats()
+        assert (stats.uploader_alive, stats.uploader_pid, stats.uploader_stopped) == (
+            True,
+            holder.pid,
+            False,
+        )
         cli.main(["status", str(outbox_file)])
         assert f"uploader alive   yes (pid {holder.pid})\n" in capsys.readouterr().out
 
@@ -295,6 +300,9 @@ def test_a_stopped_lease_holder_is_named_by_flush_and_status(
         )
         cli.main(["status", str(outbox_file)])
         assert f"uploader alive   yes (pid {holder.pid}, stopped)\n" in capsys.readouterr().out
+        cli.main(["status", "--json", str(outbox_file)])
+        seen = json.loads(capsys.readouterr().out)
+        assert (seen["uploader_pid"], seen["uploader_stopped"]) == (holder.pid, True)
 
         holder.send_signal(signal.SIGCONT)  # it runs again, and sends them
         assert client.flush(timeout=20).pending == 0

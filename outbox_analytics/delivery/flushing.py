@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .. import process, servers
 from ..errors import OutboxDamaged, RetryableError
-from ..store.lease import describe_holder, holder_stopped
+from ..store.lease import describe_holder
 from .schedule import stored_wait
 
 if TYPE_CHECKING:
@@ -227,8 +227,8 @@ class _Counts:
 
 def _another_holder(stats: OutboxStats) -> str:
     """Rows another process is to send: which one, and whether it can (a stopped one cannot)."""
-    who = describe_holder(stats.uploader_pid, stats.uploader_host)
-    if holder_stopped(stats.uploader_pid, stats.uploader_host):
+    who = describe_holder(stats)
+    if stats.uploader_stopped:
         return (
             f"another process ({who}) holds the upload lease: they are sent once it runs again"
             f" (kill -CONT {stats.uploader_pid}) or exits"

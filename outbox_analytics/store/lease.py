@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .. import process
-from ..errors import OutboxBusy, OutboxError, OutboxUnavailable
+from ..errors import OutboxError, OutboxUnavailable
 from . import schema
 from .connection import FLOCK_FORMAT, Database, Identity, file_handle, file_identity, flock_request
 from .schema import DEAD, INFLIGHT, INFLIGHT_WHERE, ROW_COLUMNS, TABLE, Claimed
@@ -298,26 +298,27 @@ class UploadLease:
             self._db.write(lambda conn: schema.make_pending(conn, INFLIGHT_WHERE), "reclaim rows")
         )
 
-    def note_holder(self) -> None:
-        """Just taken: note who holds the lease, for `status` and flush messages (best effort).
+    def take_over(self) -> int:
+        """Just taken: reclaim, and note who holds the lease now, in the same transaction.
 
         The lock itself does not say who holds it (an open-file lock has no
         pid), and "another process is sending them" is not enough for an
-        operator whose events wait on a process that was stopped. Written
-        only when it changes, and never at the cost of the lease: on a full
-        disk the note fails and the lease is held all the same.
+        operator whose events wait on a process that was stopped. On a full
+        disk the note gives way (a reclaim with nothing to reclaim needs no
+        room): the lease is held all the same.
         """
         holder = f"{self._pid} {socket.gethostname()}"
+
+        def work(conn: sqlite3.Connection) -> int:
+            if schema.read_meta(conn, _HOLDER_KEY) != holder:
+                schema.write_meta(conn, _HOLDER_KEY, holder)
+            return schema.make_pending(conn, INFLIGHT_WHERE)
+
         try:
-            if self._db.read(lambda conn: schema.read_meta(conn, _HOLDER_KEY)) == holder:
-                return
-            self._db.write(
-                lambda conn: schema.write_meta(conn, _HOLDER_KEY, holder),
-                "note the upload lease's holder",
-                wait=_NOTE_WAIT,
-            )
-        except (OutboxBusy, OutboxUnavailable) as exc:
+            return int(self._db.write(work, "take the upload lease"))
+        except OutboxUnavailable as exc:
             log.debug("could not note who holds the upload lease: %s", exc)
+            return self.reclaim()
 
     def find_stranded(self) -> int | None:
         """Make claims reach pending rows below the claim cursor; the first such row, or None.
@@ -376,17 +377,15 @@ def try_lease(db: Database) -> UploadLease | None:
         lease = UploadLease(db, *taken)
         _held[db.identity] = lease
     try:
-        lease.reclaim()
+        lease.take_over()
     except BaseException:
         lease.close()
         raise
-    lease.note_holder()
     return lease
 
 
-# Who took the lease last: "<pid> <host name>" (see UploadLease.note_holder).
+# Who took the lease last: "<pid> <host name>" (see UploadLease.take_over).
 _HOLDER_KEY = "lease_holder"
-_NOTE_WAIT = 1.0  # seconds: another program's write lock does not hold up the uploader for long
 
 
 def read_holder(conn: sqlite3.Connection) -> tuple[int | None, str | None]:
@@ -411,13 +410,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def describe_holder(pid: int | None, host: str | None) -> str:
+def describe_holder(stats: schema.OutboxStats) -> str:
     """The lease holder for people: "pid 1234", "pid 1234, stopped", "pid 1234 on db-2"."""
+    pid, host = stats.uploader_pid, stats.uploader_host
     if pid is None:
         return "a process whose pid is not known"
     if not _on_this_host(host):
         return f"pid {pid} on {host}"
-    return f"pid {pid}, stopped" if _is_stopped(pid) else f"pid {pid}"
+    return f"pid {pid}, stopped" if stats.uploader_stopped else f"pid {pid}"
 
 
 def holder_stopped(pid: int | None, host: str | None) -> bool:

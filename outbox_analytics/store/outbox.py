@@ -39,6 +39,7 @@ from .files import create_outbox_file
 from .group_commit import GroupCommit
 from .lease import (
     UploadLease,
+    holder_stopped,
     lease_held_here,
     lease_is_free,
     mark_writer,
@@ -729,6 +730,7 @@ class Outbox:
             uploader_alive=alive,
             uploader_pid=holder[0],
             uploader_host=holder[1],
+            uploader_stopped=holder_stopped(*holder),
             head_attempts=head[2] or 0 if head else 0,
             head_last_status=head[3] if head else None,
             head_last_error=head[4] if head else None,

@@ -279,6 +279,9 @@ class OutboxStats:
     # not known: an older release took it, or could not note itself).
     uploader_pid: int | None = None
     uploader_host: str | None = None
+    # Whether that process is stopped (Ctrl-Z, SIGSTOP): it keeps the lease
+    # and sends nothing until it runs again. Seen on Linux only.
+    uploader_stopped: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
