@@ -218,6 +218,43 @@ def test_on_error_raising_never_stops_the_uploader(make_client, receiver) -> Non
     assert client.uploader.running
 
 
+@pytest.mark.parametrize("answer", [400, 503])  # moved to the dead-letter state; retries ran out
+def test_on_error_has_been_called_when_the_flush_that_saw_the_failure_returns(
+    make_client, receiver, answer: int
+) -> None:
+    # As with Segment's flush (it waits for the queue, and on_error runs
+    # first): code that flushes then looks at what on_error collected must
+    # find it there. A slow callback made the flush return before it.
+    reported: list[int] = []
+
+    def slow_on_error(exc, batch):
+        time.sleep(0.5)
+        reported.append(len(batch))
+
+    receiver.responder = lambda request: Reply(answer)
+    client = make_client(on_error=slow_on_error, max_retries=0)
+    track_numbered(client, 1)
+    result = client.flush(timeout=10)
+    assert (result.dead, result.pending) == ((1, 0) if answer == 400 else (0, 1))
+    assert reported == [1]
+
+
+def test_a_slow_on_error_does_not_hold_a_flush_past_its_timeout(make_client, receiver) -> None:
+    called = threading.Event()
+
+    def slower_on_error(exc, batch):
+        called.set()
+        time.sleep(3)
+
+    receiver.responder = lambda request: Reply(400)
+    client = make_client(on_error=slower_on_error, max_retries=0)
+    track_numbered(client, 1)
+    started = time.monotonic()
+    client.flush(timeout=1)
+    assert called.is_set()  # the failure came within the flush's time ...
+    assert time.monotonic() - started < 2.5  # ... and its callback did not hold it to 3 s
+
+
 def test_pending_rows_of_an_earlier_run_go_first(make_client, receiver, outbox_file) -> None:
     from outbox_analytics import Client
 

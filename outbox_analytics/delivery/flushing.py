@@ -82,7 +82,19 @@ def flush(uploader: Uploader, timeout: float | None = None) -> FlushResult:
             _wait_for_progress_past(
                 uploader, mark, started, 0.05 if left is None else min(0.05, left)
             )
+    _wait_for_reports(uploader, deadline)
     return counts.result(explain=True)
+
+
+def _wait_for_reports(uploader: Uploader, deadline: float | None) -> None:
+    """Until a failure the file shows was reported to on_error, within the flush's time.
+
+    Code that flushes, then looks at what its on_error collected, finds it
+    there (a slow callback made the flush return first).
+    """
+    wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+    if uploader.rounds.reporting.acquire(timeout=wait):
+        uploader.rounds.reporting.release()
 
 
 def _wait_for_progress_past(uploader: Uploader, mark: int, started: float, seconds: float) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -118,6 +119,10 @@ class Rounds:
         self.tally = Tally()
         self._warn_exhausted = RateLimitedLog()
         self._warn_dead = RateLimitedLog()
+        # Held from a failure's write to the file until on_error has been
+        # called: a flush that saw the failure in the file waits for it (see
+        # flushing.wait_for_reports), as Segment's flush waits for its queue.
+        self.reporting = threading.RLock()
 
     def run(
         self,
@@ -330,43 +335,45 @@ class Rounds:
 
     def _bury(self, batch: _Batch, rows: Sequence[Claimed], exc: DeliveryError) -> None:
         ids = [row.id for row in rows]
-        for attempts, same in batch.by_attempts(ids).items():
-            batch.lease.dead_letter(
-                same,
-                attempts=attempts,
-                status=exc.status,
-                error=error_text(exc),
-                first_attempt_at=batch.claimed_at,
-            )
-        batch.finished.update(ids)
-        self.tally.dead += len(ids)
-        suppressed = self._warn_dead.ready()
-        if suppressed is not None:
-            log.error(
-                "%d event(s) rejected and moved to the dead-letter state: %s"
-                " (%d more since the last report)",
-                len(ids), printable(error_text(exc)), suppressed,
-                extra={DEAD_LETTERED: len(ids)},
-            )  # fmt: skip
-        self._report(exc, rows)
+        with self.reporting:
+            for attempts, same in batch.by_attempts(ids).items():
+                batch.lease.dead_letter(
+                    same,
+                    attempts=attempts,
+                    status=exc.status,
+                    error=error_text(exc),
+                    first_attempt_at=batch.claimed_at,
+                )
+            batch.finished.update(ids)
+            self.tally.dead += len(ids)
+            suppressed = self._warn_dead.ready()
+            if suppressed is not None:
+                log.error(
+                    "%d event(s) rejected and moved to the dead-letter state: %s"
+                    " (%d more since the last report)",
+                    len(ids), printable(error_text(exc)), suppressed,
+                    extra={DEAD_LETTERED: len(ids)},
+                )  # fmt: skip
+            self._report(exc, rows)
 
     def _give_up_for_now(self, batch: _Batch, exc: RetryableError) -> None:
         """Retries ran out: put the rows back, in place, and make the head wait."""
-        self.tally.failed_rounds += 1
-        self.tally.last_failure = exc
-        backoff = self.schedule.gave_up(time.monotonic(), self.upload_interval)
-        self._bury_expired(batch, exc)
-        unfinished = [row for row in batch.rows if row.id not in batch.finished]
-        self._release(batch, exc, backoff)
-        suppressed = self._warn_exhausted.ready()
-        if suppressed is not None:
-            log.warning(
-                "could not deliver %d event(s) after %d attempt(s): %s; they stay in the"
-                " outbox and will be retried (%d more such reports suppressed)",
-                len(unfinished), self.sender.attempts_made, printable(error_text(exc)),
-                suppressed,
-            )  # fmt: skip
-        self._report(exc, unfinished)
+        with self.reporting:
+            self.tally.failed_rounds += 1
+            self.tally.last_failure = exc
+            backoff = self.schedule.gave_up(time.monotonic(), self.upload_interval)
+            self._bury_expired(batch, exc)
+            unfinished = [row for row in batch.rows if row.id not in batch.finished]
+            self._release(batch, exc, backoff)
+            suppressed = self._warn_exhausted.ready()
+            if suppressed is not None:
+                log.warning(
+                    "could not deliver %d event(s) after %d attempt(s): %s; they stay in the"
+                    " outbox and will be retried (%d more such reports suppressed)",
+                    len(unfinished), self.sender.attempts_made, printable(error_text(exc)),
+                    suppressed,
+                )  # fmt: skip
+            self._report(exc, unfinished)
 
     def _bury_expired(self, batch: _Batch, exc: RetryableError) -> None:
         """Rows retried for max_total_backoff_duration move to the dead-letter state."""
