@@ -459,8 +459,9 @@ import json, sys
 from outbox_analytics import Client
 
 client = Client("test-write-key", host=sys.argv[1], outbox_path=sys.argv[2], timeout=1.0)
-for n in range(5):
-    client.track("u", "Frozen", {"n": n})
+with client.batch():  # one request, whenever the uploader wakes
+    for n in range(5):
+        client.track("u", "Frozen", {"n": n})
 result = client.flush(timeout=30)
 print(json.dumps({"sent": result.sent, "pending": result.pending, "error": result.last_error}))
 client.shutdown()

@@ -121,7 +121,7 @@ class Rounds:
         self._warn_dead = RateLimitedLog()
         # Held from a failure's write to the file until on_error has been
         # called: a flush that saw the failure in the file waits for it (see
-        # flushing.wait_for_reports), as Segment's flush waits for its queue.
+        # flushing._wait_for_reports), as Segment's flush waits for its queue.
         self.reporting = threading.RLock()
 
     def run(
