@@ -416,3 +416,50 @@ def test_a_child_forked_from_a_thread_ends_when_its_thread_does(tmp_path: Path, 
     code, out, err = run_python(CHILD_OF_A_THREAD, str(tmp_path / "o.db"), receiver.url, timeout=60)
     assert code == 0, err[-2000:]
     assert out.strip() == "exited 0"
+
+
+FORK_DURING_ON_ERROR = """
+import os, sys, threading, time
+from outbox_analytics import Client
+
+in_callback = threading.Event()
+
+def slow_on_error(exc, batch):
+    in_callback.set()
+    time.sleep(3)
+
+client = Client("test-write-key", host=sys.argv[1], outbox_path=sys.argv[2],
+                on_error=slow_on_error, max_retries=0)
+client.track("u", "Rejected")
+assert in_callback.wait(20)
+pid = os.fork()  # the uploader thread is inside on_error, its failure in the file
+if pid == 0:
+    client.track("u", "Child")
+    result = client.flush()  # no timeout: it ends when the event is sent
+    os._exit(0 if result.pending == 0 else 3)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print(os.waitstatus_to_exitcode(status), flush=True)
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    print("the child's flush hung", flush=True)
+client.shutdown()
+"""
+
+
+def test_a_fork_while_on_error_runs_leaves_the_child_free_to_flush(
+    receiver, tmp_path: Path
+) -> None:
+    # A flush waits until the failure it saw was reported to on_error; the
+    # child of a fork made meanwhile must not wait for the parent's thread.
+    answers = iter([Reply(400)])
+    receiver.responder = lambda request: next(answers, Reply())
+    code, out, err = run_python(
+        FORK_DURING_ON_ERROR, receiver.url, str(tmp_path / "outbox.sqlite3"), timeout=60
+    )
+    assert (code, out.strip()) == (0, "0"), err[-2000:]
+    assert [m["event"] for m in receiver.accepted()] == ["Child"]

@@ -93,8 +93,8 @@ def _wait_for_reports(uploader: Uploader, deadline: float | None) -> None:
     there (a slow callback made the flush return first).
     """
     wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-    if uploader.rounds.reporting.acquire(timeout=wait):
-        uploader.rounds.reporting.release()
+    if uploader.holder.reporting.acquire(timeout=wait):
+        uploader.holder.reporting.release()
 
 
 def _wait_for_progress_past(uploader: Uploader, mark: int, started: float, seconds: float) -> None:

@@ -39,6 +39,10 @@ class LeaseHolder:
         # Held while delivered rows are counted and deleted, and while a flush
         # counts what is left: it then sees each batch once, as sent or as left.
         self.deleting = threading.RLock()
+        # Held from a failure's write to the file until on_error has been
+        # called: a flush that saw the failure waits for it (see
+        # flushing._wait_for_reports), as Segment's flush waits for its queue.
+        self.reporting = threading.RLock()
         self._pid = process.known_pid()
 
     @property

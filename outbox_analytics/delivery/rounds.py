@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,10 +118,6 @@ class Rounds:
         self.tally = Tally()
         self._warn_exhausted = RateLimitedLog()
         self._warn_dead = RateLimitedLog()
-        # Held from a failure's write to the file until on_error has been
-        # called: a flush that saw the failure in the file waits for it (see
-        # flushing._wait_for_reports), as Segment's flush waits for its queue.
-        self.reporting = threading.RLock()
 
     def run(
         self,
@@ -335,7 +330,7 @@ class Rounds:
 
     def _bury(self, batch: _Batch, rows: Sequence[Claimed], exc: DeliveryError) -> None:
         ids = [row.id for row in rows]
-        with self.reporting:
+        with self.holder.reporting:
             for attempts, same in batch.by_attempts(ids).items():
                 batch.lease.dead_letter(
                     same,
@@ -358,7 +353,7 @@ class Rounds:
 
     def _give_up_for_now(self, batch: _Batch, exc: RetryableError) -> None:
         """Retries ran out: put the rows back, in place, and make the head wait."""
-        with self.reporting:
+        with self.holder.reporting:
             self.tally.failed_rounds += 1
             self.tally.last_failure = exc
             backoff = self.schedule.gave_up(time.monotonic(), self.upload_interval)
