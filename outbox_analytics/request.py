@@ -282,7 +282,7 @@ class Requester:
         callers = deadline is not None and deadline - time.monotonic() < wait
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - time.monotonic()))
-        if not _wait_while_running(request.done, wait):
+        if not _wait_while_running(request.done, wait, callers=deadline is not None):
             request.call.cut()
             if not request.done.wait(_CUT_GRACE):
                 # Not on a socket (resolving the host name, say): this thread
@@ -430,7 +430,7 @@ class _Poster:
                 request.done.set()
 
 
-def _wait_while_running(done: threading.Event, seconds: float) -> bool:
+def _wait_while_running(done: threading.Event, seconds: float, callers: bool = False) -> bool:
     """Wait for `done` for up to `seconds` of the time this process runs; whether it is set.
 
     A process stopped while a request is on the wire (SIGSTOP, Ctrl-Z, a
@@ -438,12 +438,16 @@ def _wait_while_running(done: threading.Event, seconds: float) -> bool:
     clock ran on: a plain wait has expired, and cutting the call would throw
     away an answer that may be in the socket already, and send the batch
     again. So the wait goes in short steps, and a step that came back late by
-    far while the process hardly used the CPU (it was stopped) counts for
-    nothing: the request gets the rest of its time, and reads what came.
+    far while the process hardly used the CPU (it was stopped) is not
+    counted: the request gets the rest of its time, and reads what came.
     A step late because the process was busy (a thread or a gevent greenlet
     holding the CPU) counts: the server had that time.
+
+    A caller's deadline (`callers`: flush, drain, sync_mode, the exit budget)
+    is the caller's wall clock, and stays so: a stop only leaves the request
+    a moment after the thaw to read an answer already there.
     """
-    left = seconds
+    left, grace = seconds, _AFTER_A_STOP
     while left > 0:
         step = min(left, _WAIT_STEP)
         started, cpu_started = time.monotonic(), time.process_time()
@@ -453,6 +457,8 @@ def _wait_while_running(done: threading.Event, seconds: float) -> bool:
         stopped = late >= _STOPPED_FOR and time.process_time() - cpu_started < late / 2
         if not stopped:
             left -= step + max(0.0, late)
+        elif callers:  # the moment after the thaw, once
+            left, grace = max(left - step - late, grace), 0.0
     return done.is_set()
 
 
@@ -460,6 +466,8 @@ def _wait_while_running(done: threading.Event, seconds: float) -> bool:
 # process was stopped: a loaded machine wakes a thread late by milliseconds.
 _WAIT_STEP = 1.0
 _STOPPED_FOR = 0.5
+# What a caller's deadline leaves a request after a stop, to read an answer already there.
+_AFTER_A_STOP = 0.2
 _posters: weakref.WeakSet[_Poster] = weakref.WeakSet()
 _STAND_DOWN_WAIT = 0.05
 # How long a request whose sockets were shut at the deadline has to end.

@@ -540,3 +540,38 @@ def test_a_busy_process_is_not_taken_for_a_stopped_one(
         child.kill()
     assert child.returncode == 0, err
     assert json.loads(out)["took"] < 10  # timeout plus a burst or two; never the hog's whole life
+
+
+STOPPED_IN_A_SYNC_CALL = """
+import json, sys, time
+from outbox_analytics import Client, RetryableError
+
+client = Client("test-write-key", host=sys.argv[1], outbox_path=sys.argv[2], sync_mode=True,
+                timeout=5.0, max_retries=0)
+print("calling", flush=True)
+started = time.monotonic()
+try:
+    client.track("u", "Stopped")
+except RetryableError:
+    pass
+print(json.dumps({"took": time.monotonic() - started}), flush=True)
+"""
+
+
+def test_a_caller_stopped_mid_request_keeps_its_deadline(
+    trickling_server: str, tmp_path: Path
+) -> None:
+    # A caller's deadline (here sync_mode's 5 s) is wall-clock time: stopped
+    # for 6 s while a server trickles its answer, the call ends at the thaw,
+    # not 5 s of running time later (the background uploader's requests get that).
+    child = start_python(STOPPED_IN_A_SYNC_CALL, trickling_server, str(tmp_path / "o.sqlite3"))
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "calling"
+        time.sleep(0.5)  # the request is on the wire
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(6)
+    finally:
+        child.send_signal(signal.SIGCONT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert json.loads(out)["took"] < 9  # 6.5 s, then at most a moment: not 6 + 5
