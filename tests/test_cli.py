@@ -510,7 +510,9 @@ def test_a_requeued_row_shows_as_fresh(cli, tmp_path: Path) -> None:
     assert cli("requeue", path, "--all", "--yes").json() == {"requeued": 1}
     table = cli("status", path).out
     assert "pending          1" in table
-    assert "head failing" not in table and "400" not in table
+    # The file line names the path, which can hold "400" (pytest-1400): leave it out.
+    rows = [line for line in table.splitlines() if not line.startswith("file ")]
+    assert not any("head failing" in row or "400" in row for row in rows), table
     listed = cli("list", path, "--json").json()[0]["_outbox"]
     assert (listed["attempts"], listed["last_status"], listed["last_error"]) == (0, None, None)
 
