@@ -166,19 +166,33 @@ class SlowDownAtTheKill:
 
     5 s is beyond the 1 s exit budget: what the job tracks after the kill
     piles up, and its last process exits with a batch on the wire, which the
-    restart must send again. Each arrival is counted in `arrivals`, a file a
-    job can watch.
+    restart must send again. With `released`, an answer after the kill waits
+    for that event instead (up to 60 s), so a slow machine cannot deliver the
+    backlog before the job ends. Each arrival is counted in `arrivals`, a file
+    a job can watch.
     """
 
-    def __init__(self, arrivals: Path, killed: Callable[[], bool], before: float) -> None:
+    def __init__(
+        self,
+        arrivals: Path,
+        killed: Callable[[], bool],
+        before: float,
+        released: threading.Event | None = None,
+    ) -> None:
         self.arrivals, self.killed, self.before = arrivals, killed, before
+        self.released = released
         self.count = itertools.count(1)
 
     def __call__(self, request: Received) -> Reply:
         note = self.arrivals.with_suffix(".tmp")
         note.write_text(str(next(self.count)))
         note.replace(self.arrivals)
-        return Reply(delay=5.0 if self.killed() else self.before)
+        if not self.killed():
+            return Reply(delay=self.before)
+        if self.released is None:
+            return Reply(delay=5.0)
+        self.released.wait(60)
+        return Reply()
 
 
 # -- gunicorn --preload --------------------------------------------------------------
@@ -331,7 +345,10 @@ def stop_gracefully(master: subprocess.Popen[bytes], log: Path) -> None:
 
 def test_gunicorn_preload_workers_killed_midway_lose_nothing(receiver, tmp_path: Path) -> None:
     killed = threading.Event()  # the master uploads quickly until then
-    receiver.responder = SlowDownAtTheKill(tmp_path / "arrivals", killed.is_set, before=0.0)
+    stopped = threading.Event()  # and gets no answer from then until it has stopped
+    receiver.responder = SlowDownAtTheKill(
+        tmp_path / "arrivals", killed.is_set, before=0.0, released=stopped
+    )
     master, log = start_gunicorn(tmp_path, receiver.url)
     try:
         driver = Driver(listening_url(master, log))
@@ -340,6 +357,7 @@ def test_gunicorn_preload_workers_killed_midway_lose_nothing(receiver, tmp_path:
         stop_gracefully(master, log)
     finally:
         kill_session(master)
+        stopped.set()
     receiver.responder = lambda request: Reply()  # the next run meets a quick server
     restart = restart_and_deliver(receiver.url, tmp_path / "outbox.sqlite3")
 
