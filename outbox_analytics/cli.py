@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import itertools
 import json
@@ -520,19 +521,52 @@ def _private_file(path: str, append: bool = False) -> IO[str]:
     """A file for events we write out, readable by its owner only, as the outbox is.
 
     An existing regular file is made private too: what goes in it is events.
+    As for the outbox, what is not ours is refused before anything is
+    written: a regular file another user owns (they could read the events),
+    and a symbolic link only root or we could have made (one planted in
+    another user's directory would have root overwrite whatever it names).
+    `-o /dev/stdout` (root's link) still works.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | (os.O_APPEND if append else 0)
+    fd = _open_unfollowed(path, flags)
     try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        raise Problem(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            if info.st_uid != os.geteuid():
+                raise Problem(
+                    f"refusing to write {path}: it is owned by uid {info.st_uid}, not by you"
+                    f" (uid {os.geteuid()}), and its owner could read the events: remove it"
+                    " or choose another name"
+                )
             os.fchmod(fd, 0o600)
+            if not append:
+                os.ftruncate(fd, 0)  # only now that it is known to be ours
     except OSError as exc:
         os.close(fd)
         raise Problem(f"cannot make {path} private (mode 0600): {exc.strerror}") from None
+    except Problem:
+        os.close(fd)
+        raise
     return os.fdopen(fd, "a" if append else "w")
+
+
+def _open_unfollowed(path: str, flags: int) -> int:
+    """open(), following a final symbolic link only if it is ours or root's."""
+    try:
+        try:
+            return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+        owner = os.lstat(path).st_uid
+        if owner not in (0, os.geteuid()):
+            raise Problem(
+                f"refusing to write {path}: it is a symbolic link made by uid {owner}, not by"
+                " you or root (it could point anywhere): remove it or choose another name"
+            )
+        return os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise Problem(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _exported(row: Row) -> dict[str, Any]:

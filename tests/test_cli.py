@@ -273,6 +273,41 @@ def test_an_export_file_is_private_like_the_outbox(cli, populated: Path, tmp_pat
         assert len(exported.read_text().splitlines()) == 10
 
 
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's link takes root")
+def test_an_export_file_another_user_planted_is_refused(
+    cli, populated: Path, tmp_path: Path
+) -> None:
+    precious = tmp_path / "precious.conf"  # root's: what a planted link names
+    precious.write_text("keep me\n")
+    precious.chmod(0o644)
+    theirs = tmp_path / "theirs"  # a directory another user owns and root writes to
+    theirs.mkdir()
+    link = theirs / "export.jsonl"
+    link.symlink_to(precious)
+    os.lchown(link, NOBODY, NOBODY)
+    refused = cli("export", populated, "-o", link)
+    assert refused.code == 1 and f"symbolic link made by uid {NOBODY}" in refused.err
+    assert precious.read_text() == "keep me\n" and stat.S_IMODE(precious.stat().st_mode) == 0o644
+    collector = cli_process("collector", "--out", str(link), timeout=30)  # refused before serving
+    assert collector.returncode == 1 and f"made by uid {NOBODY}" in collector.stderr
+    assert stat.S_IMODE(precious.stat().st_mode) == 0o644
+
+    planted = theirs / "planted.jsonl"  # its owner could read what root writes in it
+    planted.write_text("")
+    os.chown(planted, NOBODY, NOBODY)
+    refused = cli("export", populated, "-o", planted)
+    assert refused.code == 1 and f"owned by uid {NOBODY}, not by you" in refused.err
+    assert planted.read_text() == "" and planted.stat().st_uid == NOBODY
+
+    ours = tmp_path / "ours.jsonl"  # a link we made ourselves is followed
+    ours.symlink_to(tmp_path / "target.jsonl")
+    assert cli("export", populated, "-o", ours).code == 0
+    assert len((tmp_path / "target.jsonl").read_text().splitlines()) == 10
+
+
 def test_export_import_round_trip(cli, populated: Path, tmp_path: Path) -> None:
     exported = tmp_path / "export.jsonl"
     result = cli("export", populated, "-o", exported)
