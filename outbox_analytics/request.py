@@ -211,6 +211,16 @@ class Requester:
         for proxy in (self.proxies or {}).values():
             self.redactor.add_credentials_of(proxy)
 
+    def _proxy(self) -> str | None:
+        """The proxy requests takes for our URL, if any (to name it when it fails)."""
+        import requests.utils
+
+        proxy = requests.utils.select_proxy(self.url, self.proxies or {})
+        try:
+            return proxy and requests.utils.prepend_scheme_if_needed(proxy, "http")
+        except ValueError:  # a URL that cannot be parsed: the error says so
+            return None
+
     def authorization(self) -> str:
         if self.token_manager is None:
             return self._basic
@@ -324,7 +334,7 @@ class Requester:
                 text, problem = read_answer(response)
             except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
                 # (urllib3's own: reading the body)
-                said = self.redactor(_describe(exc, self.url))
+                said = self.redactor(_describe(exc, self.url, self._proxy()))
                 raise RetryableError(f"request failed: {said}") from exc
             except (OSError, ValueError) as exc:
                 # Not requests' own errors, raised before any byte is sent: a
@@ -616,11 +626,18 @@ class Redactor:
             self._recent.append(value)
 
     def add_credentials_of(self, url: str) -> None:
-        """A proxy's `user:password@`: as written, decoded, and as its Basic header."""
-        userinfo = urllib.parse.urlsplit(url).netloc.rpartition("@")[0]
-        if userinfo:
-            plain = urllib.parse.unquote(userinfo)
-            self.add(userinfo, plain, base64.b64encode(plain.encode()).decode())
+        """A proxy's `user:password@`: as written, decoded, and as its Basic header.
+
+        Up to the URL's last "@" (no host holds one), not as a URL parser reads
+        it: a "#", "/" or "?" that a password should have escaped ends the
+        parser's netloc early, and its error then quotes the piece before it.
+        """
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        if not userinfo:
+            return
+        for written in {userinfo, re.split(r"[/?#]", userinfo, maxsplit=1)[0]}:
+            plain = urllib.parse.unquote(written)
+            self.add(written, plain, base64.b64encode(plain.encode()).decode())
             self.add(*plain.split(":", 1))
 
     def __call__(self, text: str) -> str:
@@ -654,21 +671,26 @@ def error_fields(text: str, code_key: str, message_key: str) -> tuple[str, str]:
     return str(payload.get(code_key, "unknown")), str(payload.get(message_key, ""))
 
 
-def _describe(exc: Exception, url: str) -> str:
+def _describe(exc: Exception, url: str, proxy: str | None = None) -> str:
     """What went wrong, in a few words an operator can act on (requests' own are long chains)."""
-    return redact(_describe_in_full(exc, display_url(url)))
+    return redact(_describe_in_full(exc, display_url(url), proxy and display_url(proxy)))
 
 
-def _describe_in_full(exc: Exception, where: str) -> str:
+def _describe_in_full(exc: Exception, where: str, proxy: str | None) -> str:
     import requests
 
+    if isinstance(exc, requests.exceptions.InvalidURL):
+        return (
+            "the URL of the host or of a proxy cannot be parsed (a '#', '/', '?' or '@' in a"
+            f" proxy's user or password must be percent-encoded, as %23, %2F, %3F, %40): {exc}"
+        )
     if isinstance(exc, requests.exceptions.InvalidHeader):
         # Its words quote the header's value: the write key or a token.
         return "a header was refused, ours or the answer's (its value is not shown)"
     cause = _os_error_under(exc)
     if isinstance(exc, requests.exceptions.ProxyError):  # first: its cause is the proxy's
-        why = cause.strerror.lower() if cause is not None and cause.strerror else str(exc)[:200]
-        return f"the proxy for {where} failed ({why})"
+        named = f" {proxy}" if proxy else ""
+        return f"the proxy{named} for {where} failed ({_proxy_failure(exc, cause)})"
     if isinstance(cause, ConnectionRefusedError):
         return f"connection refused by {where}"
     if isinstance(cause, socket.gaierror):
@@ -682,6 +704,18 @@ def _describe_in_full(exc: Exception, where: str) -> str:
     if isinstance(cause, OSError) and cause.strerror:
         return f"{cause.strerror.lower()} ({where})"
     return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _proxy_failure(exc: Exception, cause: OSError | None) -> str:
+    """Why a proxy failed: the system's error, or its answer to an HTTPS tunnel's CONNECT."""
+    if cause is not None and cause.strerror:
+        return cause.strerror.lower()
+    tunnel = re.search(r"Tunnel connection failed: (\d{3}[\w ]*)", str(exc))
+    if tunnel:
+        said = tunnel.group(1).strip()
+        check = "; check its user and password" if said.startswith("407") else ""
+        return f"it answered {said} to the tunnel's CONNECT{check}"
+    return str(exc)[:200]
 
 
 def _os_error_under(exc: BaseException) -> OSError | None:

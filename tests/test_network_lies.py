@@ -476,6 +476,26 @@ def test_escape_sequences_reach_no_debug_line_either(
 
 def test_a_proxy_that_is_down_is_named_as_the_cause(receiver, outbox_file: Path) -> None:
     requester = Requester("k", receiver.url, timeout=5, proxies={"http": "http://127.0.0.1:1"})
-    with pytest.raises(RetryableError, match=r"the proxy for \S+ failed \(connection refused\)"):
+    named = r"the proxy http://127\.0\.0\.1:1 for \S+ failed \(connection refused\)"
+    with pytest.raises(RetryableError, match=named):
         requester.send(b'{"batch": []}')
     requester.close()
+
+
+def test_an_https_proxy_refusing_the_tunnel_says_so(outbox_file: Path) -> None:
+    def refuse_connect(conn) -> None:
+        conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+    proxy = RawServer(refuse_connect)
+    requester = Requester("k", "https://api.invalid", timeout=5, proxies={"https": proxy.url})
+    try:
+        with pytest.raises(RetryableError) as raised:
+            requester.send(b'{"batch": []}')
+    finally:
+        requester.close()
+        proxy.stop.set()
+    assert proxy.last_request.startswith(b"CONNECT api.invalid:443")
+    assert str(raised.value) == (
+        f"request failed: the proxy {proxy.url} for https://api.invalid failed (it answered"
+        " 407 Proxy Authentication Required to the tunnel's CONNECT; check its user and password)"
+    )

@@ -196,6 +196,28 @@ def test_a_proxy_quoting_its_credentials_puts_them_nowhere(
         assert not [text for text in texts if secret in text]
 
 
+@pytest.mark.parametrize("unescaped", ["#", "/", "?"])
+def test_a_proxy_password_with_an_unescaped_character_appears_nowhere(
+    outbox_file: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    unescaped: str,
+) -> None:
+    # Not a valid URL: the parser stops at the character and quotes what came before.
+    monkeypatch.setenv("HTTP_PROXY", f"http://proxyuser:Correct{unescaped}Horse9@127.0.0.1:1")
+    client = Client(WRITE_KEY, host="http://127.0.0.1:9", outbox_path=str(outbox_file))
+    client.track("user", "E")
+    result = client.flush(timeout=5)
+    stats = client.stats()
+    client.shutdown(timeout=1)
+    texts = [result.last_error or "", stats.head_last_error or ""]
+    texts += [r.getMessage() for r in caplog.records]
+    assert "must be percent-encoded" in texts[0] and result.pending == 1
+    for secret in ("Correct", "Horse9"):
+        assert not [text for text in texts if secret in text], secret
+        assert secret.encode() not in stored(outbox_file)
+
+
 def test_drain_force_with_credentials_in_host_records_the_bare_host(
     outbox_file: Path, receiver
 ) -> None:
