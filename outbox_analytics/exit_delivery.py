@@ -11,7 +11,8 @@ seconds for all clients together:
    live process holds the file's upload lease (it sends them);
 3. a client with `hand_off_at_exit` hands what is left to a detached
    sender process (handoff.py), so a short CLI's events arrive after it;
-4. one line says what is still pending, where, and the command that sends it.
+4. one line says what is still pending, where, and the command that sends it,
+   unless what is left is another process's (see `deliver`'s verdict).
 
 `turn_off()` stops all of it for the rest of the process: events stay in
 the outbox for the next run. The pytest plugin uses it, so that a test run
@@ -127,10 +128,10 @@ def _at_exit() -> None:
             log.exception("outbox-analytics: a step of exit delivery failed")
     servers.deliver_registered()  # a uWSGI worker without threads (its own share of the budget)
     clients = list(_state.clients)
-    for client in clients:
-        deliver(client, max(0.0, deadline - time.monotonic()))
-    for client in clients:
-        _say_what_is_left(client)
+    verdicts = [deliver(client, max(0.0, deadline - time.monotonic())) for client in clients]
+    for client, verdict in zip(clients, verdicts, strict=True):
+        if verdict is not _SETTLED:
+            _say_what_is_left(client)
 
 
 def _register_with_multiprocessing() -> None:
@@ -161,12 +162,22 @@ def _set_finalizer() -> None:
     _state.finalizer = multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
 
 
-def deliver(client: Client, budget: float) -> None:
-    """Send `client`'s pending events for up to `budget` seconds, then stop its thread."""
+# What deliver() found: every row pending at its start settled, or another live
+# process sending them (either way, rows left are another process's to send
+# or to report: a line from us would blame the exit budget for nothing).
+_SETTLED = "settled"
+
+
+def deliver(client: Client, budget: float) -> str | None:
+    """Send `client`'s pending events for up to `budget` seconds, then stop its thread.
+
+    _SETTLED when nothing is left for this process to report.
+    """
     uploader = client.uploader
     if uploader is None or not uploader.running:
-        return
+        return None
     started = time.monotonic()
+    verdict = None
     try:
         # Another live process uploads this file: our events are on disk and
         # it sends them. Waiting for it would only slow every exit (a pool
@@ -176,13 +187,19 @@ def deliver(client: Client, budget: float) -> None:
         # leaving the others' events for the next run.
         outbox = client.outbox
         if outbox is None or outbox.lease_held_here() or outbox.lease_is_free():
-            uploader.flush(budget)
+            if uploader.flush(budget).pending == 0:
+                verdict = _SETTLED
+        else:
+            verdict = _SETTLED
         if not uploader.stop(max(0.0, budget - (time.monotonic() - started))):
             uploader.let_go_at_exit()
+            verdict = None  # a batch of ours outlived the budget
         if client.config.hand_off_at_exit:
             handoff.hand_off(client)
     except Exception:
         log.exception("outbox-analytics: flush at exit failed; events stay in the outbox")
+        return None
+    return verdict
 
 
 def _say_what_is_left(client: Client) -> None:

@@ -10,12 +10,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from outbox_analytics import cli
+from outbox_analytics import Client, cli
+from outbox_analytics.store import Outbox
 
 from .conftest import start_python
 from .receiver import Reply
@@ -220,6 +222,51 @@ def test_the_exit_line_is_there_every_time_the_server_is_down(outbox_file: Path)
         _, err = job.communicate(timeout=30)
         left = [line for line in err.splitlines() if "not sent yet" in line]
         assert len(left) == 1, err  # it went missing in a third of runs (a race with the lease)
+
+
+ONE_EVENT_AT_EXIT = """
+import sys
+from outbox_analytics import Client
+client = Client("k", host=sys.argv[1], outbox_path=sys.argv[2], upload_interval=60, upload_size=1)
+client.track("user", "Mine")  # sent by the exit delivery, as the one batch it waits for
+"""
+
+
+def test_rows_another_process_stored_during_the_exit_flush_get_no_false_line(
+    receiver, outbox_file: Path
+) -> None:
+    # A pool's sibling (spawned, forked, or any writer) stores events while
+    # this process's exit delivery sends its own: the budget did not run out
+    # and they are not this process's to report (it said "the exit budget
+    # ran out, drain them now" in 4 of 5 runs of four spawned children).
+    err, pending = _exit_while_a_sibling_stores(receiver, outbox_file)
+    assert "not sent yet" not in err and "budget" not in err, err
+    sent = [m["event"] for r in receiver.requests for m in r.body["batch"]]
+    # Theirs stay, but for the few batches (of 1) the thread may send before it stops.
+    assert sent[0] == "Mine" and pending == 21 - len(sent) and pending >= 10, (sent, pending)
+
+
+def _exit_while_a_sibling_stores(receiver, outbox_file: Path) -> tuple[str, int]:
+    """Run ONE_EVENT_AT_EXIT; store 20 events while its exit delivery waits for an answer."""
+    arrived, stored = threading.Event(), threading.Event()
+
+    def answer_once_the_others_are_stored(request) -> Reply:
+        arrived.set()
+        stored.wait(10)
+        return Reply()
+
+    receiver.responder = answer_once_the_others_are_stored
+    job = start_python(ONE_EVENT_AT_EXIT, receiver.url, str(outbox_file))
+    assert arrived.wait(20), "the exit delivery sent nothing"
+    sibling = Client("k", host=receiver.url, outbox_path=str(outbox_file), upload=False)
+    for n in range(20):
+        sibling.track("user", "Theirs", {"n": n})
+    stored.set()
+    _, err = job.communicate(timeout=30)
+    sibling.shutdown()
+    assert job.returncode == 0, err
+    with Outbox(outbox_file) as outbox:
+        return err, outbox.stats().pending
 
 
 SIGTERMED_JOB = """
