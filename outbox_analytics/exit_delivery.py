@@ -56,6 +56,7 @@ class _ExitState:
         self.forked_child = False  # made by fork(): exit may come through os._exit()
         self.finalizer_pid: int | None = None  # where multiprocessing's finalizer is set
         self.finalizer: Any = None  # that multiprocessing.util.Finalize
+        self.celery_pid: int | None = None  # where Celery's process-end signal is connected
         self.exited_in: int | None = None  # the process whose exit delivery ran
         self.outboxes = False  # a client of this process has an outbox (its drops count at exit)
 
@@ -64,7 +65,7 @@ class _ExitState:
         # Inherited clients deliver, and inherited outboxes count their drops,
         # at the worker's exit too.
         if self.clients or self.outboxes:
-            _register_with_multiprocessing()
+            _register_with_pools()
 
 
 _state = _ExitState()
@@ -98,13 +99,13 @@ def before_exit(step: Callable[[], None]) -> None:
 def keep_count_of_drops() -> None:
     """A client has an outbox: its drops are counted at this process's exit, a worker's too."""
     _state.outboxes = True
-    _register_with_multiprocessing()
+    _register_with_pools()
 
 
 def enroll(client: Client) -> None:
     """`client` (with a background uploader) delivers at this process's exit."""
     _state.clients.add(client)
-    _register_with_multiprocessing()
+    _register_with_pools()
 
 
 @atexit.register
@@ -132,6 +133,35 @@ def _at_exit() -> None:
     for client, verdict in zip(clients, verdicts, strict=True):
         if verdict is not _SETTLED:
             _say_what_is_left(client)
+
+
+def _register_with_pools() -> None:
+    """In a forked pool worker, deliver where its pool ends it (neither runs atexit)."""
+    _register_with_multiprocessing()
+    _register_with_celery()
+
+
+def _register_with_celery() -> None:
+    """In a Celery pool process, deliver when Celery says the process ends (once per process).
+
+    billiard's pool processes leave through os._exit() (with
+    --max-tasks-per-child, after every N tasks), and billiard runs no
+    finalizer of ours: Celery's worker_process_shutdown is sent in the
+    process just before. Without it, each short-lived worker took the
+    lease, sent the oldest batch, and died before the answer: the next
+    one sent the same batch again, and nothing after it went out.
+    """
+    if not _state.forked_child or _state.celery_pid == os.getpid():
+        return
+    signals = sys.modules.get("celery.signals")
+    if signals is None:
+        return  # not a Celery worker (its pool processes have it imported)
+    _state.celery_pid = os.getpid()
+    signals.worker_process_shutdown.connect(_at_celery_process_end, weak=False)
+
+
+def _at_celery_process_end(**_: Any) -> None:
+    _at_exit()
 
 
 def _register_with_multiprocessing() -> None:
