@@ -211,7 +211,8 @@ class Client:
             outbox = Outbox(fallback, fsync=fsync, max_pending=max_pending)
         except OutboxUnavailable as other:
             raise OutboxUnavailable(
-                f"no place for the outbox ({why}; nor {other}): set outbox_path"
+                f"no place for the outbox ({why}; and the fallback, in the temp directory:"
+                f" {other}): set outbox_path"
                 f" (or ${PATH_ENV}) to a directory this user may write",
                 path,
             ) from None

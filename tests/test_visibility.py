@@ -6,8 +6,10 @@ agreeing on what is pending.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -180,6 +182,7 @@ def test_a_fallback_directory_another_user_made_first_is_refused(tmp_path: Path,
     result, err = _run_with(env, MODULE_API_JOB)
     assert result == {"ok": False, "event": "E", "path": None}
     assert "owned by uid 65534" in err and list(planted.iterdir()) == []
+    assert "and the fallback, in the temp directory: refusing the directory" in err  # (was garbled)
 
 
 def test_a_fallback_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
@@ -389,3 +392,31 @@ def test_a_holder_note_is_believed_only_while_its_process_lives(outbox_file: Pat
             assert read_holder(conn) == expected, note
     finally:
         conn.close()
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_OFD_SETLK"), reason="Linux's open file description locks")
+def test_a_lease_lock_that_names_no_process_is_not_said_to_be_sending(
+    receiver, outbox_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Anyone who can read the file can lock its lease byte (an older release
+    # holding the lease does so too, without a note): nobody is sending then.
+    writer = Client("k", host=receiver.url, outbox_path=str(outbox_file), upload=False)
+    writer.track("user", "E")
+    writer.shutdown()
+    reader = os.open(outbox_file, os.O_RDONLY)
+    try:
+        lease_byte = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 1 << 40, 1, 0)
+        fcntl.fcntl(reader, fcntl.F_OFD_SETLK, lease_byte)
+        client = Client("k", host=receiver.url, outbox_path=str(outbox_file))
+        result = client.flush(timeout=1)
+        client.shutdown(timeout=0.5)
+        assert cli.main(["status", str(outbox_file)]) == 0
+    finally:
+        os.close(reader)
+    assert result.pending == 1 and receiver.requests == []
+    assert result.last_error is not None and "without saying which" in result.last_error
+    assert "is sending" not in result.last_error
+    status = capsys.readouterr().out
+    assert (
+        "yes (a process whose pid is not known: an older release, or a lock on the file)" in status
+    )

@@ -245,6 +245,12 @@ def _another_holder(stats: OutboxStats) -> str:
             f"another process ({who}) holds the upload lease: they are sent once it runs again"
             f" (kill -CONT {stats.uploader_pid}) or exits"
         )
+    if stats.uploader_pid is None:  # it did not note itself, as ours do
+        return (
+            "another process holds the upload lease without saying which (an older release"
+            " of this library, or a program holding a lock on the file): they are sent once"
+            " it lets go"
+        )
     return f"another process ({who}) holds the upload lease and is sending them"
 
 

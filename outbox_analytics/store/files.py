@@ -225,8 +225,9 @@ def _warn_if_readable(info: os.stat_result, path: str) -> None:
     if info.st_mode & _READABLE_BY_OTHERS and path not in _warned_readable:
         _warned_readable.add(path)
         log.warning(
-            "%s is readable by other users (mode %04o): they can read its events;"
-            " chmod 600 it unless that is meant",
+            "%s is readable by other users (mode %04o): they can read its events, and"
+            " hold locks on it that stall its writes (up to 60 s a call) and its delivery"
+            " (for as long as they like); chmod 600 it unless that is meant",
             path,
             stat.S_IMODE(info.st_mode),
         )

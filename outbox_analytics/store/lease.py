@@ -414,7 +414,7 @@ def describe_holder(stats: schema.OutboxStats) -> str:
     """The lease holder for people: "pid 1234", "pid 1234, stopped", "pid 1234 on db-2"."""
     pid, host = stats.uploader_pid, stats.uploader_host
     if pid is None:
-        return "a process whose pid is not known"
+        return "a process whose pid is not known: an older release, or a lock on the file"
     if not _on_this_host(host):
         return f"pid {pid} on {host}"
     return f"pid {pid}, stopped" if stats.uploader_stopped else f"pid {pid}"

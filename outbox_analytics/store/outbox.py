@@ -709,8 +709,11 @@ class Outbox:
             dropped = schema.read_meta(conn, "dropped")
             pinned_since = schema.read_meta(conn, _WAL_PINNED_KEY)
             holder = read_holder(conn) if alive else (None, None)
+            if holder[0] == os.getpid() and not held_here:
+                holder = (None, None)  # our note from before; the lock is someone else's
             return pending, taken, min(heads, default=None), dropped, pinned_since, holder
 
+        held_here = self.lease_held_here()  # (not inside the read: its lock comes first)
         with self._db.memory_mapped():
             pending, taken, head, dropped, pinned_since, holder = self._db.snapshot(read)
         log_bytes = wal_bytes(self.path)
