@@ -885,6 +885,8 @@ def _drain(args: argparse.Namespace) -> int:
         client = _drain_client(args, path, key, host)
     except OutboxMismatch as exc:
         raise UsageError(f"{exc} ({_mismatch_advice(str(exc))})") from None
+    if args.host is None and host:  # said once the file took this key and host, not before
+        print(f"outbox-analytics: sending to {printable(host)} (the file's host)", file=sys.stderr)
     bar = _ProgressBar(client.stats()) if sys.stderr.isatty() else None
     last = FlushResult(0, 0, 0)  # what got through so far, as the last progress call said
 
@@ -929,8 +931,6 @@ def _recorded_host(path: str) -> str | None:
             host = outbox.owner_host()
     except OutboxDamaged:
         return None  # the drain's client salvages it; the host is then the default
-    if host is not None:
-        print(f"outbox-analytics: sending to {printable(host)} (the file's host)", file=sys.stderr)
     return host
 
 

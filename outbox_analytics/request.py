@@ -569,10 +569,10 @@ def not_an_acknowledgement(reply: Reply) -> str | None:
         except ValueError:
             return None
         if isinstance(payload, dict) and _says_no(payload.get("success", True)):
-            said = payload.get("message") or payload.get("error") or ""
+            said = str(payload.get("message") or payload.get("error") or "")[:200]
             return (
-                f"HTTP {reply.status} with success false ({str(said)[:200]}): not an"
-                " acknowledgement; the events stay pending"
+                f"HTTP {reply.status} with success false{f' ({said})' if said else ''}: not"
+                " an acknowledgement; the events stay pending"
             )
     return None
 

@@ -683,6 +683,19 @@ def drain(cli, path: Path, host: str, *more: object) -> Ran:
     return cli("drain", path, "--host", host, *more, env={"OUTBOX_ANALYTICS_WRITE_KEY": "k"})
 
 
+def test_drain_says_where_it_sends_only_once_the_file_took_its_key(
+    cli, outbox_file: Path, receiver
+) -> None:
+    owner = Client("k", host=receiver.url, outbox_path=str(outbox_file), upload_interval=60)
+    owner.track("user", "E")
+    owner.shutdown(timeout=5)
+    wrong = cli("drain", outbox_file, env={"OUTBOX_ANALYTICS_WRITE_KEY": "other-key"})
+    assert wrong.code == 2 and "write key" in wrong.err
+    assert "sending to" not in wrong.err  # it sends nowhere
+    right = cli("drain", outbox_file, env={"OUTBOX_ANALYTICS_WRITE_KEY": "k"})
+    assert right.code == 0 and f"sending to {receiver.url} (the file's host)" in right.err
+
+
 def test_drain_delivers_everything_pending(cli, populated: Path, receiver) -> None:
     result = drain(cli, populated, receiver.url)
     assert result.code == 0, result.err

@@ -260,6 +260,9 @@ def test_a_2xx_that_is_not_an_acknowledgement_keeps_the_events(
     stats = client.stats()
     assert result.pending == 10 and stats is not None and stats.dead == 0
     assert reports and "not an acknowledgement" in str(reports[0])
+    assert "()" not in str(reports[0])  # no empty quote of a message the server did not give
+    if name == "202 success false":
+        assert "HTTP 202 with success false (quota): not an acknowledgement" in str(reports[0])
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len([e for e in errors if "not an acknowledgement" in e]) == 1  # once, not per retry
     receiver.responder = lambda request: Reply()
