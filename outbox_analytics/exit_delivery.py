@@ -136,7 +136,7 @@ def _at_exit() -> None:
 
 
 def _register_with_pools() -> None:
-    """In a forked pool worker, deliver where its pool ends it (neither runs atexit)."""
+    """In a pool worker, deliver where its pool ends it (neither pool runs atexit)."""
     _register_with_multiprocessing()
     _register_with_celery()
 
@@ -150,8 +150,10 @@ def _register_with_celery() -> None:
     process just before. Without it, each short-lived worker took the
     lease, sent the oldest batch, and died before the answer: the next
     one sent the same batch again, and nothing after it went out.
+    Connected wherever Celery is imported, whether this package came before
+    the fork or first in a task: only pool processes send the signal.
     """
-    if not _state.forked_child or _state.celery_pid == os.getpid():
+    if _state.celery_pid == os.getpid():
         return
     signals = sys.modules.get("celery.signals")
     if signals is None:
@@ -165,17 +167,18 @@ def _at_celery_process_end(**_: Any) -> None:
 
 
 def _register_with_multiprocessing() -> None:
-    """In a forked child, have multiprocessing's finalizers deliver too (once per process).
+    """In a forked child or a multiprocessing worker, have multiprocessing's finalizers deliver too.
 
     Its fork workers leave through os._exit(): atexit never runs there. A
     worker clears the finalizers it inherited after our fork hook ran, then
     runs its after-fork hooks: there the finalizer is set again.
     """
-    if not _state.forked_child or _state.finalizer_pid == os.getpid():
-        return
-    if "multiprocessing.util" not in sys.modules:
-        return  # a plain fork: its atexit hooks run as usual, or it chose os._exit
+    if _state.finalizer_pid == os.getpid() or "multiprocessing.util" not in sys.modules:
+        return  # (without it, a plain fork: its atexit hooks run as usual, or it chose os._exit)
     import multiprocessing.util
+
+    if not _state.forked_child and multiprocessing.parent_process() is None:
+        return  # the main process (a worker may have imported this package first in a task)
 
     _state.finalizer_pid = os.getpid()
     _set_finalizer()

@@ -35,11 +35,6 @@ from pathlib import Path
 
 from celery import Celery
 
-import outbox_analytics as analytics
-
-analytics.write_key = "test-write-key"
-analytics.host = os.environ["RECIPE_RECEIVER"]
-analytics.outbox_path = os.environ["RECIPE_OUTBOX"]
 BROKER = Path(os.environ["RECIPE_BROKER"])
 
 app = Celery("tasks", broker="filesystem://")
@@ -50,8 +45,22 @@ app.conf.broker_transport_options = {
 app.conf.worker_hijack_root_logger = False
 
 
+def configured():
+    import outbox_analytics as analytics
+
+    analytics.write_key = "test-write-key"
+    analytics.host = os.environ["RECIPE_RECEIVER"]
+    analytics.outbox_path = os.environ["RECIPE_OUTBOX"]
+    return analytics
+
+
+if not os.environ.get("RECIPE_IMPORT_IN_TASK"):
+    configured()  # in the worker's main process, before its pool forks
+
+
 @app.task
 def work(number):
+    analytics = configured()
     ids = [analytics.track("worker", "Task", {"task": number, "i": i})[1]["messageId"]
            for i in range(5)]  # EVENTS
     done = BROKER.parent / "done"
@@ -60,7 +69,10 @@ def work(number):
 """
 
 
-def test_recycled_celery_pool_processes_send_each_batch_once(receiver, tmp_path: Path) -> None:
+@pytest.mark.parametrize("imported", ["at the top", "in the task"])
+def test_recycled_celery_pool_processes_send_each_batch_once(
+    receiver, tmp_path: Path, imported: str
+) -> None:
     receiver.responder = lambda request: Reply(delay=0.3)  # well within the 1 s exit budget
     broker, done = tmp_path / "broker", tmp_path / "done"
     broker.mkdir()
@@ -72,6 +84,7 @@ def test_recycled_celery_pool_processes_send_each_batch_once(receiver, tmp_path:
         RECIPE_RECEIVER=receiver.url,
         RECIPE_OUTBOX=str(tmp_path / "outbox.sqlite3"),
         RECIPE_BROKER=str(broker),
+        RECIPE_IMPORT_IN_TASK="1" if imported == "in the task" else "",
     )
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork",

@@ -166,3 +166,46 @@ def test_fork_pool_workers_deliver_at_their_own_exit(receiver, tmp_path: Path) -
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(delivered(receiver)) == {(task, n) for task in range(4) for n in range(5)}
+
+
+IMPORTED_IN_THE_TASK = """
+import multiprocessing, sys
+
+def task(number):
+    from outbox_analytics import Client, exit_delivery  # first import: in the worker
+
+    exit_delivery.EXIT_BUDGET = 10.0  # (a loaded test machine)
+    url, path = sys.argv[1:]
+    client = Client("test-write-key", host=url, outbox_path=path, upload_interval=60)
+    for n in range(5):
+        assert client.track("worker", "Task", {"task": number, "n": n})[0]
+    return number
+
+if __name__ == "__main__":
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "fork"
+    for start in ("fork", method):
+        pool = multiprocessing.get_context(start).Pool(1, maxtasksperchild=1)
+        assert sorted(pool.map(task, range(2), chunksize=1)) == [0, 1]
+        pool.close()
+        pool.join()
+    assert "outbox_analytics" not in sys.modules  # what arrives, the workers sent
+"""
+
+
+def test_pool_workers_that_import_the_package_in_a_task_deliver_at_exit(
+    receiver, tmp_path: Path
+) -> None:
+    """A worker that imported the package first in a task is no forked child of
+    ours, and its exit delivery was never registered: it left through os._exit()
+    with its events pending, and no line said so."""
+    script = tmp_path / "job.py"  # a file: forkserver's workers import the main module
+    script.write_text(IMPORTED_IN_THE_TASK)
+    result = subprocess.run(
+        [sys.executable, str(script), receiver.url, str(tmp_path / "o.db")],
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    sent = delivered(receiver)
+    assert set(sent) == {(task, n) for task in range(2) for n in range(5)}
+    assert set(sent.values()) == {2}, sent  # once from each pool (same task numbers)
