@@ -219,6 +219,7 @@ def deliver(client: Client, budget: float) -> str | None:
         # have it in hand yet, and would otherwise be stopped mid-claim,
         # leaving the others' events for the next run.
         outbox = client.outbox
+        stored = outbox.stored_here if outbox is not None else 0
         if outbox is None or outbox.lease_held_here() or outbox.lease_is_free():
             if uploader.flush(budget).pending == 0:
                 verdict = _SETTLED
@@ -227,6 +228,8 @@ def deliver(client: Client, budget: float) -> str | None:
         if not uploader.stop(max(0.0, budget - (time.monotonic() - started))):
             uploader.let_go_at_exit()
             verdict = None  # a batch of ours outlived the budget
+        if outbox is not None and outbox.stored_here != stored:
+            verdict = None  # a thread of ours went on tracking: what is left may be ours
         if client.config.hand_off_at_exit:
             handoff.hand_off(client)
     except Exception:

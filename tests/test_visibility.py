@@ -272,6 +272,36 @@ def _exit_while_a_sibling_stores(receiver, outbox_file: Path) -> tuple[str, int]
         return err, outbox.stats().pending
 
 
+TRACKING_ON_IN_A_DAEMON_THREAD = """
+import sys, threading, time
+from outbox_analytics import Client
+client = Client("k", host=sys.argv[1], outbox_path=sys.argv[2])
+
+def keep_tracking():
+    while True:
+        client.track("user", "Tick")
+        time.sleep(0.002)
+
+threading.Thread(target=keep_tracking, daemon=True).start()
+time.sleep(0.3)
+"""
+
+
+def test_events_a_daemon_thread_tracked_during_the_exit_delivery_are_said(
+    receiver, outbox_file: Path
+) -> None:
+    # The exit flush settled what was pending when it began; what is left is
+    # this process's own, and was left without a word.
+    job = start_python(TRACKING_ON_IN_A_DAEMON_THREAD, receiver.url, str(outbox_file))
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 0, err
+    with Outbox(outbox_file) as outbox:
+        pending = outbox.stats().pending
+    assert pending > 0  # (the thread tracks until the interpreter ends)
+    left = [line for line in err.splitlines() if "not sent yet" in line]
+    assert len(left) == 1, err
+
+
 SIGTERMED_JOB = """
 import sys, time
 from outbox_analytics import Client

@@ -190,6 +190,7 @@ class Outbox:
         self.readonly = readonly
         self._local = threading.local()
         self._unrecorded_drops = 0  # drops not yet written to the file
+        self.stored_here = 0  # rows this object stored (exit delivery: did we store meanwhile?)
         # Re-entrant: a signal handler whose track() fails counts its drop on a
         # thread that may be counting one already.
         self._drops_lock = threading.RLock()
@@ -465,6 +466,7 @@ class Outbox:
             self._count_unrecorded_drops(len(rows))
             raise
         self._pending_estimate += len(rows)
+        self.stored_here += len(rows)
         self._keep_wal_bounded()
         return row_id
 
