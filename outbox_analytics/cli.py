@@ -521,23 +521,22 @@ def _private_file(path: str, append: bool = False) -> IO[str]:
     """A file for events we write out, readable by its owner only, as the outbox is.
 
     An existing regular file is made private too: what goes in it is events.
-    As for the outbox, what is not ours is refused before anything is
-    written: a regular file another user owns (they could read the events),
-    and a symbolic link only root or we could have made (one planted in
-    another user's directory would have root overwrite whatever it names).
-    `-o /dev/stdout` (root's link) still works.
+    As for the outbox, what others control is refused before anything is
+    written (root running an export must not write where another user
+    points it): a directory on the way another user owns or anyone may
+    write (they could swap what the path leads to meanwhile), a final link
+    another user made, a file another user owns (they could read the
+    events), a FIFO or device of theirs. Links we or root made are followed
+    (`-o /dev/stdout`), and a FIFO of ours with no reader is an error, not a hang.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | (os.O_APPEND if append else 0)
-    fd = _open_unfollowed(path, flags)
+    _refuse_others_directories(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    fd = _open_unfollowed(path, flags | (os.O_APPEND if append else 0))
     try:
         info = os.fstat(fd)
+        _refuse_unless_ours(path, info)
+        os.set_blocking(fd, True)
         if stat.S_ISREG(info.st_mode):
-            if info.st_uid != os.geteuid():
-                raise Problem(
-                    f"refusing to write {path}: it is owned by uid {info.st_uid}, not by you"
-                    f" (uid {os.geteuid()}), and its owner could read the events: remove it"
-                    " or choose another name"
-                )
             os.fchmod(fd, 0o600)
             if not append:
                 os.ftruncate(fd, 0)  # only now that it is known to be ours
@@ -548,6 +547,45 @@ def _private_file(path: str, append: bool = False) -> IO[str]:
         os.close(fd)
         raise
     return os.fdopen(fd, "a" if append else "w")
+
+
+def _refuse_others_directories(path: str) -> None:
+    """Refuse a path through a directory (or link) another user controls, as written or resolved."""
+    me = os.geteuid()
+    folder = os.path.dirname(os.path.abspath(path))
+    on_the_way = set(_ancestors(folder)) | set(_ancestors(os.path.realpath(folder)))
+    for each in sorted(on_the_way):
+        try:
+            info = os.lstat(each)
+        except OSError:
+            continue  # (the open says what is missing)
+        open_to_all = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
+        if info.st_uid not in (0, me) or (stat.S_ISDIR(info.st_mode) and open_to_all):
+            raise Problem(
+                f"refusing to write {path}: {each} is controlled by another user (uid"
+                f" {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}), who could change"
+                " where the path leads: choose a directory only you or root may change"
+            )
+
+
+def _ancestors(folder: str) -> list[str]:
+    """`folder` and each directory above it, up to /."""
+    found = [folder]
+    while os.path.dirname(found[-1]) != found[-1]:
+        found.append(os.path.dirname(found[-1]))
+    return found
+
+
+def _refuse_unless_ours(path: str, info: os.stat_result) -> None:
+    """A regular file must be ours; a FIFO or device, ours or root's (not another user's tty)."""
+    me = os.geteuid()
+    allowed = (me,) if stat.S_ISREG(info.st_mode) else (0, me)
+    if info.st_uid not in allowed:
+        raise Problem(
+            f"refusing to write {path}: it is owned by uid {info.st_uid}, not by you"
+            f" (uid {me}), and its owner could read the events: remove it or choose"
+            " another name"
+        )
 
 
 def _open_unfollowed(path: str, flags: int) -> int:
@@ -566,6 +604,8 @@ def _open_unfollowed(path: str, flags: int) -> int:
             )
         return os.open(path, flags, 0o600)
     except OSError as exc:
+        if exc.errno == errno.ENXIO:  # O_NONBLOCK on a FIFO nobody reads
+            raise Problem(f"cannot write {path}: a FIFO with no reader") from None
         raise Problem(f"cannot write {path}: {exc.strerror}") from None
 
 

@@ -302,6 +302,38 @@ def test_an_export_file_another_user_planted_is_refused(
     assert refused.code == 1 and f"owned by uid {NOBODY}, not by you" in refused.err
     assert planted.read_text() == "" and planted.stat().st_uid == NOBODY
 
+    # A directory on the way that another user owns (or a link of theirs to
+    # one of ours): they could swap what the path leads to meanwhile.
+    owned = tmp_path / "owned"
+    owned.mkdir()
+    os.chown(owned, NOBODY, NOBODY)
+    refused = cli("export", populated, "-o", owned / "x.jsonl")
+    assert refused.code == 1 and f"{owned} is controlled by another user" in refused.err
+    assert list(owned.iterdir()) == []
+    (tmp_path / "rootonly").mkdir()
+    (tmp_path / "rootonly" / "victim.txt").write_text("keep me\n")
+    via = tmp_path / "via"
+    via.symlink_to(tmp_path / "rootonly")
+    os.lchown(via, NOBODY, NOBODY)
+    refused = cli("export", populated, "-o", via / "victim.txt")
+    assert refused.code == 1 and f"{via} is controlled by another user" in refused.err
+    assert (tmp_path / "rootonly" / "victim.txt").read_text() == "keep me\n"
+
+    # Their FIFO (read by them) is refused; ours with no reader is an error, not a hang.
+    fifo = tmp_path / "their.fifo"
+    os.mkfifo(fifo)
+    os.chown(fifo, NOBODY, NOBODY)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        refused = cli("export", populated, "-o", fifo)
+        assert refused.code == 1 and f"owned by uid {NOBODY}, not by you" in refused.err
+        assert os.read(reader, 100) == b""  # nothing was written (no writer left: the end)
+    finally:
+        os.close(reader)
+    os.mkfifo(tmp_path / "our.fifo")
+    unread = cli("export", populated, "-o", tmp_path / "our.fifo")
+    assert unread.code == 1 and "a FIFO with no reader" in unread.err
+
     ours = tmp_path / "ours.jsonl"  # a link we made ourselves is followed
     ours.symlink_to(tmp_path / "target.jsonl")
     assert cli("export", populated, "-o", ours).code == 0
