@@ -632,7 +632,7 @@ class Redactor:
         it: a "#", "/" or "?" that a password should have escaped ends the
         parser's netloc early, and its error then quotes the piece before it.
         """
-        userinfo = url.partition("://")[2].rpartition("@")[0]
+        userinfo = url.split("://", 1)[-1].rpartition("@")[0]  # (requests allows no scheme)
         if not userinfo:
             return
         for written in {userinfo, re.split(r"[/?#]", userinfo, maxsplit=1)[0]}:
@@ -673,7 +673,13 @@ def error_fields(text: str, code_key: str, message_key: str) -> tuple[str, str]:
 
 def _describe(exc: Exception, url: str, proxy: str | None = None) -> str:
     """What went wrong, in a few words an operator can act on (requests' own are long chains)."""
-    return redact(_describe_in_full(exc, display_url(url), proxy and display_url(proxy)))
+    import requests
+
+    shown = proxy and display_url(proxy)
+    said = _describe_in_full(exc, display_url(url), shown)
+    if shown and not isinstance(exc, requests.exceptions.ProxyError):
+        said += f" (through the proxy {shown})"  # a hanging proxy looks like a slow server
+    return redact(said)
 
 
 def _describe_in_full(exc: Exception, where: str, proxy: str | None) -> str:
@@ -681,8 +687,9 @@ def _describe_in_full(exc: Exception, where: str, proxy: str | None) -> str:
 
     if isinstance(exc, requests.exceptions.InvalidURL):
         return (
-            "the URL of the host or of a proxy cannot be parsed (a '#', '/', '?' or '@' in a"
-            f" proxy's user or password must be percent-encoded, as %23, %2F, %3F, %40): {exc}"
+            "the URL of the host or of a proxy cannot be parsed (a proxy's needs its scheme,"
+            " as http://host:port, and a '#', '/', '?' or '@' in its user or password"
+            f" percent-encoded, as %23, %2F, %3F, %40): {exc}"
         )
     if isinstance(exc, requests.exceptions.InvalidHeader):
         # Its words quote the header's value: the write key or a token.

@@ -485,6 +485,27 @@ def test_a_proxy_that_is_down_is_named_as_the_cause(receiver, outbox_file: Path)
     requester.close()
 
 
+def test_a_proxy_that_never_answers_is_named_with_the_timeout(outbox_file: Path) -> None:
+    answered = threading.Event()
+    proxy = RawServer(lambda conn: answered.wait(5))  # reads the request, says nothing
+    address = proxy.url.replace("://", "://proxyman:Secret123@")
+    requester = Requester("k", "http://api.invalid", timeout=1, proxies={"http": address})
+    try:
+        with pytest.raises(RetryableError) as raised:
+            requester.send(b'{"batch": []}')
+    finally:
+        answered.set()
+        requester.close()
+        proxy.stop.set()
+    said = str(raised.value)
+    assert said.endswith(f"(through the proxy {proxy.url})"), said
+    assert "Secret123" not in said
+    # Written without a scheme, its credentials are known secrets too.
+    bare = Requester("k", "http://api.invalid", proxies={"http": "proxyman:Secret123@h:1"})
+    assert "Secret123" not in bare.redactor("the proxy said: Secret123")
+    bare.close()
+
+
 def test_an_https_proxy_refusing_the_tunnel_says_so(outbox_file: Path) -> None:
     def refuse_connect(conn) -> None:
         conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
