@@ -32,7 +32,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import handoff, process, servers
-from .store import record_drops_at_exit
+from .delivery.flushing import another_holder
+from .store import OutboxStats, record_drops_at_exit
 from .utils import printable
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ def deliver(client: Client, budget: float) -> str | None:
         if outbox is None or outbox.lease_held_here() or outbox.lease_is_free():
             if uploader.flush(budget).pending == 0:
                 verdict = _SETTLED
-        else:
+        elif _sending_elsewhere(outbox.stats()):
             verdict = _SETTLED
         if not uploader.stop(max(0.0, budget - (time.monotonic() - started))):
             uploader.let_go_at_exit()
@@ -265,7 +266,10 @@ def _say_what_is_left(client: Client) -> None:
                 stats.pending, printable(stats.head_last_error[:300]), outbox.path + ".sender.log",
             )  # fmt: skip
         return  # otherwise a sender of ours goes on with them, quietly
-    why = stats.head_last_error or f"the exit budget ({EXIT_BUDGET:g}s) ran out"
+    if stats.uploader_alive and not outbox.lease_held_here():
+        why = another_holder(stats)  # stopped, or a lock that names no process
+    else:
+        why = stats.head_last_error or f"the exit budget ({EXIT_BUDGET:g}s) ran out"
     log.warning(
         "outbox-analytics: %d event(s) not sent yet stay in %s (%s); the next run sends"
         " them, or now: outbox-analytics drain %s",
@@ -274,7 +278,7 @@ def _say_what_is_left(client: Client) -> None:
 
 
 def _another_process_sends(client: Client, outbox: Outbox) -> bool:
-    """Whether a live uploader of another process holds the file's lease.
+    """Whether a live uploader of another process holds the file's lease, and can send.
 
     Our own thread may be giving the lease back at this very moment (a
     request outlived the exit budget): while it runs, the events are ours
@@ -287,4 +291,14 @@ def _another_process_sends(client: Client, outbox: Outbox) -> bool:
         if outbox.lease_is_free():
             return False
         time.sleep(0.05)  # (the lock may be on its way out with our thread)
-    return True
+    return _sending_elsewhere(outbox.stats())
+
+
+def _sending_elsewhere(stats: OutboxStats) -> bool:
+    """A holder that sends: one of ours that noted itself and is not stopped.
+
+    A stopped holder sends nothing until it runs again, and a lock that
+    names no process may be a reader's (see files.py): the events left are
+    then worth a line.
+    """
+    return stats.uploader_alive and stats.uploader_pid is not None and not stats.uploader_stopped

@@ -393,6 +393,32 @@ def test_a_stopped_lease_holder_is_named_by_flush_and_status(
     assert [m["event"] for m in receiver.accepted()] == ["First", "Waiting"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stopped: seen in /proc")
+def test_a_script_exiting_while_the_lease_holder_is_stopped_says_so(
+    receiver, outbox_file: Path
+) -> None:
+    # A stopped holder sends nothing: the events left are worth the line
+    # (it said nothing, as for a holder that sends them).
+    import signal
+
+    holder = start_python(LEASE_HOLDING_JOB, receiver.url, str(outbox_file))
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        holder.send_signal(signal.SIGSTOP)
+        same_key = ONE_EVENT_AT_EXIT.replace('"k"', '"test-write-key"')
+        job = start_python(same_key, receiver.url, str(outbox_file))
+        _, err = job.communicate(timeout=30)
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.communicate(timeout=30)
+    assert job.returncode == 0, err
+    left = [line for line in err.splitlines() if "not sent yet" in line]
+    assert len(left) == 1, err
+    assert f"(pid {holder.pid}, stopped) holds the upload lease" in left[0]
+    assert f"kill -CONT {holder.pid}" in left[0]
+
+
 def test_a_holder_note_is_believed_only_while_its_process_lives(outbox_file: Path) -> None:
     # A taker that could not note itself (a full disk) leaves the last note
     # in place: a gone process of this host is never named as the holder.

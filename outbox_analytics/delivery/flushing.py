@@ -231,13 +231,13 @@ class _Counts:
             return STOPPED
         stats = self.uploader.outbox.stats()
         if stats.uploader_alive and not self.uploader.holder.holds:
-            return _another_holder(stats)
+            return another_holder(stats)
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return TIMED_OUT  # this call's time ran out: an earlier run's error would mislead
         return stats.head_last_error or TIMED_OUT
 
 
-def _another_holder(stats: OutboxStats) -> str:
+def another_holder(stats: OutboxStats) -> str:
     """Rows another process is to send: which one, and whether it can (a stopped one cannot)."""
     who = describe_holder(stats)
     if stats.uploader_stopped:
