@@ -40,7 +40,7 @@ from typing import IO, Any, NoReturn, TypeVar
 
 from . import operations
 from .client import Client
-from .config import KILL_SWITCH_ENV, check_host, client_host, kill_switch_on
+from .config import DEFAULT_HOST, KILL_SWITCH_ENV, check_host, client_host, kill_switch_on
 from .delivery.flushing import TIMED_OUT, FlushResult
 from .delivery.rounds import DEAD_LETTERED
 from .errors import (
@@ -925,8 +925,12 @@ def _drain(args: argparse.Namespace) -> int:
         client = _drain_client(args, path, key, host)
     except OutboxMismatch as exc:
         raise UsageError(f"{exc} ({_mismatch_advice(str(exc))})") from None
-    if args.host is None and host:  # said once the file took this key and host, not before
-        print(f"outbox-analytics: sending to {printable(host)} (the file's host)", file=sys.stderr)
+    if args.host is None:  # said once the file took this key and host, not before
+        whose = "the file's host" if host else "the default: the file records no host"
+        print(
+            f"outbox-analytics: sending to {printable(host or DEFAULT_HOST)} ({whose})",
+            file=sys.stderr,
+        )
     bar = _ProgressBar(client.stats()) if sys.stderr.isatty() else None
     last = FlushResult(0, 0, 0)  # what got through so far, as the last progress call said
 

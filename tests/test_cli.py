@@ -728,6 +728,18 @@ def test_drain_says_where_it_sends_only_once_the_file_took_its_key(
     assert right.code == 0 and f"sending to {receiver.url} (the file's host)" in right.err
 
 
+def test_drain_says_it_sends_to_the_default_host_when_the_file_records_none(
+    cli, tmp_path: Path
+) -> None:
+    path = tmp_path / "written-offline.db"
+    Client("k", outbox_path=str(path), upload=False).shutdown()  # (nothing pending: no request)
+    drained = cli("drain", path, env={"OUTBOX_ANALYTICS_WRITE_KEY": "k"})
+    assert drained.code == 0 and drained.json() == {"sent": 0, "dead": 0, "pending": 0}
+    assert (
+        "sending to https://api.segment.io (the default: the file records no host)" in drained.err
+    )
+
+
 def test_drain_delivers_everything_pending(cli, populated: Path, receiver) -> None:
     result = drain(cli, populated, receiver.url)
     assert result.code == 0, result.err
