@@ -523,20 +523,20 @@ def _private_file(path: str, append: bool = False) -> IO[str]:
     An existing regular file is made private too: what goes in it is events.
     As for the outbox, what others control is refused before anything is
     written (root running an export must not write where another user
-    points it): a directory on the way another user owns or anyone may
-    write (they could swap what the path leads to meanwhile), a final link
-    another user made, a file another user owns (they could read the
-    events), a FIFO or device of theirs. Links we or root made are followed
-    (`-o /dev/stdout`), and a FIFO of ours with no reader is an error, not a hang.
+    points it): see `_resolved_checked`, and a file, FIFO or device another
+    user owns (they could read the events). A FIFO nobody reads is an error,
+    not a hang. `-o /dev/stdout` writes to what the shell opened, as it is.
     """
-    _refuse_others_directories(path)
+    where, opened_by_the_shell = _resolved_checked(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-    fd = _open_unfollowed(path, flags | (os.O_APPEND if append else 0))
+    if not opened_by_the_shell:
+        flags |= os.O_NOFOLLOW  # every link on the way was checked: none may appear now
+    fd = _open(path, where, flags | (os.O_APPEND if append else 0))
     try:
         info = os.fstat(fd)
         _refuse_unless_ours(path, info)
         os.set_blocking(fd, True)
-        if stat.S_ISREG(info.st_mode):
+        if stat.S_ISREG(info.st_mode) and not opened_by_the_shell:
             os.fchmod(fd, 0o600)
             if not append:
                 os.ftruncate(fd, 0)  # only now that it is known to be ours
@@ -549,31 +549,74 @@ def _private_file(path: str, append: bool = False) -> IO[str]:
     return os.fdopen(fd, "a" if append else "w")
 
 
-def _refuse_others_directories(path: str) -> None:
-    """Refuse a path through a directory (or link) another user controls, as written or resolved."""
+_MAX_LINKS = 40  # as the kernel's own limit on links followed in one path
+
+
+def _resolved_checked(path: str) -> tuple[str, bool]:
+    """`path` resolved one step at a time, each link and directory on the way checked.
+
+    A link another user made, or a directory they own (or anyone may write,
+    not sticky), could change where the path leads between our checks and
+    the write: refused. Resolved by hand because the kernel follows links
+    without asking whose they are, and a textual clean-up of "a/../b" skips
+    the link "a" that decides where ".." goes. Returns the path to open,
+    and whether it is one of /proc's links to a file already open (what
+    /dev/stdout leads to), which only the kernel can follow.
+    """
     me = os.geteuid()
-    folder = os.path.dirname(os.path.abspath(path))
-    on_the_way = set(_ancestors(folder)) | set(_ancestors(os.path.realpath(folder)))
-    for each in sorted(on_the_way):
+    todo = _parts(os.path.join(os.getcwd(), path))
+    here, links = "/", 0
+    while todo:
+        step = os.path.join(here, todo.pop())
+        if os.path.basename(step) == "..":
+            here = os.path.dirname(here)  # (`here` is real: its parent is too)
+            continue
         try:
-            info = os.lstat(each)
-        except OSError:
-            continue  # (the open says what is missing)
-        open_to_all = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
-        if info.st_uid not in (0, me) or (stat.S_ISDIR(info.st_mode) and open_to_all):
-            raise Problem(
-                f"refusing to write {path}: {each} is controlled by another user (uid"
-                f" {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}), who could change"
-                " where the path leads: choose a directory only you or root may change"
-            )
+            info = os.lstat(step)
+        except FileNotFoundError:
+            if todo:
+                raise Problem(f"cannot write {path}: {step} does not exist") from None
+            return step, False  # the file to make, in a directory checked
+        except OSError as exc:
+            raise Problem(f"cannot write {path}: {step}: {exc.strerror}") from None
+        if stat.S_ISLNK(info.st_mode):
+            _refuse_others(path, step, info, me)
+            if step.startswith("/proc/"):
+                return os.path.join(step, *reversed(todo)), True
+            links += 1
+            if links > _MAX_LINKS:
+                raise Problem(f"cannot write {path}: too many symbolic links")
+            target = os.readlink(step)
+            here = "/" if target.startswith("/") else here
+            todo += _parts(target)
+        elif todo:  # a directory on the way
+            if stat.S_ISDIR(info.st_mode):
+                _refuse_others(path, step, info, me)
+            here = step
+        else:
+            return step, False
+    return here, False
 
 
-def _ancestors(folder: str) -> list[str]:
-    """`folder` and each directory above it, up to /."""
-    found = [folder]
-    while os.path.dirname(found[-1]) != found[-1]:
-        found.append(os.path.dirname(found[-1]))
-    return found
+def _parts(path: str) -> list[str]:
+    """The names in `path`, last first (a stack), "." left out."""
+    return [part for part in reversed(path.split("/")) if part not in ("", ".")]
+
+
+def _refuse_others(path: str, step: str, info: os.stat_result, me: int) -> None:
+    """A link or directory another user owns, or a directory anyone may write (not sticky)."""
+    open_to_all = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
+    if info.st_uid in (0, me) and not (stat.S_ISDIR(info.st_mode) and open_to_all):
+        return
+    if stat.S_ISLNK(info.st_mode):
+        whose = f"the symbolic link {step} was made by another user (uid {info.st_uid})"
+    else:
+        mode = f"mode {stat.S_IMODE(info.st_mode):04o}"
+        whose = f"the directory {step} may be changed by another user (uid {info.st_uid}, {mode})"
+    raise Problem(
+        f"refusing to write {path}: {whose}, who could change where the path leads: choose"
+        " a path only you or root may change"
+    )
 
 
 def _refuse_unless_ours(path: str, info: os.stat_result) -> None:
@@ -588,24 +631,20 @@ def _refuse_unless_ours(path: str, info: os.stat_result) -> None:
         )
 
 
-def _open_unfollowed(path: str, flags: int) -> int:
-    """open(), following a final symbolic link only if it is ours or root's."""
+def _open(path: str, where: str, flags: int) -> int:
+    """Open `where`; one of this process's descriptors (/dev/stdout) is used as it is."""
+    ours = re.fullmatch(rf"/proc/(?:self|thread-self|{os.getpid()})/fd/(\d+)", where)
     try:
-        try:
-            return os.open(path, flags | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-        owner = os.lstat(path).st_uid
-        if owner not in (0, os.geteuid()):
-            raise Problem(
-                f"refusing to write {path}: it is a symbolic link made by uid {owner}, not by"
-                " you or root (it could point anywhere): remove it or choose another name"
-            )
-        return os.open(path, flags, 0o600)
+        if ours:  # opened anew it would write from the start, not where the shell's does
+            return os.dup(int(ours.group(1)))
+        return os.open(where, flags, 0o600)
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # O_NONBLOCK on a FIFO nobody reads
             raise Problem(f"cannot write {path}: a FIFO with no reader") from None
+        if exc.errno == errno.ELOOP:
+            raise Problem(
+                f"refusing to write {path}: it became a symbolic link meanwhile"
+            ) from None
         raise Problem(f"cannot write {path}: {exc.strerror}") from None
 
 

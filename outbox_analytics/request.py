@@ -216,10 +216,11 @@ class Requester:
         import requests.utils
 
         proxy = requests.utils.select_proxy(self.url, self.proxies or {})
-        try:
-            return proxy and requests.utils.prepend_scheme_if_needed(proxy, "http")
-        except ValueError:  # a URL that cannot be parsed: the error says so
+        if not proxy:
             return None
+        # Not requests' prepend_scheme_if_needed: it reads "user:pw@host" as
+        # the scheme "user", which display_url would then show.
+        return proxy if "://" in proxy else "http://" + proxy
 
     def authorization(self) -> str:
         if self.token_manager is None:
@@ -677,7 +678,8 @@ def _describe(exc: Exception, url: str, proxy: str | None = None) -> str:
 
     shown = proxy and display_url(proxy)
     said = _describe_in_full(exc, display_url(url), shown)
-    if shown and not isinstance(exc, requests.exceptions.ProxyError):
+    named = (requests.exceptions.ProxyError, requests.exceptions.InvalidURL)  # (said there)
+    if shown and not isinstance(exc, named):
         said += f" (through the proxy {shown})"  # a hanging proxy looks like a slow server
     return redact(said)
 
@@ -687,8 +689,8 @@ def _describe_in_full(exc: Exception, where: str, proxy: str | None) -> str:
 
     if isinstance(exc, requests.exceptions.InvalidURL):
         return (
-            "the URL of the host or of a proxy cannot be parsed (a proxy's needs its scheme,"
-            " as http://host:port, and a '#', '/', '?' or '@' in its user or password"
+            "the URL of the host or of a proxy cannot be parsed (a proxy's URL needs its"
+            " scheme, as http://host:port, and a '#', '/', '?' or '@' in its user or password"
             f" percent-encoded, as %23, %2F, %3F, %40): {exc}"
         )
     if isinstance(exc, requests.exceptions.InvalidHeader):

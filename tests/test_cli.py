@@ -280,46 +280,54 @@ NOBODY = 65534
 def test_an_export_file_another_user_planted_is_refused(
     cli, populated: Path, tmp_path: Path
 ) -> None:
-    precious = tmp_path / "precious.conf"  # root's: what a planted link names
+    rootonly = tmp_path / "rootonly"  # root's: what planted links lead root to overwrite
+    (rootonly / "deep").mkdir(parents=True)
+    precious = rootonly / "precious.conf"
     precious.write_text("keep me\n")
     precious.chmod(0o644)
-    theirs = tmp_path / "theirs"  # a directory another user owns and root writes to
-    theirs.mkdir()
-    link = theirs / "export.jsonl"
-    link.symlink_to(precious)
-    os.lchown(link, NOBODY, NOBODY)
-    refused = cli("export", populated, "-o", link)
-    assert refused.code == 1 and f"symbolic link made by uid {NOBODY}" in refused.err
-    assert precious.read_text() == "keep me\n" and stat.S_IMODE(precious.stat().st_mode) == 0o644
-    collector = cli_process("collector", "--out", str(link), timeout=30)  # refused before serving
-    assert collector.returncode == 1 and f"made by uid {NOBODY}" in collector.stderr
-    assert stat.S_IMODE(precious.stat().st_mode) == 0o644
 
-    planted = theirs / "planted.jsonl"  # its owner could read what root writes in it
-    planted.write_text("")
-    os.chown(planted, NOBODY, NOBODY)
+    def untouched() -> bool:
+        return precious.read_text() == "keep me\n" and precious.stat().st_mode & 0o777 == 0o644
+
+    def theirs(link: Path, target: Path) -> Path:
+        link.symlink_to(target)
+        os.lchown(link, NOBODY, NOBODY)
+        return link
+
+    planted = theirs(tmp_path / "export.jsonl", precious)
     refused = cli("export", populated, "-o", planted)
-    assert refused.code == 1 and f"owned by uid {NOBODY}, not by you" in refused.err
-    assert planted.read_text() == "" and planted.stat().st_uid == NOBODY
+    assert refused.code == 1 and f"symbolic link {planted} was made by another user" in refused.err
+    assert untouched()
+    collector = cli_process("collector", "--out", str(planted), timeout=30)  # before serving
+    assert collector.returncode == 1 and f"uid {NOBODY}" in collector.stderr and untouched()
 
-    # A directory on the way that another user owns (or a link of theirs to
-    # one of ours): they could swap what the path leads to meanwhile.
+    # Their link anywhere on the way: behind one of ours, as a directory, or
+    # the one that decides where ".." goes (a textual clean-up skips it).
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "out.jsonl").symlink_to(theirs(tmp_path / "their-out.jsonl", precious))
+    (ours / "reports").symlink_to(theirs(tmp_path / "their-reports", rootonly))
+    (ours / "sub").symlink_to(theirs(tmp_path / "their-sub", rootonly / "deep"))
+    for target in ("out.jsonl", "reports/precious.conf", "sub/../precious.conf"):
+        refused = cli("export", populated, "-o", ours / target)
+        assert refused.code == 1 and "was made by another user" in refused.err, target
+        assert untouched()
+
+    # A directory on the way another user owns: they could swap what is in it.
     owned = tmp_path / "owned"
     owned.mkdir()
     os.chown(owned, NOBODY, NOBODY)
     refused = cli("export", populated, "-o", owned / "x.jsonl")
-    assert refused.code == 1 and f"{owned} is controlled by another user" in refused.err
+    assert refused.code == 1 and f"directory {owned} may be changed by another user" in refused.err
     assert list(owned.iterdir()) == []
-    (tmp_path / "rootonly").mkdir()
-    (tmp_path / "rootonly" / "victim.txt").write_text("keep me\n")
-    via = tmp_path / "via"
-    via.symlink_to(tmp_path / "rootonly")
-    os.lchown(via, NOBODY, NOBODY)
-    refused = cli("export", populated, "-o", via / "victim.txt")
-    assert refused.code == 1 and f"{via} is controlled by another user" in refused.err
-    assert (tmp_path / "rootonly" / "victim.txt").read_text() == "keep me\n"
 
-    # Their FIFO (read by them) is refused; ours with no reader is an error, not a hang.
+    # Their file (its owner could read what root writes), their FIFO (read by them).
+    their_file = tmp_path / "planted.jsonl"
+    their_file.write_text("")
+    os.chown(their_file, NOBODY, NOBODY)
+    refused = cli("export", populated, "-o", their_file)
+    assert refused.code == 1 and f"owned by uid {NOBODY}, not by you" in refused.err
+    assert their_file.read_text() == "" and their_file.stat().st_uid == NOBODY
     fifo = tmp_path / "their.fifo"
     os.mkfifo(fifo)
     os.chown(fifo, NOBODY, NOBODY)
@@ -330,14 +338,33 @@ def test_an_export_file_another_user_planted_is_refused(
         assert os.read(reader, 100) == b""  # nothing was written (no writer left: the end)
     finally:
         os.close(reader)
-    os.mkfifo(tmp_path / "our.fifo")
+    os.mkfifo(tmp_path / "our.fifo")  # ours, with no reader: an error, not a hang
     unread = cli("export", populated, "-o", tmp_path / "our.fifo")
     assert unread.code == 1 and "a FIFO with no reader" in unread.err
 
-    ours = tmp_path / "ours.jsonl"  # a link we made ourselves is followed
-    ours.symlink_to(tmp_path / "target.jsonl")
-    assert cli("export", populated, "-o", ours).code == 0
+    mine = tmp_path / "mine.jsonl"  # a link we made ourselves is followed
+    mine.symlink_to(tmp_path / "target.jsonl")
+    assert cli("export", populated, "-o", mine).code == 0
     assert len((tmp_path / "target.jsonl").read_text().splitlines()) == 10
+
+
+def test_export_to_dev_stdout_leaves_the_file_the_shell_opened_as_it_was(
+    populated: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.txt"
+    log.write_text("old\n")
+    log.chmod(0o644)
+    with log.open("a") as appended:  # as `>> log.txt` does
+        exported = subprocess.run(
+            [sys.executable, "-m", "outbox_analytics", "export", str(populated),
+             "-o", "/dev/stdout"],
+            stdout=appended, stderr=subprocess.PIPE, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "old" and len(lines) == 11  # not cut
+    assert stat.S_IMODE(log.stat().st_mode) == 0o644  # nor made 0600: the shell's file
 
 
 def test_export_import_round_trip(cli, populated: Path, tmp_path: Path) -> None:

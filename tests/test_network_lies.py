@@ -500,10 +500,19 @@ def test_a_proxy_that_never_answers_is_named_with_the_timeout(outbox_file: Path)
     said = str(raised.value)
     assert said.endswith(f"(through the proxy {proxy.url})"), said
     assert "Secret123" not in said
-    # Written without a scheme, its credentials are known secrets too.
-    bare = Requester("k", "http://api.invalid", proxies={"http": "proxyman:Secret123@h:1"})
+    # Written without a scheme, which requests cannot use: the error says so,
+    # and its credentials are known secrets too.
+    bare_proxy = f"proxyman:Secret123@{proxy.url.removeprefix('http://')}"
+    bare = Requester("k", "http://api.invalid", timeout=1, proxies={"http": bare_proxy})
+    try:
+        with pytest.raises(RetryableError) as raised:
+            bare.send(b'{"batch": []}')
+    finally:
+        bare.close()
+    said = str(raised.value)
+    assert "a proxy's URL needs its scheme" in said
+    assert "proxyman" not in said and "Secret123" not in said
     assert "Secret123" not in bare.redactor("the proxy said: Secret123")
-    bare.close()
 
 
 def test_an_https_proxy_refusing_the_tunnel_says_so(outbox_file: Path) -> None:
