@@ -488,31 +488,32 @@ def test_a_proxy_that_is_down_is_named_as_the_cause(receiver, outbox_file: Path)
 def test_a_proxy_that_never_answers_is_named_with_the_timeout(outbox_file: Path) -> None:
     answered = threading.Event()
     proxy = RawServer(lambda conn: answered.wait(5))  # reads the request, says nothing
-    address = proxy.url.replace("://", "://proxyman:Secret123@")
-    requester = Requester("k", "http://api.invalid", timeout=1, proxies={"http": address})
     try:
-        with pytest.raises(RetryableError) as raised:
-            requester.send(b'{"batch": []}')
+        said = failure_through(proxy.url.replace("://", "://proxyman:Secret123@"))
     finally:
         answered.set()
-        requester.close()
         proxy.stop.set()
-    said = str(raised.value)
     assert said.endswith(f"(through the proxy {proxy.url})"), said
     assert "Secret123" not in said
     # Written without a scheme, which requests cannot use: the error says so,
     # and its credentials are known secrets too.
-    bare_proxy = f"proxyman:Secret123@{proxy.url.removeprefix('http://')}"
-    bare = Requester("k", "http://api.invalid", timeout=1, proxies={"http": bare_proxy})
-    try:
-        with pytest.raises(RetryableError) as raised:
-            bare.send(b'{"batch": []}')
-    finally:
-        bare.close()
-    said = str(raised.value)
+    said = failure_through(f"proxyman:Secret123@{proxy.url.removeprefix('http://')}")
     assert "a proxy's URL needs its scheme" in said
     assert "proxyman" not in said and "Secret123" not in said
-    assert "Secret123" not in bare.redactor("the proxy said: Secret123")
+    scheme_less = Requester("k", "http://api.invalid", proxies={"http": "proxyman:Secret123@h:1"})
+    assert scheme_less.redactor("quoted: Secret123") == "quoted: <redacted>"
+    scheme_less.close()
+
+
+def failure_through(proxy: str) -> str:
+    """What a request to a host that is not there says, through `proxy`."""
+    requester = Requester("k", "http://api.invalid", timeout=1, proxies={"http": proxy})
+    try:
+        with pytest.raises(RetryableError) as raised:
+            requester.send(b'{"batch": []}')
+    finally:
+        requester.close()
+    return str(raised.value)
 
 
 def test_an_https_proxy_refusing_the_tunnel_says_so(outbox_file: Path) -> None:
