@@ -586,7 +586,10 @@ def _resolved_checked(path: str) -> tuple[str, bool]:
             links += 1
             if links > _MAX_LINKS:
                 raise Problem(f"cannot write {path}: too many symbolic links")
-            target = os.readlink(step)
+            try:
+                target = os.readlink(step)
+            except OSError as exc:  # (changed since the lstat)
+                raise Problem(f"cannot write {path}: {step}: {exc.strerror}") from None
             here = "/" if target.startswith("/") else here
             todo += _parts(target)
         elif todo:  # a directory on the way
